@@ -1,0 +1,134 @@
+"""Data assets: raw dataset → chat-templated text → tokenized rows → packed Arrow shards.
+
+One set per data group (`data.name`, or a hash of the data settings), so experiments with the
+same data settings hang off the same assets. The assets are thin: the work and the cache live in
+`trainer.prepare.DataPipeline`; each asset reports its store key as its data version.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+from trainer.config import Experiment
+from trainer.prepare import DataPipeline
+from trainer.store import CODE_VERSIONS, StageOutput
+
+STAGE_ASSETS = {
+    "raw": "raw_dataset",
+    "templated": "templated_text",
+    "tokenized": "tokenized_rows",
+    "packed": "packed_shards",
+}
+
+
+def data_asset_key(group: str, stage: str) -> dg.AssetKey:
+    return dg.AssetKey([group, STAGE_ASSETS[stage]])
+
+
+def raw_files_key(group: str) -> dg.AssetKey:
+    return dg.AssetKey([group, "raw_files"])
+
+
+def data_version(outputs: dict[str, StageOutput]) -> str:
+    """The stage keys of all splits: the store key of the train split, plus eval's if present."""
+    return "+".join(outputs[split].key for split in sorted(outputs, key=lambda s: s != "train"))
+
+
+def _png_markdown(path: Path) -> str:
+    return f"![length histogram](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
+
+def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
+    meta: dict = {}
+    for split, out in outputs.items():
+        counts = out.manifest.get("counts", {})
+        p = "" if split == "train" else f"{split}_"
+        meta[f"{p}rows"] = dg.MetadataValue.int(counts.get("rows_out", 0))
+        meta[f"{p}rejects"] = dg.MetadataValue.int(counts.get("rejects", 0))
+        meta[f"{p}path"] = dg.MetadataValue.path(str(out.path))
+        meta[f"{p}cache_hit"] = dg.MetadataValue.bool(out.cache_hit)
+        if out.manifest.get("reject_reasons"):
+            meta[f"{p}reject_reasons"] = dg.MetadataValue.json(out.manifest["reject_reasons"])
+        for name in ("tokens", "trainable_tokens", "packed_rows", "truncated", "split_rows", "dropped_too_long"):
+            if name in counts:
+                meta[f"{p}{name}"] = dg.MetadataValue.int(int(counts[name]))
+        if "packing_efficiency" in counts:
+            meta[f"{p}packing_efficiency"] = dg.MetadataValue.float(float(counts["packing_efficiency"]))
+        if stage == "packed" and split == "train":
+            histogram = out.manifest.get("length_histogram", [])
+            meta["length_histogram"] = dg.MetadataValue.table(
+                records=[dg.TableRecord({k: int(v) for k, v in b.items()}) for b in histogram],
+                schema=dg.TableSchema(columns=[dg.TableColumn(k, "int") for k in (histogram[0] if histogram else {})]),
+            )
+            png = out.path / "lengths.png"
+            if png.exists():
+                meta["length_histogram_plot"] = dg.MetadataValue.md(_png_markdown(png))
+    return meta
+
+
+def total_reject_rate(pipeline: DataPipeline) -> tuple[float, int, int]:
+    """(rate, rejects, rows in) over all train-split stages: rows_in == rows_out + rejects."""
+    rows_in = pipeline.raw("train").manifest["counts"]["rows_in"]
+    rejects = sum(getattr(pipeline, stage)("train").manifest["counts"]["rejects"] for stage in STAGE_ASSETS)
+    return (rejects / rows_in if rows_in else 0.0), rejects, rows_in
+
+
+def build_data_assets(exp: Experiment) -> list:
+    """The data assets and source observation of `exp`'s data group."""
+    group = exp.data_group
+    description_suffix = f" (data group `{group}`, defined by experiment `{exp.name}`)"
+
+    def pipeline() -> DataPipeline:
+        return DataPipeline(exp)
+
+    @dg.observable_source_asset(key=raw_files_key(group), group_name=group,
+                                description="The raw source files; observing it hashes their content." + description_suffix)
+    def raw_files():
+        p = pipeline()
+        return dg.DataVersion("+".join(p.raw_key(s) for s in p.splits()))
+
+    def make_stage_asset(stage: str, upstream: dg.AssetKey, check_specs=()):
+        @dg.asset(key=data_asset_key(group, stage), deps=[upstream], group_name=group,
+                  code_version=CODE_VERSIONS[stage], kinds={"arrow"}, check_specs=list(check_specs),
+                  description=f"{STAGE_ASSETS[stage].replace('_', ' ')}{description_suffix}")
+        def stage_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+            p = pipeline()
+            outputs = {split: getattr(p, stage)(split) for split in p.splits()}
+            for split, out in outputs.items():
+                context.log.info(f"{stage}/{split}: {'cache hit' if out.cache_hit else 'built'} {out.path}")
+            checks = _packed_checks(exp, p) if stage == "packed" else []
+            return dg.MaterializeResult(metadata=stage_metadata(stage, outputs),
+                                        data_version=dg.DataVersion(data_version(outputs)),
+                                        check_results=checks)
+
+        return stage_asset
+
+    packed_key = data_asset_key(group, "packed")
+    checks = [dg.AssetCheckSpec("packing_efficiency", asset=packed_key,
+                                description="Packing efficiency of the train shards ≥ data.checks.min_packing_efficiency"),
+              dg.AssetCheckSpec("reject_rate", asset=packed_key,
+                                description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")]
+    return [
+        raw_files,
+        make_stage_asset("raw", raw_files_key(group)),
+        make_stage_asset("templated", data_asset_key(group, "raw")),
+        make_stage_asset("tokenized", data_asset_key(group, "templated")),
+        make_stage_asset("packed", data_asset_key(group, "tokenized"), checks),
+    ]
+
+
+def _packed_checks(exp: Experiment, p: DataPipeline) -> list[dg.AssetCheckResult]:
+    thresholds = exp.data.checks
+    efficiency = float(p.packed("train").manifest["counts"]["packing_efficiency"])
+    rate, rejects, rows_in = total_reject_rate(p)
+    return [
+        dg.AssetCheckResult(check_name="packing_efficiency", passed=efficiency >= thresholds.min_packing_efficiency,
+                            metadata={"packing_efficiency": efficiency,
+                                      "threshold": thresholds.min_packing_efficiency}),
+        dg.AssetCheckResult(check_name="reject_rate", passed=rate <= thresholds.max_reject_rate,
+                            metadata={"reject_rate": rate, "rejects": rejects, "rows_in": rows_in,
+                                      "threshold": thresholds.max_reject_rate}),
+    ]

@@ -1,0 +1,103 @@
+"""Training assets: trained adapter (launched as its own process through Dagster Pipes) → merged model."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from trainer.config import Experiment
+from trainer.launch import plan_adapter, plan_merge, run_merge, training_command
+from trainer.store import CODE_VERSIONS
+
+from .data import data_asset_key
+
+GPU_TAG = "sftdag/gpu"
+
+
+def adapter_asset_key(exp: Experiment) -> dg.AssetKey:
+    return dg.AssetKey([exp.name, "trained_adapter"])
+
+
+def merged_asset_key(exp: Experiment) -> dg.AssetKey:
+    return dg.AssetKey([exp.name, "merged_model"])
+
+
+def _mlflow_metadata(summary: dict) -> dict:
+    meta = {}
+    if summary.get("mlflow_run_id"):
+        meta["mlflow_run_id"] = dg.MetadataValue.text(summary["mlflow_run_id"])
+    uri = summary.get("mlflow_tracking_uri")
+    if uri:
+        meta["mlflow_tracking_uri"] = dg.MetadataValue.text(uri)
+        if uri.startswith("http") and summary.get("mlflow_experiment_id"):
+            meta["mlflow_run"] = dg.MetadataValue.url(
+                f"{uri.rstrip('/')}/#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}")
+        else:
+            meta["mlflow_ui"] = dg.MetadataValue.text(f"mlflow ui --backend-store-uri {uri}")
+    return meta
+
+
+def build_training_assets(exp: Experiment) -> list:
+    packed = data_asset_key(exp.data_group, "packed")
+
+    @dg.asset(key=adapter_asset_key(exp), deps=[packed], group_name=exp.name,
+              code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
+              description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
+                          f"(experiment `{exp.name}`); runs `trainer.train` in its own process.")
+    def trained_adapter(context: dg.AssetExecutionContext,
+                        pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
+        plan = plan_adapter(exp, tags={"dagster_run_id": context.run.run_id})
+        cache_hit = plan.complete
+        if cache_hit:
+            context.log.info(f"adapter {plan.key} already trained at {plan.output_dir}: not retraining")
+        else:
+            command = training_command(exp, plan.spec_path)
+            context.log.info("launching: " + " ".join(command))
+            pipes_subprocess_client.run(command=command, context=context)
+            if not plan.complete:
+                raise dg.Failure(f"training exited without writing {plan.output_dir}")
+        summary = plan.summary()
+        metadata = {
+            "path": dg.MetadataValue.path(str(plan.output_dir)),
+            "cache_hit": dg.MetadataValue.bool(cache_hit),
+            "trained_on_data_version": dg.MetadataValue.text(plan.data_version),
+            "raw_version": dg.MetadataValue.text(plan.spec["tags"].get("raw_version", "")),
+            "base_model": dg.MetadataValue.text(plan.base_model),
+            **_mlflow_metadata(summary),
+        }
+        for name in ("global_step", "train_loss", "accuracy_before", "accuracy_after", "trainable_tokens",
+                     "train_runtime"):
+            if summary.get(name) is not None:
+                metadata[name] = summary[name]
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.key))
+
+    @dg.asset(key=merged_asset_key(exp), deps=[adapter_asset_key(exp)], group_name=exp.name,
+              code_version=CODE_VERSIONS["merged"], kinds={"pytorch", "safetensors"},
+              description="The adapter folded into the base weights: a model `from_pretrained` loads.")
+    def merged_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        plan = plan_adapter(exp)
+        if not plan.complete:
+            raise dg.Failure(f"adapter {plan.key} is not trained yet: materialize {adapter_asset_key(exp).to_user_string()}")
+        merge = plan_merge(exp, plan)
+        result = run_merge(exp, plan, merge)
+        summary = plan.summary()
+        metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)),
+                    "adapter_version": dg.MetadataValue.text(plan.key), **_mlflow_metadata(summary)}
+        if summary.get("accuracy_before") is not None:
+            metadata["accuracy_base"] = float(summary["accuracy_before"])
+        if result.get("accuracy_merged") is not None:
+            metadata["accuracy_merged"] = float(result["accuracy_merged"])
+            _log_merged_accuracy(summary, result["accuracy_merged"])
+            context.log.info(f"held-out exact match: base {summary.get('accuracy_before')} → merged "
+                             f"{result['accuracy_merged']}")
+        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(merge.key))
+
+    return [trained_adapter, merged_model]
+
+
+def _log_merged_accuracy(summary: dict, accuracy: float) -> None:
+    if not (summary.get("mlflow_run_id") and summary.get("mlflow_tracking_uri")):
+        return
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=summary["mlflow_tracking_uri"]).log_metric(
+        summary["mlflow_run_id"], "accuracy_merged", float(accuracy))

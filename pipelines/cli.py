@@ -1,0 +1,126 @@
+"""`sftdag`: prepare data, run an experiment end to end, or open the Dagster UI.
+
+`prepare` and `run` materialize through a real, persistent Dagster instance ($DAGSTER_HOME,
+default `.dagster_home/` in the current folder), so what they do shows up in the UI afterwards.
+The last line they print is JSON, for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from .experiments import ENV_VAR, REPO_ROOT
+
+
+def ensure_dagster_home() -> Path:
+    home = Path(os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def materialize_experiment(exp, through: str, instance=None):
+    """Materialize `exp`'s assets up to `through` ("data" or "model") in `instance`."""
+    import dagster as dg
+
+    from assets.data import data_asset_key
+    from assets.training import GPU_TAG, merged_asset_key
+
+    from .definitions import build_definitions
+
+    defs = build_definitions([exp])
+    target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
+    selection = dg.AssetSelection.assets(target).upstream().materializable()
+    tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
+    result = dg.materialize(list(defs.assets), selection=selection, instance=instance or dg.DagsterInstance.get(),
+                            resources={"pipes_subprocess_client": dg.PipesSubprocessClient()}, tags=tags,
+                            raise_on_error=False)
+    if not result.success:
+        failures = [e for e in result.all_events if e.is_failure]
+        detail = failures[0].message if failures else "see the run's logs"
+        raise SystemExit(f"sftdag: run {result.run_id} failed: {detail}")
+    return result
+
+
+def cmd_prepare(args) -> dict:
+    from trainer.config import load_experiment
+    from trainer.prepare import DataPipeline, summarize
+
+    exp = load_experiment(args.experiment)
+    ensure_dagster_home()
+    result = materialize_experiment(exp, "data")
+    summary = summarize(DataPipeline(exp, progress=False).run())
+    summary.update(experiment=exp.name, data_group=exp.data_group, dagster_run_id=result.run_id)
+    return summary
+
+
+def cmd_run(args) -> dict:
+    from trainer.config import load_experiment
+    from trainer.launch import plan_adapter, plan_merge, run_merge
+
+    exp = load_experiment(args.experiment)
+    ensure_dagster_home()
+    result = materialize_experiment(exp, "model")
+    adapter = plan_adapter(exp)
+    merge = plan_merge(exp, adapter)
+    training = adapter.summary()
+    merged = run_merge(exp, adapter, merge)  # already done by the asset: reads its summary
+    return {
+        "experiment": exp.name,
+        "adapter_dir": str(adapter.output_dir),
+        "merged_model_dir": str(merge.output_dir),
+        "mlflow_run_id": training.get("mlflow_run_id"),
+        "mlflow_tracking_uri": training.get("mlflow_tracking_uri"),
+        "data_version": adapter.data_version,
+        "accuracy_before": training.get("accuracy_before"),
+        "accuracy_after": merged.get("accuracy_merged", training.get("accuracy_after")),
+        "train_loss": training.get("train_loss"),
+        "dagster_run_id": result.run_id,
+    }
+
+
+def cmd_ui(args) -> None:
+    ensure_dagster_home()
+    env = dict(os.environ)
+    if args.experiments:
+        env[ENV_VAR] = os.pathsep.join(str(Path(p).resolve()) for p in args.experiments)
+    command = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
+               "-h", "127.0.0.1", "-p", str(args.port)]
+    print("starting: " + " ".join(command), file=sys.stderr)
+    os.chdir(REPO_ROOT)
+    os.execvpe(command[0], command, env)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sftdag", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="materialize the data assets (raw → packed shards)")
+    p.add_argument("experiment", help="experiment YAML")
+    p = sub.add_parser("run", help="materialize everything through the merged model")
+    p.add_argument("experiment", help="experiment YAML")
+    p = sub.add_parser("ui", help="start `dagster dev` on 127.0.0.1")
+    p.add_argument("experiments", nargs="*", help=f"experiment YAML files or folders (default: ${ENV_VAR} or experiments/)")
+    p.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+
+    from trainer.config import ConfigError
+
+    try:
+        if args.command == "ui":
+            cmd_ui(args)
+            return
+        summary = cmd_prepare(args) if args.command == "prepare" else cmd_run(args)
+    except ConfigError as e:
+        raise SystemExit(f"sftdag: {e}") from None
+    print(json.dumps(summary, default=str))
+
+
+if __name__ == "__main__":
+    main()

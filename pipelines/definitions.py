@@ -1,0 +1,53 @@
+"""The Dagster code location: assets, checks, jobs and schedules for every experiment YAML."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.data import build_data_assets, data_asset_key
+from assets.training import GPU_TAG, build_training_assets, merged_asset_key
+from trainer.config import ConfigError, Experiment
+
+from .experiments import load_experiments
+from .schedules import build_retrain_schedule
+
+
+def data_groups(experiments: list[Experiment]) -> dict[str, Experiment]:
+    """One experiment per data group; experiments sharing a group must share its data settings."""
+    groups: dict[str, Experiment] = {}
+    for exp in experiments:
+        first = groups.setdefault(exp.data_group, exp)
+        if first.data_fingerprint() != exp.data_fingerprint():
+            raise ConfigError(f"experiments {first.name!r} and {exp.name!r} both use data group "
+                              f"{exp.data_group!r} but their data settings differ; give one another data.name")
+    return groups
+
+
+def train_job_name(exp: Experiment) -> str:
+    return f"{exp.name}_train"
+
+
+def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
+    assets: list = []
+    jobs: list = []
+    schedules: list = []
+    for group, exp in data_groups(experiments).items():
+        assets += build_data_assets(exp)
+        jobs.append(dg.define_asset_job(f"{group}_prepare",
+                                        selection=dg.AssetSelection.assets(data_asset_key(group, "packed")).upstream()
+                                        .materializable(),
+                                        description=f"Prepare the packed shards of data group {group}"))
+    for exp in experiments:
+        assets += build_training_assets(exp)
+        tags = {GPU_TAG: "true"} if exp.training.gpu else {}
+        job = dg.define_asset_job(train_job_name(exp),
+                                  selection=dg.AssetSelection.assets(merged_asset_key(exp)).upstream().materializable(),
+                                  tags=tags, description=f"Data → adapter → merged model for {exp.name}")
+        jobs.append(job)
+        if exp.schedule.cron:
+            schedules.append(build_retrain_schedule(exp, job))
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules,
+                          resources={"pipes_subprocess_client": dg.PipesSubprocessClient()})
+
+
+defs = build_definitions(load_experiments())
