@@ -1,0 +1,41 @@
+"""Shared fixtures: small experiments over data written to a temp folder (never ../shared)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import Experiment, experiment_from_dict
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+def small_rows(n: int = 40, seed: int = 0) -> list[dict]:
+    from trainer.default_data import generate
+
+    return generate("train", n, seed=seed)
+
+
+@pytest.fixture
+def make_experiment(tmp_path):
+    """make_experiment(name, data={...}, **top_level) → Experiment rooted in tmp_path."""
+
+    def make(name: str = "exp", data: dict | None = None, rows: list | None = None, **top) -> Experiment:
+        data_file = tmp_path / "data" / "train.jsonl"
+        if rows is not None or not data_file.exists():
+            write_jsonl(data_file, rows if rows is not None else small_rows())
+        raw = {"name": name, "store": str(tmp_path / "store"),
+               "data": {"source": {"path": "data/*.jsonl"}, "max_length": 128, "rows_per_shard": 16,
+                        **(data or {})},
+               "tokenizer": {"path": "builtin:tiny"}, **top}
+        return experiment_from_dict(raw, base_dir=tmp_path)
+
+    return make
