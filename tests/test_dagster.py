@@ -1,0 +1,140 @@
+"""The data assets through a real Dagster instance (SQLite storage in a temp folder)."""
+
+import os
+import subprocess
+import sys
+
+import dagster as dg
+import pytest
+
+from assets.data import data_asset_key, raw_files_key
+from assets.training import adapter_asset_key
+from pipelines.definitions import build_definitions
+from pipelines.schedules import retrain_decision
+from trainer.config import ConfigError
+from trainer.launch import raw_version
+from trainer.prepare import DataPipeline
+
+from .conftest import small_rows, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def instance(tmp_path):
+    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home")) as inst:
+        yield inst
+
+
+def materialize_data(experiments, instance, group):
+    defs = build_definitions(experiments)
+    selection = dg.AssetSelection.assets(data_asset_key(group, "packed")).upstream().materializable()
+    return dg.materialize(list(defs.assets), selection=selection, instance=instance,
+                          resources={"pipes_subprocess_client": dg.PipesSubprocessClient()})
+
+
+def latest(instance, key):
+    return instance.get_latest_materialization_event(key).asset_materialization
+
+
+def test_materialize_data_assets(make_experiment, instance):
+    exp = make_experiment(data={"name": "small", "eval": {"fraction": 0.2}})
+    result = materialize_data([exp], instance, "small")
+    assert result.success
+    packed = latest(instance, data_asset_key("small", "packed"))
+    p = DataPipeline(exp, progress=False)
+    assert packed.tags["dagster/data_version"] == f"{p.packed_key('train')}+{p.packed_key('eval')}"
+    meta = packed.metadata
+    counts = p.packed("train").manifest["counts"]
+    assert meta["rows"].value == counts["rows_out"] and meta["tokens"].value == counts["tokens"]
+    assert 0 < meta["packing_efficiency"].value <= 1
+    assert meta["cache_hit"].value is False
+    assert "length_histogram" in meta and "length_histogram_plot" in meta
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {"packing_efficiency": True, "reject_rate": True}
+    for stage in ("raw", "templated", "tokenized"):
+        mat = latest(instance, data_asset_key("small", stage))
+        assert mat.tags["dagster/data_version"].startswith(getattr(p, f"{stage}_key")("train"))
+
+
+def test_two_experiments_share_one_data_group_and_its_shards(make_experiment, instance):
+    a = make_experiment(name="a", data={"name": "shared"})
+    b = make_experiment(name="b", data={"name": "shared"}, training={"learning_rate": 0.01})
+    defs = build_definitions([a, b])
+    graph = defs.resolve_asset_graph()
+    packed = data_asset_key("shared", "packed")
+    assert graph.get(adapter_asset_key(a)).parent_keys == {packed}
+    assert graph.get(adapter_asset_key(b)).parent_keys == {packed}
+    assert materialize_data([a], instance, "shared").success
+    assert materialize_data([b], instance, "shared").success
+    second = latest(instance, packed)
+    assert second.metadata["cache_hit"].value is True
+    events = instance.fetch_materializations(packed, limit=10).records
+    versions = {e.asset_materialization.tags["dagster/data_version"] for e in events}
+    assert len(events) == 2 and len(versions) == 1
+
+
+def test_same_group_with_different_data_settings_is_an_error(make_experiment):
+    a = make_experiment(name="a", data={"name": "g"})
+    b = make_experiment(name="b", data={"name": "g", "max_length": 64})
+    with pytest.raises(ConfigError, match="data settings differ"):
+        build_definitions([a, b])
+
+
+def test_failing_check_is_reported(make_experiment, instance):
+    exp = make_experiment(data={"name": "strict", "packing": "none",
+                                "checks": {"min_packing_efficiency": 0.99, "max_reject_rate": 0.0}},
+                          rows=small_rows(20) + ["{broken"])
+    result = materialize_data([exp], instance, "strict")
+    checks = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert checks["packing_efficiency"].passed is False
+    assert checks["reject_rate"].passed is False
+    assert checks["reject_rate"].metadata["rejects"].value == 1
+
+
+def test_changed_data_file_gives_new_versions(make_experiment, instance, tmp_path):
+    exp = make_experiment(data={"name": "changing"})
+    materialize_data([exp], instance, "changing")
+    before = latest(instance, data_asset_key("changing", "packed")).tags["dagster/data_version"]
+    write_jsonl(tmp_path / "data" / "train.jsonl", small_rows(41))
+    materialize_data([exp], instance, "changing")
+    after = latest(instance, data_asset_key("changing", "packed"))
+    assert after.tags["dagster/data_version"] != before and after.metadata["cache_hit"].value is False
+
+
+def test_source_observation_reports_raw_version(make_experiment, instance):
+    exp = make_experiment(data={"name": "observed"})
+    defs = build_definitions([exp])
+    source = next(a for a in defs.assets if getattr(a, "key", None) == raw_files_key("observed"))
+    result = dg.observe([source], instance=instance)
+    assert result.success
+    record = instance.fetch_observations(raw_files_key("observed"), limit=1).records[0]
+    assert record.asset_observation.tags["dagster/data_version"] == raw_version(DataPipeline(exp, progress=False))
+
+
+def test_retrain_schedule_requests_only_when_raw_data_changed(make_experiment, instance, tmp_path):
+    exp = make_experiment(name="sched", schedule={"cron": "0 3 * * *"})
+    defs = build_definitions([exp])
+    schedule = defs.get_schedule_def("sched_retrain")
+
+    first = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert len(first.run_requests) == 1 and "no adapter" in first.run_requests[0].tags["sftdag/retrain_reason"]
+
+    # An adapter trained on the current raw version: the schedule skips, saying why.
+    current = raw_version(DataPipeline(exp, progress=False))
+    instance.report_runless_asset_event(dg.AssetMaterialization(adapter_asset_key(exp), metadata={"raw_version": current}))
+    skipped = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert not skipped.run_requests and "unchanged" in skipped.skip_message
+    assert retrain_decision(exp, instance).retrain is False
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", small_rows(45))
+    changed = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
+    assert len(changed.run_requests) == 1
+    assert "raw data changed" in changed.run_requests[0].tags["sftdag/retrain_reason"]
+    assert changed.run_requests[0].run_key.endswith(raw_version(DataPipeline(exp, progress=False)))
+
+
+def test_definitions_validate_on_the_workspace():
+    proc = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
