@@ -52,7 +52,11 @@ class PackResult:
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start offsets into values, lengths, values) of a list<int> column; null rows have length 0."""
     col = table.column(name)
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if isinstance(col, pa.ChunkedArray):
+        # one chunk (a memory-mapped file): use it as is, combine_chunks would copy every token
+        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    else:
+        arr = col
     if isinstance(arr, pa.ChunkedArray):  # zero chunks
         arr = pa.array([], type=_LIST_I32)
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
