@@ -5,10 +5,9 @@ same data settings hang off the same assets. The assets are thin: the work and t
 `trainer.prepare.DataPipeline`; each asset reports its store key as its data version.
 """
 
-from __future__ import annotations
 
 import base64
-from pathlib import Path
+import io
 
 import dagster as dg
 
@@ -37,8 +36,25 @@ def data_version(outputs: dict[str, StageOutput]) -> str:
     return "+".join(outputs[split].key for split in sorted(outputs, key=lambda s: s != "train"))
 
 
-def _png_markdown(path: Path) -> str:
-    return f"![length histogram](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+def histogram_png(histogram: list[dict], title: str) -> bytes:
+    """A bar chart of document lengths; drawn here, not in the data stage, to keep matplotlib off the hot path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
+    starts = [b["start"] for b in histogram]
+    widths = [b["end"] - b["start"] for b in histogram]
+    ax.bar(starts, [b["count"] for b in histogram], width=widths, align="edge", edgecolor="black")
+    ax.set_xlabel("document length (tokens)")
+    ax.set_ylabel("documents")
+    ax.set_title(title)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
 
 
 def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
@@ -63,9 +79,10 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
                 records=[dg.TableRecord({k: int(v) for k, v in b.items()}) for b in histogram],
                 schema=dg.TableSchema(columns=[dg.TableColumn(k, "int") for k in (histogram[0] if histogram else {})]),
             )
-            png = out.path / "lengths.png"
-            if png.exists():
-                meta["length_histogram_plot"] = dg.MetadataValue.md(_png_markdown(png))
+            if histogram:
+                png = histogram_png(histogram, f"packed to {out.manifest['counts'].get('max_length')} tokens")
+                meta["length_histogram_plot"] = dg.MetadataValue.md(
+                    f"![length histogram](data:image/png;base64,{base64.b64encode(png).decode()})")
     return meta
 
 

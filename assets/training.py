@@ -1,6 +1,5 @@
 """Training assets: trained adapter (launched as its own process through Dagster Pipes) → merged model."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """The Dagster code location: assets, checks, jobs and schedules for every experiment YAML."""
 
-from __future__ import annotations
 
 import dagster as dg
 

@@ -1,6 +1,5 @@
 """Scheduled retraining: request a run only when the raw data changed since the last adapter."""
 
-from __future__ import annotations
 
 from dataclasses import dataclass
 
@@ -33,7 +32,7 @@ def retrain_decision(exp: Experiment, instance: dg.DagsterInstance) -> RetrainDe
                            current)
 
 
-def build_retrain_schedule(exp: Experiment, job: dg.UnresolvedAssetJobDefinition) -> dg.ScheduleDefinition:
+def build_retrain_schedule(exp: Experiment, job) -> dg.ScheduleDefinition:
     status = dg.DefaultScheduleStatus.RUNNING if exp.schedule.running else dg.DefaultScheduleStatus.STOPPED
 
     @dg.schedule(name=f"{exp.name}_retrain", cron_schedule=exp.schedule.cron, job=job,

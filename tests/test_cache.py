@@ -35,9 +35,12 @@ def test_training_settings_do_not_change_data_keys(make_experiment):
     ({"packing": "wrapped"}, "packed"),
     ({"overlong": "split"}, "packed"),
     ({"masking": "all"}, "templated"),
-    ({"template": {"source": "chatml"}}, "templated"),
+    ({"template": {"source": "zephyr.jinja"}}, "templated"),
 ])
-def test_each_data_setting_changes_its_stage_and_downstream(make_experiment, change, first_changed):
+def test_each_data_setting_changes_its_stage_and_downstream(make_experiment, tmp_path, change, first_changed):
+    (tmp_path / "zephyr.jinja").write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
     before, after = keys(make_experiment()), keys(make_experiment(data=change))
     index = STAGES.index(first_changed)
     for stage in STAGES[:index]:
@@ -73,6 +76,11 @@ def test_tokenizer_identity_not_name_enters_the_key(make_experiment, tmp_path):
     after = keys(make_experiment(tokenizer={"path": str(changed)}))
     assert after["raw"] == keys(make_experiment())["raw"]
     assert after["templated"] != keys(make_experiment())["templated"]
+
+
+def test_same_bytes_same_key_whatever_the_setting_is_called(make_experiment):
+    # The tiny tokenizer has no chat template, so `tokenizer` sets up ChatML: identical bytes.
+    assert keys(make_experiment()) == keys(make_experiment(data={"template": {"source": "chatml"}}))
 
 
 def test_code_version_changes_the_key(make_experiment, monkeypatch):

@@ -1,6 +1,7 @@
 """The data assets through a real Dagster instance (SQLite storage in a temp folder)."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,9 +22,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
-def instance(tmp_path):
-    with dg.DagsterInstance.local_temp(str(tmp_path / "dagster_home")) as inst:
-        yield inst
+def instance(tmp_path, monkeypatch):
+    """A persistent SQLite instance configured by the project's own dagster.yaml."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(os.path.join(REPO, "dagster.yaml"), home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    inst = dg.DagsterInstance.get()
+    yield inst
+    inst.dispose()
 
 
 def materialize_data(experiments, instance, group):
@@ -38,7 +45,8 @@ def latest(instance, key):
 
 
 def test_materialize_data_assets(make_experiment, instance):
-    exp = make_experiment(data={"name": "small", "eval": {"fraction": 0.2}})
+    exp = make_experiment(data={"name": "small", "eval": {"fraction": 0.2},
+                                "checks": {"min_packing_efficiency": 0.6, "max_reject_rate": 0.0}})
     result = materialize_data([exp], instance, "small")
     assert result.success
     packed = latest(instance, data_asset_key("small", "packed"))
@@ -106,7 +114,9 @@ def test_source_observation_reports_raw_version(make_experiment, instance):
     exp = make_experiment(data={"name": "observed"})
     defs = build_definitions([exp])
     source = next(a for a in defs.assets if getattr(a, "key", None) == raw_files_key("observed"))
-    result = dg.observe([source], instance=instance)
+    from dagster._core.definitions.observe import observe  # not re-exported by dagster 1.13
+
+    result = observe([source], instance=instance)
     assert result.success
     record = instance.fetch_observations(raw_files_key("observed"), limit=1).records[0]
     assert record.asset_observation.tags["dagster/data_version"] == raw_version(DataPipeline(exp, progress=False))

@@ -53,8 +53,9 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
     pipeline = pipeline or DataPipeline(exp, progress=False)
     store = pipeline.store
     outputs = pipeline.run()
-    bundle = pipeline.tokenizer_bundle
-    base_vocab = len(bundle.tokenizer) - len(bundle.setup.added_tokens)
+    tokenizer = outputs["tokenizer"].manifest
+    setup = tokenizer["template"]
+    base_vocab = tokenizer["vocab_size"] - len(setup["added_tokens"])
     base_model = resolve_base_model(exp.model, store.root, base_vocab)
 
     train_key = outputs["packed/train"].key
@@ -63,7 +64,7 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
     training = dataclasses.asdict(exp.training)
     training.pop("gpu")  # scheduling, not bytes
     params = {"training": training, "model": dataclasses.asdict(exp.model),
-              "base": model_identity(exp, base_model), "tokenizer": bundle.identity}
+              "base": model_identity(exp, base_model), "tokenizer": tokenizer["identity"]}
     key = content_key("adapter", inputs=[k for k in (train_key, eval_key) if k], params=params)
     output_dir = store.path("adapter", key)
 
@@ -73,7 +74,7 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
         "eval_shards": str(outputs["packed/eval"].path) if eval_key else None,
         "tokenizer_dir": str(outputs["tokenizer"].path),
         "base_model": base_model,
-        "template": {"added_tokens": list(bundle.setup.added_tokens), "eot_token": bundle.setup.eot_token},
+        "template": {"added_tokens": list(setup["added_tokens"]), "eot_token": setup["eot_token"]},
         "held_out": str(outputs["templated/eval"].path / "held_out.jsonl") if eval_key else None,
         "output_dir": str(output_dir),
         "tags": {"data_version": data_version, "adapter_version": key, "experiment": exp.name,

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import pyarrow as pa
 from .arrow_io import read_table, write_shards, write_table
 from .config import Experiment, SourceConfig
 from .sources import build_raw_table, source_fingerprint
-from .store import Store, StageOutput, content_key
+from .store import Store, StageOutput, content_key, file_digest
 
 REJECTS_SCHEMA = pa.schema([("row_id", pa.int64()), ("stage", pa.string()), ("reason", pa.string())])
 SPLITS = ("train", "eval")
@@ -63,6 +64,33 @@ def _load_tokenizer_bundle(tokenizer_cfg_json: str, template_cfg_json: str, base
     return TokenizerBundle(tok, setup, tokenizer_identity(tok))
 
 
+def _tokenizer_source_digest(exp: Experiment) -> str | None:
+    """Digest of everything a set-up tokenizer is made from, when it is made from local files."""
+    from . import templating, tokenizer as tokenizer_module
+
+    path = exp.tokenizer.path
+    if path == "builtin:tiny":
+        files = sorted(tokenizer_module.TINY_TOKENIZER_DIR.iterdir())
+    elif path == "builtin:llama3":
+        files = [Path(tokenizer_module.llama3_tokenizer_file()), tokenizer_module.TEMPLATES_DIR / "llama3.jinja"]
+    else:
+        local = exp.resolve_path(path)
+        if local.is_dir():
+            files = sorted(p for p in local.iterdir() if p.is_file())
+        elif local.is_file():
+            files = [local]
+        else:
+            return None  # a hub id: identity from the loaded tokenizer
+    template = exp.data.template.source
+    if template not in ("tokenizer", "chatml"):
+        files.append(exp.resolve_path(template))
+    code = [inspect.getsource(m) for m in (templating, tokenizer_module)]
+    payload = {"tokenizer": dataclasses.asdict(exp.tokenizer), "template": template,
+               "files": [[p.name, file_digest(p)] for p in files if p.is_file()],
+               "code": hashlib.sha256("".join(code).encode()).hexdigest()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def _formatting_func_identity(dotted: str | None) -> str | None:
     """The formatting function's code is part of the key: editing it must re-template."""
     if not dotted:
@@ -89,22 +117,43 @@ class DataPipeline:
     # -- tokenizer ---------------------------------------------------------------------------
     @functools.cached_property
     def tokenizer_bundle(self) -> TokenizerBundle:
+        """The loaded tokenizer; only stages that build need it (loading Llama-3's takes seconds)."""
         return _load_tokenizer_bundle(json.dumps(dataclasses.asdict(self.exp.tokenizer), sort_keys=True),
                                       json.dumps(dataclasses.asdict(self.data.template), sort_keys=True),
                                       self.exp.base_dir)
+
+    @functools.cached_property
+    def tokenizer_identity(self) -> str:
+        """`tokenizer_identity` of the set-up tokenizer, remembered under a digest of its source files.
+
+        The identity hashes the loaded tokenizer's content; computing it means loading the
+        tokenizer. When the tokenizer comes from files, the digest of those files (plus the
+        template and the set-up code) determines it, so a cache hit costs a few file reads.
+        """
+        digest = _tokenizer_source_digest(self.exp)
+        cache = self.store.root / "tokenizer" / ".identity" / digest if digest else None
+        if cache is not None and cache.is_file():
+            return cache.read_text()
+        identity = self.tokenizer_bundle.identity
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(identity)
+            os.replace(tmp, cache)
+        return identity
 
     def tokenizer_output(self) -> StageOutput:
         """The tokenizer with its chat template set up, saved once under its identity."""
         from .templating import save_tokenizer
 
-        bundle = self.tokenizer_bundle
-
         def build(tmp: Path) -> dict[str, Any]:
+            bundle = self.tokenizer_bundle
             save_tokenizer(bundle.tokenizer, bundle.setup, tmp)
             return {"identity": bundle.identity, "source": self.exp.tokenizer.path,
+                    "vocab_size": len(bundle.tokenizer),
                     "template": dataclasses.asdict(bundle.setup)}
 
-        return self.store.get_or_build("tokenizer", bundle.identity, build)
+        return self.store.get_or_build("tokenizer", self.tokenizer_identity, build)
 
     # -- splits ------------------------------------------------------------------------------
     @property
@@ -135,12 +184,12 @@ class DataPipeline:
         params = {"format": d.format, "fields": dataclasses.asdict(d.fields), "masking": d.masking,
                   "formatting_func": _formatting_func_identity(d.formatting_func),
                   "response_template": d.response_template, "instruction_template": d.instruction_template,
-                  "tokenizer": self.tokenizer_bundle.identity}
+                  "tokenizer": self.tokenizer_identity}
         return content_key("templated", inputs=[self.raw_key(split)], params=params)
 
     def tokenized_key(self, split: str) -> str:
         return content_key("tokenized", inputs=[self.templated_key(split)],
-                           params={"tokenizer": self.tokenizer_bundle.identity})
+                           params={"tokenizer": self.tokenizer_identity})
 
     def packed_key(self, split: str) -> str:
         d = self.data
@@ -173,10 +222,10 @@ class DataPipeline:
         from .templating import generation_prompt, template_rows
 
         raw = self.raw(split)
-        bundle = self.tokenizer_bundle
         func = load_formatting_func(self.data.formatting_func) if self.data.formatting_func else None
 
         def build(tmp: Path) -> dict[str, Any]:
+            bundle = self.tokenizer_bundle
             raw_table = read_table(raw.path / "rows.arrow")
             rows = list(zip(raw_table.column("row_id").to_pylist(),
                             map(json.loads, raw_table.column("record").to_pylist())))
@@ -212,11 +261,10 @@ class DataPipeline:
         from .tokenization import tokenize_rows
 
         templated = self.templated(split)
-        bundle = self.tokenizer_bundle
 
         def build(tmp: Path) -> dict[str, Any]:
             table_in = read_table(templated.path / "rows.arrow")
-            table, rejects = tokenize_rows(table_in, bundle.tokenizer, progress=self.progress)
+            table, rejects = tokenize_rows(table_in, self.tokenizer_bundle.tokenizer, progress=self.progress)
             write_table(tmp / "rows.arrow", table)
             labels = table.column("labels").combine_chunks().flatten()
             trainable = int(pa.compute.sum(pa.compute.not_equal(labels, -100)).as_py() or 0)
@@ -228,7 +276,7 @@ class DataPipeline:
         return self.store.get_or_build("tokenized", self.tokenized_key(split), build)
 
     def packed(self, split: str = "train") -> StageOutput:
-        from .packing import length_histogram, pack, plot_length_histogram
+        from .packing import length_histogram, pack
 
         tokenized = self.tokenized(split)
         d = self.data
@@ -239,7 +287,6 @@ class DataPipeline:
             result = pack(table_in, d.max_length, strategy=strategy, overlong=d.overlong,
                           truncate_side=d.truncate_side, progress=self.progress)
             files = write_shards(tmp, result.table, d.rows_per_shard)
-            plot_length_histogram(result.doc_lengths, d.max_length, tmp / "lengths.png")
             return {"split": split, "counts": dict(result.counts), "files": files,
                     "rows_per_file": [min(d.rows_per_shard, result.table.num_rows - i * d.rows_per_shard)
                                       for i in range(len(files))],

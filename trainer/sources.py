@@ -12,7 +12,7 @@ import hashlib
 import inspect
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,13 @@ _FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv
 
 class SourceError(ValueError):
     pass
+
+
+class RawJson(NamedTuple):
+    """A record parsed from a JSON line, with the line's text."""
+
+    text: str
+    value: Any
 
 
 def resolve_files(source: SourceConfig, base_dir: str | Path) -> list[Path]:
@@ -79,9 +86,12 @@ def _json_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]
                     continue
                 where = f"{name}:{lineno}"
                 try:
-                    yield where, json.loads(line), None
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     yield where, None, f"invalid JSON: {e.msg} (column {e.colno})"
+                    continue
+                # Keep the line as it is: re-serialising every record would cost as much as parsing.
+                yield where, RawJson(line.rstrip("\r\n"), record), None
         return
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -155,9 +165,14 @@ def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalCon
     wheres, records, errors = [], [], []
     for where, record, error in iter_records(source, base_dir):
         wheres.append(where)
+        text = None
+        if isinstance(record, RawJson):
+            text, record = record.text, record.value
         if error is None and not isinstance(record, dict):
             record, error = None, f"expected a JSON object, got {type(record).__name__}"
-        records.append(None if record is None else json.dumps(record, ensure_ascii=False, default=str))
+        if record is not None and text is None:
+            text = json.dumps(record, ensure_ascii=False, default=str)
+        records.append(text if record is not None else None)
         errors.append(error)
     row_ids = np.arange(len(records), dtype=np.int64)
     table = pa.table([pa.array(row_ids), pa.array(wheres, pa.string()), pa.array(records, pa.string()),
