@@ -7,6 +7,7 @@ so each output token can be traced back to its row and position.
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -259,6 +260,10 @@ def test_deterministic_and_seeded_order():
     assert key(a) == key(c) == key(d)
     # seed=None: bins in creation order, so the first row holds the longest document
     assert d.table.column("seq_lengths")[0].as_py()[0] == 128  # rows over 128 are truncated
+    # the progress bar changes nothing; counts are plain JSON for the manifest
+    e = pack(t, 128, "bfd", seed=5, progress=True)
+    assert e.table.equals(a.table) and e.counts == a.counts
+    assert json.loads(json.dumps(a.counts)) == a.counts
 
 
 # ---------------------------------------------------------------- BFD exact cases
