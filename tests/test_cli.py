@@ -1,0 +1,105 @@
+"""The `sftdag` command as a user runs it: a subprocess, a persistent instance, JSON on the last line."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import dagster as dg
+import pytest
+import yaml
+
+from .conftest import small_rows, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_experiment(tmp_path, name="cli_exp", rows=None):
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows or small_rows(30))
+    config = {"name": name, "store": "store",
+              "data": {"name": "cli_data", "source": {"path": "data/*.jsonl"}, "max_length": 128,
+                       "checks": {"min_packing_efficiency": 0.5}},
+              "tokenizer": {"path": "builtin:tiny"}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(args, tmp_path, **kw):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_prepare_prints_json_and_records_runs_in_the_instance(tmp_path):
+    experiment = write_experiment(tmp_path, rows=small_rows(30) + ["{oops"])
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows_in"] == 31 and summary["rejects"] == 1 and summary["rows_out"] == 30
+    assert os.path.isdir(summary["shards"]) and summary["shards"].startswith(str(tmp_path / "store"))
+    assert summary["packing_efficiency"] > 0.5
+
+    # Again: every stage is a cache hit, and both runs are in the persistent instance.
+    again = run_cli(["prepare", str(experiment)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = json.loads(again.stdout.strip().splitlines()[-1])
+    assert second["data_version"] == summary["data_version"] and second["dagster_run_id"] != summary["dagster_run_id"]
+    instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+    try:
+        records = instance.fetch_materializations(dg.AssetKey(["cli_data", "packed_shards"]), limit=5).records
+        assert len(records) == 2
+        assert [r.asset_materialization.metadata["cache_hit"].value for r in records] == [True, False]
+    finally:
+        instance.dispose()
+
+
+def test_bad_experiment_is_a_clear_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndata:\n  packing: greedy\n")
+    proc = run_cli(["prepare", str(bad)], tmp_path)
+    assert proc.returncode != 0
+    assert "data.packing" in proc.stderr and "greedy" in proc.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ui_serves_the_code_location_on_localhost(tmp_path):
+    experiment = write_experiment(tmp_path)
+    port = _free_port()
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", str(experiment), "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        body = None
+        while time.time() < deadline and body is None:
+            assert proc.poll() is None, "dagster dev exited"
+            try:
+                query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
+                                                 headers={"Content-Type": "application/json"})
+                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
+                if not body.get("data", {}).get("assetNodes"):
+                    body = None  # the code location is still loading
+                    time.sleep(2)
+            except OSError:
+                time.sleep(2)
+        assert body is not None, "the UI did not answer in time"
+        keys = {"/".join(n["assetKey"]["path"]) for n in body["data"]["assetNodes"]}
+        assert {"cli_data/packed_shards", "cli_exp/trained_adapter", "cli_exp/merged_model"} <= keys
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
