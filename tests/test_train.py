@@ -22,6 +22,8 @@ from tests.train_helpers import (
     make_spec,
     make_tokenizer,
     pack_rows,
+    pipes_env,
+    read_pipes_messages,
     train_env,
     write_shards,
 )
@@ -31,10 +33,16 @@ from trainer.train import base_vocab_size, last_checkpoint, partial_dir, run_tra
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows,bs,ga,epochs", [(10, 3, 2, 1), (7, 2, 1, 2)])
-def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs):
+@pytest.mark.parametrize("rows,bs,ga,epochs,extra", [
+    (10, 3, 2, 1, {}),
+    # Also: eager attention, gradient checkpointing (non-reentrant) and NEFTune on the packed path.
+    (7, 2, 1, 2, {"gradient_checkpointing": True, "neftune_noise_alpha": 5.0}),
+])
+def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs, extra):
     spec = make_spec(tmp_path, rows=rows, training={"per_device_train_batch_size": bs,
-                                                    "gradient_accumulation_steps": ga, "num_train_epochs": epochs})
+                                                    "gradient_accumulation_steps": ga, "num_train_epochs": epochs,
+                                                    **extra},
+                     model={"init_kwargs": {"attn_implementation": "eager"}} if extra else None)
     summary = run_training(spec)
     expected = steps_per_epoch(rows, bs, ga, 1)
     assert summary["steps_per_epoch"] == expected
@@ -116,6 +124,28 @@ def test_full_fine_tune(tmp_path_factory):
     assert summary["global_step"] == 2
 
 
+@pytest.mark.slow
+def test_continue_training_an_existing_adapter(tmp_path, tmp_path_factory):
+    from safetensors.torch import load_file
+
+    first_spec, _ = lora_run(tmp_path_factory)
+    first = Path(first_spec["output_dir"])
+    # Same tokenizer (new-token ids must agree); learning rate 0: the loaded adapter comes out unchanged.
+    import shutil
+
+    shutil.copytree(first_spec["tokenizer_dir"], tmp_path / "tokenizer")
+    spec = make_spec(tmp_path, rows=4, training={"learning_rate": 0.0, "max_steps": 1,
+                                                 "lora": {"init_adapter": str(first)}})
+    summary = run_training(spec)
+    assert summary["global_step"] == 1
+    before = load_file(str(first / "adapter_model.safetensors"))
+    after = load_file(str(Path(spec["output_dir"]) / "adapter_model.safetensors"))
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert any("lora_B" in k and before[k].abs().max() > 0 for k in before)  # a trained adapter, not a fresh one
+
+
 def test_completed_output_is_not_retrained(tmp_path_factory):
     spec, summary = full_run(tmp_path_factory)
     out = Path(spec["output_dir"])
@@ -148,9 +178,10 @@ def test_base_vocab_size_strips_trailing_added_tokens(tmp_path):
 
 # --------------------------------------------------------------------------------------------
 
-def _launch(spec_path: Path, log_path: Path, extra: list[str] | None = None) -> subprocess.Popen:
+def _launch(spec_path: Path, log_path: Path, extra: list[str] | None = None,
+            env: dict[str, str] | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", *(extra or ["trainer.train"]), str(spec_path)]
-    return subprocess.Popen(cmd, cwd=str(REPO), env=train_env(), stdout=open(log_path, "w"),
+    return subprocess.Popen(cmd, cwd=str(REPO), env=train_env(env), stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
 
 
@@ -227,17 +258,28 @@ def test_two_processes_equal_one(tmp_path):
         spec = make_spec(d, rows=16, eval_rows=4, held_out=held_out_rows(4),
                          training={"per_device_train_batch_size": bs, "per_device_eval_batch_size": 2,
                                    "learning_rate": 1e-2, "lr_scheduler_type": "linear", "num_train_epochs": 1,
-                                   "eval_strategy": "steps", "eval_steps": 2})
+                                   "eval_strategy": "steps", "eval_steps": 2},
+                         tags={"data_version": "dv", "adapter_version": "ad-2"})
         # On a machine without a GPU, --multi_gpu runs torchrun and trainer.train joins the processes over
         # gloo (`--cpu` would start a single process).
         extra = ["accelerate.commands.launch", "--multi_gpu" if n > 1 else "--cpu", "--num_processes", str(n),
                  "--num_machines", "1",
                  "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                  "-m", "trainer.train"]
-        proc = _launch(d / "spec.json", d / "log.txt", extra)
+        env, messages_path = pipes_env(d / "pipes")  # launched as Dagster would, through Pipes
+        proc = _launch(d / "spec.json", d / "log.txt", extra, env)
         assert proc.wait(timeout=300) == 0, (d / "log.txt").read_text()
         summary = json.loads((Path(spec["output_dir"]) / "training_summary.json").read_text())
         assert summary["world_size"] == n
+        # Only rank 0 talks to Dagster: one session, progress lines, one materialization.
+        messages = read_pipes_messages(messages_path)
+        methods = [m["method"] for m in messages]
+        assert methods.count("opened") == 1 and methods.count("closed") == 1, methods
+        logs = [m["params"]["message"] for m in messages if m["method"] == "log"]
+        assert any("step 4/4" in line for line in logs) and any("exact match after" in line for line in logs)
+        (mat,) = [m["params"] for m in messages if m["method"] == "report_asset_materialization"]
+        assert mat["data_version"] == "ad-2" and mat["metadata"]["global_step"]["raw_value"] == 4
+        assert not [m for m in messages if m["method"] == "closed" and m["params"]]  # no exception
         assert summary["global_step"] == steps_per_epoch(16, bs, 1, n) == 4
         results[n] = (summary, load_file(str(Path(spec["output_dir"]) / "adapter_model.safetensors")))
     (s1, w1), (s2, w2) = results[1], results[2]

@@ -155,7 +155,28 @@ def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
 
 
-def train_env() -> dict[str, str]:
+def pipes_env(directory: Path, asset_key: str = "adapter") -> tuple[dict[str, str], Path]:
+    """Environment that makes a process a Dagster Pipes process (as PipesSubprocessClient would),
+    with its messages written to a file: (env vars, messages file)."""
+    from dagster_pipes import encode_param
+
+    directory.mkdir(parents=True, exist_ok=True)
+    context = {"asset_keys": [asset_key], "code_version_by_asset_key": {asset_key: None},
+               "provenance_by_asset_key": {asset_key: None}, "partition_key": None, "partition_key_range": None,
+               "partition_time_window": None, "run_id": "pipes-run", "job_name": None, "retry_number": 0,
+               "extras": {}}
+    context_path = directory / "context.json"
+    context_path.write_text(json.dumps(context))
+    messages = directory / "messages.jsonl"
+    return {"DAGSTER_PIPES_CONTEXT": encode_param({"path": str(context_path)}),
+            "DAGSTER_PIPES_MESSAGES": encode_param({"path": str(messages)})}, messages
+
+
+def read_pipes_messages(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     import os
 
     env = dict(os.environ)
@@ -164,6 +185,7 @@ def train_env() -> dict[str, str]:
     env["OMP_NUM_THREADS"] = "1"
     env.pop("DAGSTER_PIPES_CONTEXT", None)
     env.pop("DAGSTER_PIPES_MESSAGES", None)
+    env.update(extra or {})
     return env
 
 

@@ -688,10 +688,10 @@ def run_training(spec_or_path: str | Path | dict) -> dict[str, Any]:
                 reporter.close()
         return summary
 
-    check_mode_available(tc.mode)
     reporter = Reporter(is_main)
     exc_info = (None, None, None)
     try:
+        check_mode_available(tc.mode)
         return _run(spec, experiment, output_dir, work, state, reporter)
     except BaseException:
         exc_info = sys.exc_info()
