@@ -147,6 +147,23 @@ def test_collator_exact_values():
     assert torch.equal(m[1, 0], expected1)
 
 
+def test_flash_attention_batches_are_flattened_without_padding():
+    rows = [
+        {"input_ids": [5, 6, 7, 8, 9], "labels": [-100, 6, 7, 8, 9], "seq_lengths": [2, 3], "row_index": 0},
+        {"input_ids": [10, 11, 12], "labels": [10, 11, 12], "seq_lengths": [3], "row_index": 1},
+    ]
+    b = PackedCollator(pad_token_id=1)(rows)
+    flat = model_inputs(b, attn_implementation="flash_attention_2")
+    assert set(flat) == {"input_ids", "labels", "position_ids"}
+    assert flat["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12]]
+    assert flat["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 2]]
+    assert flat["labels"].tolist() == [[-100, 6, -100, 8, 9, -100, 11, 12]]
+    with pytest.raises(NotImplementedError, match="flex_attention"):
+        model_inputs(b, attn_implementation="flex_attention")
+    sdpa = model_inputs(b, attn_implementation="sdpa")
+    assert "row_index" not in sdpa and "row_length" not in sdpa and sdpa["attention_mask"].dtype == torch.bool
+
+
 def test_collator_rejects_inconsistent_rows():
     with pytest.raises(ValueError, match="seq_lengths"):
         PackedCollator(0)([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "seq_lengths": [2], "row_index": 4}])

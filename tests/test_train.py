@@ -155,6 +155,17 @@ def test_completed_output_is_not_retrained(tmp_path_factory):
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
+def test_second_concurrent_training_of_one_output_is_refused(tmp_path):
+    from filelock import FileLock
+
+    spec = make_spec(tmp_path, rows=2)
+    out = Path(spec["output_dir"])
+    with FileLock(str(out.with_name(out.name + ".lock"))):
+        with pytest.raises(RuntimeError, match="already training"):
+            run_training(spec)
+    assert not partial_dir(out).exists()
+
+
 def test_qlora_without_cuda_fails_before_any_work(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present")

@@ -192,13 +192,16 @@ def model_inputs(batch: dict[str, Any], model=None, attn_implementation: str | N
     """The batch as the model's forward expects it for its attention implementation.
 
     sdpa: the bool mask as is. eager: an additive float mask (0 / dtype min). flash-attention
-    kernels: no mask — they isolate documents from the restarting position_ids (varlen).
+    kernels: the batch flattened to one padding-free row with restarting position_ids and no mask
+    (transformers runs varlen flash attention from position_ids only for a single row).
     """
     impl = attn_implementation or attention_implementation(model)
     out = {k: v for k, v in batch.items() if k not in NON_MODEL_KEYS}
     mask = out.get("attention_mask")
     if mask is None or mask.dim() != 4:
         return out
+    if "flash" in impl:
+        return flatten_for_varlen(batch)
     if impl == "sdpa":
         return out
     if impl == "eager":
@@ -208,12 +211,22 @@ def model_inputs(batch: dict[str, Any], model=None, attn_implementation: str | N
             out["attention_mask"] = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
                 ~mask, torch.finfo(dtype).min)
         return out
-    if "flash" in impl:
-        out.pop("attention_mask")
-        return out
     raise NotImplementedError(
         f"attn_implementation {impl!r}: packed batches are isolated only on sdpa, eager and flash-attention "
         "(set model.init_kwargs.attn_implementation)")
+
+
+def flatten_for_varlen(batch: dict[str, Any]) -> dict[str, Any]:
+    """[B, T] batch → [1, sum(row lengths)] without padding, no mask. The row boundaries stay safe:
+    every row starts with a document whose first label is −100."""
+    input_ids = batch["input_ids"]
+    lengths = batch.get("row_length")
+    if lengths is None:
+        keep = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        keep = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] < lengths.to(input_ids.device)[:, None]
+    out = {k: batch[k][keep][None, :] for k in ("input_ids", "labels", "position_ids") if k in batch}
+    return out
 
 
 def _model_dtype(model) -> torch.dtype:

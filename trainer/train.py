@@ -30,15 +30,24 @@ SPEC.json
 Output (`output_dir`, written as `output_dir + ".partial"` and renamed when complete):
 `adapter_config.json` + `adapter_model.safetensors` (LoRA/QLoRA; new-token rows are part of the
 adapter) or `config.json` + `model.safetensors` (full), the tokenizer files, `README.md` (model
-card), `training_summary.json`. Checkpoints live in the `.partial` dir; a restart resumes from
-the newest complete one; a finished `output_dir` is never overwritten (the run is a no-op).
+card), `training_summary.json` (mlflow_run_id, global_step, train_loss, eval_loss,
+accuracy_before, accuracy_after, trainable_tokens, tokens, train_runtime, steps_per_epoch, ...).
+Checkpoints live in the `.partial` dir; a restart resumes from the newest complete one (same
+MLflow run, token counters restored); a finished `output_dir` is never overwritten (the run is a
+no-op that reports the existing summary). `output_dir + ".lock"` keeps a second concurrent
+training of the same output out.
+
+Batches: packed rows with restarting position_ids and a block-diagonal 4-D mask (see
+`trainer.collate`); a batch without any trainable token raises `NoTrainableTokensError` naming its
+dataset rows, and a non-finite loss raises `FloatingPointError` (Trainer would otherwise quietly
+replace it). MLflow (rank 0): `experiment.tracking.mlflow_tracking_uri`, else
+`sqlite:///<store>/mlflow.db` with artifacts in `<store>/mlartifacts` (see `trainer.tracking`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -52,7 +61,7 @@ import torch
 
 from .collate import (
     IGNORE_INDEX,
-    NoTrainableTokensError,
+    NoTrainableTokensError,  # noqa: F401  (re-exported: the error a bad batch raises)
     PackedCollator,
     PackedDataset,
     model_inputs,
@@ -191,7 +200,10 @@ class Reporter:
         if self.pipes is None:
             return
         clean = {k: v for k, v in metadata.items() if isinstance(v, (int, float, str, bool)) and v is not None}
-        self.pipes.report_asset_materialization(metadata=clean, data_version=data_version)
+        try:
+            self.pipes.report_asset_materialization(metadata=clean, data_version=data_version)
+        except Exception as e:  # e.g. launched by an op with no asset in scope
+            self.warning("could not report the materialization to Dagster: %s", e)
 
     def close(self) -> None:
         if self.pipes is not None:
@@ -726,12 +738,38 @@ def _read_summary(directory: Path) -> dict[str, Any]:
 
 
 def _run(spec: dict, experiment: Experiment, output_dir: Path, work: Path, state, reporter: Reporter) -> dict:
+    lock = None
+    if state.is_main_process:
+        lock = _acquire_lock(output_dir)
+    try:
+        return _run_locked(spec, experiment, output_dir, work, state, reporter)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _acquire_lock(output_dir: Path):
+    """One training per output directory at a time (two would share the `.partial` dir)."""
+    from filelock import FileLock, Timeout
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir.with_name(output_dir.name + ".lock")))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RuntimeError(f"another process is already training {output_dir} (lock {lock.lock_file})") from None
+    return lock
+
+
+def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path, state, reporter: Reporter) -> dict:
     from transformers import AutoTokenizer, set_seed
 
     from .evaluate import exact_match, load_held_out
 
     tc = experiment.training
     tags = {str(k): str(v) for k, v in (spec.get("tags") or {}).items()}
+    if output_dir.exists():  # finished by another process while we waited to start
+        return _read_summary(output_dir)
 
     # A previous run finished everything but the rename.
     if is_finished_partial(work):
