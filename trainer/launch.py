@@ -98,14 +98,10 @@ def training_command(exp: Experiment, spec_path: Path) -> list[str]:
     n = exp.training.num_processes
     if n <= 1:
         return [sys.executable, "-m", "trainer.train", str(spec_path)]
-    import torch
-
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA trainer.train joins
+    # the processes over gloo. (--cpu would start a single process without an MPI hostfile.)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        command.append("--cpu")
-    else:
-        command.append("--multi_gpu")
     return command + ["-m", "trainer.train", str(spec_path)]
 
 
