@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -213,7 +214,7 @@ class Experiment:
 
     def resolve_path(self, path: str) -> Path:
         p = Path(path).expanduser()
-        return p if p.is_absolute() else (Path(self.base_dir) / p)
+        return Path(os.path.normpath(p if p.is_absolute() else Path(self.base_dir) / p))
 
     @property
     def store_root(self) -> Path:
