@@ -1,0 +1,94 @@
+"""Training assets through a real Dagster instance: Pipes-launched training, MLflow, merge."""
+
+import os
+import shutil
+
+import dagster as dg
+import pytest
+import torch
+
+from assets.data import data_asset_key
+from assets.training import GPU_TAG, adapter_asset_key, merged_asset_key
+from pipelines.cli import materialize_experiment
+from pipelines.definitions import build_definitions, train_job_name
+from trainer.launch import plan_adapter, plan_merge
+
+from .conftest import small_rows
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = {"base": "builtin:tiny-llama",
+              "builtin_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                 "num_key_value_heads": 2, "intermediate_size": 64,
+                                 "max_position_embeddings": 256}}
+TINY_TRAINING = {"mode": "lora", "max_steps": 4, "per_device_train_batch_size": 2, "save_steps": 2,
+                 "logging_steps": 1, "learning_rate": 0.01, "accuracy_rows": 6, "max_new_tokens": 4,
+                 "sample_generations": 2, "lora": {"r": 4, "alpha": 8}}
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(os.path.join(REPO, "dagster.yaml"), home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    inst = dg.DagsterInstance.get()
+    yield inst
+    inst.dispose()
+
+
+@pytest.mark.slow
+def test_materialize_training_assets_end_to_end(make_experiment, instance):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    exp = make_experiment(name="tiny_train", rows=small_rows(80),
+                          data={"name": "tiny_data", "eval": {"fraction": 0.1},
+                                "checks": {"min_packing_efficiency": 0.5}},
+                          model=TINY_MODEL, training=TINY_TRAINING)
+    result = materialize_experiment(exp, "model", instance=instance)
+    assert result.success
+
+    adapter = instance.get_latest_materialization_event(adapter_asset_key(exp)).asset_materialization
+    packed = instance.get_latest_materialization_event(data_asset_key("tiny_data", "packed")).asset_materialization
+    meta = adapter.metadata
+    assert meta["global_step"].value == 4 and meta["cache_hit"].value is False
+    assert meta["trained_on_data_version"].value == packed.tags["dagster/data_version"]
+    assert meta["accuracy_before"].value is not None and meta["accuracy_after"].value is not None
+
+    # The MLflow run names the Dagster run and the shard version; its contents read back.
+    client = MlflowClient(tracking_uri=meta["mlflow_tracking_uri"].value)
+    run = client.get_run(meta["mlflow_run_id"].value)
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["data_version"] == packed.tags["dagster/data_version"]
+    assert float(run.data.params["training.learning_rate"]) == 0.01
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][:2] == [1, 2]
+    assert "accuracy_merged" in run.data.metrics  # logged by the merged_model asset
+
+    plan = plan_adapter(exp)
+    merged_dir = plan_merge(exp, plan).output_dir
+    merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
+    assert merged.metadata["path"].value == str(merged_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+    ids = tokenizer("What is 1 + 1?", return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > ids.shape[1]
+
+    # Materializing again reuses the completed adapter version: nothing is retrained.
+    again = materialize_experiment(exp, "model", instance=instance)
+    assert again.success
+    second = instance.get_latest_materialization_event(adapter_asset_key(exp)).asset_materialization
+    assert second.metadata["cache_hit"].value is True
+    assert second.tags["dagster/data_version"] == adapter.tags["dagster/data_version"]
+
+
+def test_gpu_runs_are_tagged_and_limited_to_one(make_experiment, instance):
+    gpu = make_experiment(name="on_gpu", training={"gpu": True})
+    cpu = make_experiment(name="on_cpu")
+    defs = build_definitions([gpu, cpu])
+    assert defs.resolve_job_def(train_job_name(gpu)).tags.get(GPU_TAG) == "true"
+    assert GPU_TAG not in defs.resolve_job_def(train_job_name(cpu)).tags
+    limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {"key": GPU_TAG, "value": "true", "limit": 1} in limits
