@@ -7,6 +7,7 @@ CSV and Parquet go through pyarrow; hub names through `datasets.load_dataset`.
 
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import inspect
@@ -107,14 +108,14 @@ def _json_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]
 
 def _table_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]:
     if fmt == "csv":
-        import pyarrow.csv as pacsv
+        # Every CSV field is text: type inference would turn a completion " 4" into the int 4.
+        with open(path, newline="", encoding="utf-8") as f:
+            for index, item in enumerate(csv.DictReader(f)):
+                yield f"{path.name}[{index}]", item, None
+        return
+    import pyarrow.parquet as pq
 
-        table = pacsv.read_csv(path)
-    else:
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-    for index, item in enumerate(table.to_pylist()):
+    for index, item in enumerate(pq.read_table(path).to_pylist()):
         yield f"{path.name}[{index}]", item, None
 
 

@@ -1,0 +1,71 @@
+"""Local sources: JSON, JSONL, CSV and Parquet files by glob, each record kept with where it came from."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+
+from trainer.config import EvalConfig, SourceConfig
+from trainer.sources import SourceError, build_raw_table, holdout_mask, source_fingerprint
+
+ROWS = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": f" {i + 1}"} for i in range(6)]
+
+
+def records(table):
+    return [json.loads(r) for r in table.column("record").to_pylist()]
+
+
+def test_every_file_format_and_globs(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:2]))
+    (tmp_path / "b.json").write_text(json.dumps(ROWS[2:3]))
+    pacsv.write_csv(pa.Table.from_pylist(ROWS[3:5]), tmp_path / "c.csv")
+    pq.write_table(pa.Table.from_pylist(ROWS[5:]), tmp_path / "d.parquet")
+    table = build_raw_table(SourceConfig(path=["*.jsonl", "*.json", "*.csv", "*.parquet"]), tmp_path)
+    assert records(table) == ROWS
+    assert table.column("row_id").to_pylist() == list(range(6))
+    assert table.column("source").to_pylist() == ["a.jsonl:1", "a.jsonl:2", "b.json[0]", "c.csv[0]", "c.csv[1]",
+                                                  "d.parquet[0]"]
+    assert table.column("error").null_count == 6
+
+
+def test_malformed_lines_are_kept_as_errors_with_their_line(tmp_path):
+    (tmp_path / "x.jsonl").write_text(json.dumps(ROWS[0]) + "\n{broken\n\n[1, 2]\n" + json.dumps(ROWS[1]) + "\n")
+    table = build_raw_table(SourceConfig(path="x.jsonl"), tmp_path)
+    assert table.num_rows == 4  # the blank line is not a row
+    errors = table.column("error").to_pylist()
+    assert errors[0] is None and errors[3] is None
+    assert errors[1].startswith("invalid JSON") and table.column("source")[1].as_py() == "x.jsonl:2"
+    assert "expected a JSON object, got list" in errors[2]
+
+
+def test_missing_files_and_unknown_formats_are_clear_errors(tmp_path):
+    with pytest.raises(SourceError, match="no file matches 'nothing/\\*.jsonl'"):
+        build_raw_table(SourceConfig(path="nothing/*.jsonl"), tmp_path)
+    (tmp_path / "data.txt").write_text("hello")
+    with pytest.raises(SourceError, match="cannot tell the format"):
+        build_raw_table(SourceConfig(path="data.txt"), tmp_path)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SourceError, match="invalid JSON"):
+        build_raw_table(SourceConfig(path="bad.json"), tmp_path)
+
+
+def test_fingerprint_follows_file_content_not_name_or_time(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    source = SourceConfig(path="a.jsonl")
+    before = source_fingerprint(source, tmp_path)
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")  # rewritten, same bytes
+    assert source_fingerprint(source, tmp_path) == before
+    (tmp_path / "a.jsonl").write_text(json.dumps(ROWS[1]) + "\n")
+    assert source_fingerprint(source, tmp_path) != before
+
+
+def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(100)))
+    holdout = EvalConfig(fraction=0.1, seed=3)
+    train = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="train")
+    held = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="eval")
+    assert held.num_rows == 10 and train.num_rows == 90
+    assert not set(train.column("row_id").to_pylist()) & set(held.column("row_id").to_pylist())
+    assert (holdout_mask(100, 0.1, 3) == holdout_mask(100, 0.1, 3)).all()
