@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from trainer.config import Experiment, experiment_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -39,3 +42,17 @@ def make_experiment(tmp_path):
         return experiment_from_dict(raw, base_dir=tmp_path)
 
     return make
+
+
+@pytest.fixture
+def instance(tmp_path, monkeypatch):
+    """A real, persistent Dagster instance (SQLite) configured by the project's own dagster.yaml."""
+    import dagster as dg
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    inst = dg.DagsterInstance.get()
+    yield inst
+    inst.dispose()

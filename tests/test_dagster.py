@@ -1,7 +1,6 @@
 """The data assets through a real Dagster instance (SQLite storage in a temp folder)."""
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -19,18 +18,6 @@ from trainer.prepare import DataPipeline
 from .conftest import small_rows, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    """A persistent SQLite instance configured by the project's own dagster.yaml."""
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(os.path.join(REPO, "dagster.yaml"), home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    inst = dg.DagsterInstance.get()
-    yield inst
-    inst.dispose()
 
 
 def materialize_data(experiments, instance, group):

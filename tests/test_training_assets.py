@@ -1,7 +1,5 @@
 """Training assets through a real Dagster instance: Pipes-launched training, MLflow, merge."""
 
-import os
-import shutil
 
 import dagster as dg
 import pytest
@@ -15,7 +13,6 @@ from trainer.launch import plan_adapter, plan_merge
 
 from .conftest import small_rows
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_MODEL = {"base": "builtin:tiny-llama",
               "builtin_config": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -24,17 +21,6 @@ TINY_MODEL = {"base": "builtin:tiny-llama",
 TINY_TRAINING = {"mode": "lora", "max_steps": 4, "per_device_train_batch_size": 2, "save_steps": 2,
                  "logging_steps": 1, "learning_rate": 0.01, "accuracy_rows": 6, "max_new_tokens": 4,
                  "sample_generations": 2, "lora": {"r": 4, "alpha": 8}}
-
-
-@pytest.fixture
-def instance(tmp_path, monkeypatch):
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    shutil.copy(os.path.join(REPO, "dagster.yaml"), home / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(home))
-    inst = dg.DagsterInstance.get()
-    yield inst
-    inst.dispose()
 
 
 @pytest.mark.slow
