@@ -1,4 +1,4 @@
-"""Shared fixtures: small experiments over data written to a temp folder (never ../shared)."""
+"""Shared fixtures: small experiments over data the tests write to a temp folder (no benchmark data)."""
 
 from __future__ import annotations
 
