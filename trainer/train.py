@@ -175,26 +175,21 @@ class Reporter:
         self.pipes = open_dagster_pipes()
 
     def info(self, msg: str, *args: Any) -> None:
-        if not self.is_main:
-            return
-        text = msg % args if args else msg
-        log.info(text)
-        if self.pipes is not None:
-            try:
-                self.pipes.log.info(text)
-            except Exception as e:  # pragma: no cover - never fail training over a log line
-                log.warning("pipes log failed: %s", e)
+        self._emit("info", msg, *args)
 
     def warning(self, msg: str, *args: Any) -> None:
+        self._emit("warning", msg, *args)
+
+    def _emit(self, level: str, msg: str, *args: Any) -> None:
         if not self.is_main:
             return
         text = msg % args if args else msg
-        log.warning(text)
+        getattr(log, level)(text)
         if self.pipes is not None:
             try:
-                self.pipes.log.warning(text)
-            except Exception:  # pragma: no cover
-                pass
+                getattr(self.pipes.log, level)(text)
+            except Exception as e:  # pragma: no cover - never fail training over a log line
+                log.warning("pipes log failed: %s", e)
 
     def materialization(self, metadata: dict[str, Any], data_version: str | None) -> None:
         if self.pipes is None:
