@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,7 +85,10 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
     spec_dir = store.root / "adapter" / ".specs"
     spec_dir.mkdir(parents=True, exist_ok=True)
     spec_path = spec_dir / f"{key}.json"
-    spec_path.write_text(json.dumps(spec, indent=2))
+    # Atomic: a training process of a concurrent materialization may be reading it.
+    tmp = spec_dir / f".{key}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, spec_path)
     return AdapterPlan(key, output_dir, spec_path, spec, data_version, base_model)
 
 
