@@ -7,11 +7,11 @@ same data settings hang off the same assets. The assets are thin: the work and t
 
 
 import base64
-import io
 
 import dagster as dg
 
 from trainer.config import Experiment
+from trainer.packing import plot_length_histogram
 from trainer.prepare import DataPipeline
 from trainer.store import CODE_VERSIONS, StageOutput
 
@@ -34,27 +34,6 @@ def raw_files_key(group: str) -> dg.AssetKey:
 def data_version(outputs: dict[str, StageOutput]) -> str:
     """The stage keys of all splits: the store key of the train split, plus eval's if present."""
     return "+".join(outputs[split].key for split in sorted(outputs, key=lambda s: s != "train"))
-
-
-def histogram_png(histogram: list[dict], title: str) -> bytes:
-    """A bar chart of document lengths; drawn here, not in the data stage, to keep matplotlib off the hot path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-    starts = [b["start"] for b in histogram]
-    widths = [b["end"] - b["start"] for b in histogram]
-    ax.bar(starts, [b["count"] for b in histogram], width=widths, align="edge", edgecolor="black")
-    ax.set_xlabel("document length (tokens)")
-    ax.set_ylabel("documents")
-    ax.set_title(title)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
@@ -80,7 +59,7 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
                 schema=dg.TableSchema(columns=[dg.TableColumn(k, "int") for k in (histogram[0] if histogram else {})]),
             )
             if histogram:
-                png = histogram_png(histogram, f"packed to {out.manifest['counts'].get('max_length')} tokens")
+                png = plot_length_histogram(histogram, int(out.manifest["counts"]["max_length"]))
                 meta["length_histogram_plot"] = dg.MetadataValue.md(
                     f"![length histogram](data:image/png;base64,{base64.b64encode(png).decode()})")
     return meta

@@ -386,25 +386,29 @@ def length_histogram(lengths, max_length: int, bins: int = 16) -> list[dict]:
     return out
 
 
-def plot_length_histogram(lengths, max_length: int, path, bins: int = 64, title: str | None = None) -> Path:
-    """Write a PNG histogram of document lengths (matplotlib, Agg, no global pyplot state)."""
+def plot_length_histogram(histogram: list[dict], max_length: int, title: str | None = None) -> bytes:
+    """PNG bytes of a `length_histogram` (matplotlib, Agg, no global pyplot state).
+
+    Drawn from the bins stored in the packed manifest, so the picture costs nothing during
+    packing (importing matplotlib alone takes seconds) and can be drawn again any time.
+    """
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    lengths = np.asarray(lengths, dtype=np.int64)
     fig = Figure(figsize=(7, 3.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    ax.hist(lengths, bins=np.linspace(0, max_length, bins + 1), color="#4C72B0", edgecolor="white")
+    starts = [b["start"] - 1 for b in histogram]
+    ax.bar(starts, [b["count"] for b in histogram], width=[b["end"] - b["start"] + 1 for b in histogram],
+           align="edge", color="#4C72B0", edgecolor="white")
     ax.axvline(max_length, color="#C44E52", linestyle="--", linewidth=1, label=f"max_length {max_length}")
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("documents")
-    n = len(lengths)
-    mean = float(lengths.mean()) if n else 0.0
-    ax.set_title(title or f"{n} documents, mean {mean:.0f} tokens")
+    ax.set_title(title or f"{sum(b['count'] for b in histogram)} documents")
     ax.legend(loc="upper right", frameon=False)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
