@@ -105,7 +105,9 @@ def check_conversation(tok, setup, eot, answers=ANSWERS, messages=CONVERSATION):
     assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(messages, tokenize=False)
     # The prompt part is what generation sees.
     ex = normalize({"messages": messages}, DataConfig())
-    prompt, reference = generation_prompt(ex, tok, setup, DataConfig())
+    gp = generation_prompt(ex, tok, setup, DataConfig())
+    prompt, reference = gp.prompt, gp.reference
+    assert gp.matches_training
     assert prompt == tok.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     assert reference == answers[-1].strip()
     prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
@@ -208,8 +210,9 @@ BOUNDARY_CASES = [
 def test_prompt_tokens_are_inference_tokens(llama3, prompt, completion):
     tok, setup = llama3
     [(ids, labels)] = tokenize(tok, setup, [{"prompt": prompt, "completion": completion}])
-    gen_prompt, reference = generation_prompt(normalize({"prompt": prompt, "completion": completion}, DataConfig()),
-                                              tok, setup, DataConfig())
+    gp = generation_prompt(normalize({"prompt": prompt, "completion": completion}, DataConfig()),
+                           tok, setup, DataConfig())
+    gen_prompt, reference = gp.prompt, gp.reference
     assert gen_prompt == "<|begin_of_text|>" + prompt and reference == completion.strip()
     prompt_ids = tok(gen_prompt, add_special_tokens=False)["input_ids"]
     assert prompt_ids == tok(prompt)["input_ids"]  # = what inference feeds the model
@@ -263,7 +266,8 @@ def test_response_and_instruction_templates_multi_turn(llama3):
     [(ids, labels)] = tokenize(tok, setup, [{"text": text}], data)
     assert trained_runs(tok, ids, labels) == [" b\n", " d<|end_of_text|>"]
     ex = normalize({"text": text}, data)
-    assert generation_prompt(ex, tok, setup, data) == (
+    gp = generation_prompt(ex, tok, setup, data)
+    assert (gp.prompt, gp.reference) == (
         "<|begin_of_text|>### Question: a?\n### Answer: b\n### Question: c?\n### Answer:", "d")
 
 

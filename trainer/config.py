@@ -61,6 +61,8 @@ class FieldNames:
     content: str = "content"
     sharegpt_role: str = "from"
     sharegpt_content: str = "value"
+    # Tool definitions of a conversation (JSON schemas, as transformers' chat templates take them).
+    tools: str = "tools"
 
 
 @dataclass
@@ -78,6 +80,11 @@ class TemplateConfig:
     # tokenizer: the tokenizer's own chat template (ChatML is set up when it has none);
     # chatml: always ChatML; or a path to a .jinja file.
     source: str = "tokenizer"
+    # The template's markers (<|im_end|>, <end_of_turn>, ...) that the tokenizer does not have as
+    # special tokens are trained as ordinary text. true: add the markers found in the template's
+    # rendering as special tokens (the embeddings grow, the new rows are trained); or a list of
+    # the strings to add.
+    add_markers: Union[bool, list[str]] = False
 
 
 @dataclass
@@ -103,6 +110,9 @@ class DataConfig:
     # auto: completion_only for prompt/completion, assistant_only for conversations,
     # response-template masking for text when response_template is set, else all.
     masking: Literal["auto", "completion_only", "assistant_only", "all"] = "auto"
+    # An assistant turn with empty (or whitespace-only) content and no tool call: reject the row,
+    # or keep it and train only that turn's own end-of-turn marker.
+    empty_assistant_turns: Literal["reject", "keep"] = "reject"
     response_template: Optional[Union[str, list[int]]] = None
     instruction_template: Optional[Union[str, list[int]]] = None
     max_length: int = 2048

@@ -58,6 +58,8 @@ class Example:
     completion: Optional[Union[str, list[Message]]] = None
     input_ids: Optional[list[int]] = None
     labels: Optional[list[int]] = None
+    # Tool definitions passed to the chat template (conversational rows only).
+    tools: Optional[list[dict]] = None
 
     @property
     def conversational(self) -> bool:
@@ -123,9 +125,7 @@ def _messages(
             rk, ck = alt_keys
         if rk not in m:
             raise RowError(f"{w}: missing field '{rk}'")
-        if ck not in m:
-            raise RowError(f"{w}: missing field '{ck}'")
-        role, content = m[rk], m[ck]
+        role = m[rk]
         if not isinstance(role, str):
             raise RowError(f"{w}.{rk}: expected string, got {_type_name(role)}")
         if role_map is not None:
@@ -134,10 +134,56 @@ def _messages(
             mapped = role if role in ROLES else None
         if mapped is None:
             raise RowError(f"{w}.{rk}: unknown role {role!r}")
+        message: Message = {"role": mapped}
+        tool_calls = m.get("tool_calls")
+        if tool_calls is not None:
+            if mapped != "assistant":
+                raise RowError(f"{w}.tool_calls: only assistant messages make tool calls (role {mapped!r})")
+            message["tool_calls"] = _tool_calls(tool_calls, f"{w}.tool_calls")
+        content = m.get(ck)
+        if content is None and tool_calls is not None:
+            content = ""  # a turn that only calls tools
+        elif ck not in m:
+            raise RowError(f"{w}: missing field '{ck}'")
         if not isinstance(content, str):
             raise RowError(f"{w}.{ck}: content must be a string, got {_type_name(content)}")
-        out.append({"role": mapped, "content": content})
+        message["content"] = content
+        for key in ("tool_call_id", "name") if mapped == "tool" else ():  # which call a result answers
+            if m.get(key) is not None:
+                if not isinstance(m[key], str):
+                    raise RowError(f"{w}.{key}: expected string, got {_type_name(m[key])}")
+                message[key] = m[key]
+        out.append(message)
     return out
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """transformers' convention: [{"type": "function", "function": {"name", "arguments"}}]
+    (a bare {"name", "arguments"} is accepted too)."""
+    if not isinstance(value, list) or not value:
+        raise RowError(f"{where}: expected a non-empty list of tool calls, got {_type_name(value)}")
+    out = []
+    for i, call in enumerate(value):
+        if not isinstance(call, dict):
+            raise RowError(f"{where}[{i}]: expected an object, got {_type_name(call)}")
+        fn = call.get("function", call)
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise RowError(f"{where}[{i}]: a tool call needs function.name")
+        args = fn.get("arguments", {})
+        if not isinstance(args, (dict, str)):
+            raise RowError(f"{where}[{i}].function.arguments: expected an object or a JSON string")
+        out.append({**{k: v for k, v in call.items() if k != "function"}, "type": call.get("type", "function"),
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
+
+
+def _tools(record: dict, fields: FieldNames) -> Optional[list[dict]]:
+    tools = record.get(fields.tools)
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError(f"{fields.tools}: expected a list of tool definitions (objects)")
+    return tools
 
 
 def _str_or_messages(value: Any, where: str, fields: FieldNames) -> Union[str, list[Message]]:
@@ -192,13 +238,14 @@ def normalize(
         fmt = detect_format(record, f)
 
     if fmt == "messages":
-        return Example(kind="messages", messages=_messages(_get(record, f.messages), f.messages, f.role, f.content))
+        return Example(kind="messages", messages=_messages(_get(record, f.messages), f.messages, f.role, f.content),
+                       tools=_tools(record, f))
     if fmt == "sharegpt":
         msgs = _messages(
             _get(record, f.conversations), f.conversations, f.sharegpt_role, f.sharegpt_content,
             role_map=SHAREGPT_ROLES, alt_keys=(f.role, f.content),
         )
-        return Example(kind="messages", messages=msgs)
+        return Example(kind="messages", messages=msgs, tools=_tools(record, f))
     if fmt == "prompt_completion":
         prompt = _str_or_messages(_get(record, f.prompt), f.prompt, f)
         completion = _str_or_messages(_get(record, f.completion), f.completion, f)
@@ -207,7 +254,8 @@ def normalize(
                 f"{f.prompt}/{f.completion}: both must be strings or both message lists "
                 f"(got {_type_name(prompt)} and {_type_name(completion)})"
             )
-        return Example(kind="prompt_completion", prompt=prompt, completion=completion)
+        return Example(kind="prompt_completion", prompt=prompt, completion=completion,
+                       tools=_tools(record, f) if isinstance(prompt, list) else None)
     if fmt == "text":
         text = _get(record, f.text)
         if not isinstance(text, str):

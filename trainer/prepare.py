@@ -236,8 +236,9 @@ class DataPipeline:
                 "rows_in": len(rows), "rows_out": table.num_rows, "rejects": len(rejects)},
                 "reject_reasons": write_rejects(tmp, "templated", rejects)}
             if split == "eval":
-                # Prompts exactly as the training rows' untrained prefix: what generation sees.
+                # Prompts exactly as inference sends them (the template's generation prompt).
                 rejected = {r for r, _ in rejects}
+                differs = 0
                 with open(tmp / "held_out.jsonl", "w", encoding="utf-8") as f:
                     written = 0
                     for row_id, record in rows:
@@ -245,14 +246,18 @@ class DataPipeline:
                             continue
                         try:
                             example = normalize(record, self.data, func)
-                            prompt, reference = generation_prompt(example, bundle.tokenizer, bundle.setup, self.data)
+                            gp = generation_prompt(example, bundle.tokenizer, bundle.setup, self.data)
                         except RowError:
                             continue
+                        reference = gp.reference
                         if isinstance(record, dict) and isinstance(record.get("answer"), str):
                             reference = record["answer"]
-                        f.write(json.dumps({"row_id": row_id, "prompt": prompt, "reference": reference}) + "\n")
+                        differs += not gp.matches_training
+                        f.write(json.dumps({"row_id": row_id, "prompt": gp.prompt, "reference": reference}) + "\n")
                         written += 1
                 manifest["held_out_prompts"] = written
+                # Rows whose training text before the answer is not the generation prompt.
+                manifest["generation_prompt_differs"] = differs
             return manifest
 
         return self.store.get_or_build("templated", self.templated_key(split), build)

@@ -24,8 +24,8 @@ from filelock import FileLock
 # every key, so old outputs are never reused by new code (Axolotl's cache key left code out).
 CODE_VERSIONS = {
     "raw": "1",
-    "templated": "1",
-    "tokenized": "1",
+    "templated": "2",  # 2: turns located by the template's own text; end-of-turn text; tool calls
+    "tokenized": "2",  # 2: no word-start marker at piece boundaries (SentencePiece)
     "packed": "1",
     "adapter": "1",
     "merged": "1",

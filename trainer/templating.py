@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 
 from trainer.config import DataConfig, TemplateConfig
 from trainer.formats import Example, RowError, load_formatting_func, normalize
-from trainer.tokenizer import TEMPLATES_DIR, read_template
+from trainer.tokenizer import TEMPLATES_DIR, read_template, resolve_template_source
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +52,20 @@ class TemplateSetup:
     added_tokens: list[str] = field(default_factory=list)
     # True when tokens were added to the vocabulary: the model's embeddings must be resized.
     embeddings_must_grow: bool = False
-    # The token that ends an assistant turn (trained, so the model learns to stop).
+    # The end-of-turn text the template writes right after assistant content ("<|im_end|>",
+    # "</s>", "<end_of_turn>", ...; "" when it writes none). Trained with each assistant turn,
+    # whatever tokens it becomes; one special token or several ordinary ones.
     eot_token: Optional[str] = None
     pad_token: str = PAD_TOKEN
     # Whether raw text / prompt-completion rows start with the bos token string (the tokenizer's
     # post-processor prepends BOS in normal use, but pieces are tokenized without special tokens).
     bos_in_text: bool = False
+    # Marker strings the template writes that are not special tokens of the tokenizer: each is
+    # trained as several ordinary tokens (template.add_markers adds them as special tokens).
+    markers_not_special: list[str] = field(default_factory=list)
+    # Whether add_generation_prompt=True renders exactly the training text before an answer
+    # (None: the template could not be probed).
+    generation_prompt_matches_training: Optional[bool] = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,14 +84,16 @@ def _existing_template(tok: Any) -> Optional[str]:
 
 
 def _add_special(tok: Any, tokens: list[str]) -> list[str]:
-    vocab = tok.get_vocab()
-    new = [t for t in tokens if t not in vocab]
-    if new:
+    """Add `tokens` as special tokens; returns those that were new (existing ordinary tokens
+    of the same text are promoted too, so the text always becomes one token)."""
+    specials = set(_special_strings(tok))
+    todo = [t for t in tokens if t not in specials]
+    if todo:
         tok.add_special_tokens(
-            {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in new]},
+            {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in todo]},
             replace_extra_special_tokens=False,
         )
-    return new
+    return todo
 
 
 def _special_strings(tok: Any) -> list[str]:
@@ -100,60 +111,111 @@ def _bos_in_text(tok: Any) -> bool:
     return bool(ids) and ids[0] == tok.bos_token_id
 
 
-_PROBE_USER = "Probe question 17"
-_PROBE_ANSWER = "Probe answer 42"
+# Message contents are replaced by these to see what the template itself writes around them.
+_PLACEHOLDER = "@@sftdag{}@@"
+# Case-insensitive: a template that upper-cases content still shows where it wrote it.
+_PLACEHOLDER_RE = re.compile(r"@@sftdag(\d+)@@", re.IGNORECASE)
+# What marker-like template text looks like: <|im_end|>, <end_of_turn>, </s>.
+_MARKER_RE = re.compile(r"<\|[^<>|\s]{1,64}\|>|(?<!<)</?[A-Za-z_][A-Za-z0-9_]{0,63}>(?!>)")
+# Probe conversations, tried in order until the template accepts one.
+_PROBES = (("system", "user", "assistant", "user", "assistant"),
+           ("user", "assistant", "user", "assistant"))
 
 
-def _detect_eot(tok: Any, template: str) -> Optional[str]:
-    """The special token that immediately follows assistant content in a rendered probe."""
-    probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ANSWER}]
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return a[:n]
+
+
+def _end_of_turn(after_mid: str, after_last: str, specials: list[str]) -> str:
+    """The end-of-turn text, from what follows assistant content mid-conversation and at its end.
+
+    Their common prefix is the closing text; when the two part inside a marker (Phi-3:
+    "<|end|>\n<|user|>" vs "<|end|>\n<|endoftext|>") it is cut back to the last whitespace,
+    special token or marker end. Templates that write an end marker only after the last turn
+    give that marker."""
+    common = _common_prefix(after_mid, after_last)
+    if common not in (after_mid, after_last):
+        cut = 0
+        for i, ch in enumerate(common):
+            if ch.isspace() or ch in ">]":
+                cut = i + 1
+        for sp in specials:
+            j = common.rfind(sp)
+            if j >= 0:
+                cut = max(cut, j + len(sp))
+        common = common[:cut]
+    eot = common.strip()
+    return eot if eot else after_last.strip()
+
+
+def _probe(compiled: Any, special_kwargs: dict) -> tuple[list[dict], str]:
+    """A probe conversation of placeholder contents that the template accepts, and its
+    rendering. ([], "") when the template refuses every probe."""
+    for roles in _PROBES:
+        msgs = [{"role": r, "content": _PLACEHOLDER.format(i)} for i, r in enumerate(roles)]
+        try:
+            text = compiled.render(messages=msgs, tools=None, documents=None, add_generation_prompt=False,
+                                   **special_kwargs)
+        except Exception:  # this probe's shape is not allowed by the template; try the next
+            continue
+        if [int(i) for i in _PLACEHOLDER_RE.findall(text)] == list(range(len(roles))):
+            return msgs, text
+    return [], ""
+
+
+@dataclass
+class _TemplateFacts:
+    eot: str
+    markers: list[str]
+    generation_prompt_matches: Optional[bool]
+
+
+def _template_facts(tok: Any, template: str) -> _TemplateFacts:
+    """End-of-turn text, marker strings, and whether the generation prompt is the training
+    text's prefix, read off a probe rendering of `template` with `tok`'s special tokens."""
+    compiled = _compile(template)
+    kwargs = dict(tok.special_tokens_map)
+    msgs, text = _probe(compiled, kwargs)
+    if not msgs:
+        log.warning("the chat template refuses every probe conversation; using EOS (%s) as end of turn",
+                    tok.eos_token)
+        return _TemplateFacts(tok.eos_token or "", [], None)
+    segments = _PLACEHOLDER_RE.split(text)[0::2]  # segments[k + 1] follows message k
+    n = len(msgs)
+    first_assistant = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    eot = _end_of_turn(segments[first_assistant + 1], segments[n], _special_strings(tok))
+    markers: list[str] = []
+    for seg in segments:
+        for m in _MARKER_RE.findall(seg):
+            if m not in markers:
+                markers.append(m)
     try:
-        text = _compile(template).render(
-            messages=probe, tools=None, documents=None, add_generation_prompt=False, **tok.special_tokens_map
-        )
-    except Exception as e:  # a template that rejects the probe
-        log.warning("could not render a probe conversation with the chat template (%s); using EOS as end of turn", e)
-        return tok.eos_token
-    i = text.find(_PROBE_ANSWER)
-    if i >= 0:
-        rest = text[i + len(_PROBE_ANSWER):]
-        for s in _special_strings(tok):
-            if rest.startswith(s):
-                return s
-    log.warning(
-        "the chat template puts no special token right after assistant content; "
-        "using EOS (%s) as end of turn, which is trained only where it follows the content", tok.eos_token
-    )
-    return tok.eos_token
+        prompt = compiled.render(messages=msgs[:-1], tools=None, documents=None, add_generation_prompt=True, **kwargs)
+        matches: Optional[bool] = text.startswith(prompt + _PLACEHOLDER.format(n - 1))
+    except Exception:
+        matches = None
+    return _TemplateFacts(eot, markers, matches)
+
+
+def _is_one_special_token(tok: Any, text: str) -> bool:
+    return text in set(_special_strings(tok)) or any(
+        str(t) == text for t in tok.added_tokens_decoder.values())
 
 
 def setup_template(tok: Any, cfg: TemplateConfig, base_dir: Union[str, Path] = ".") -> TemplateSetup:
     """Set up the chat template and pad token on `tok` (mutated) and describe the result."""
     n_before = len(tok)
     added: list[str] = []
-    src = cfg.source
-    chatml = False
-    if src == "tokenizer":
-        template = _existing_template(tok)
-        chatml = template is None
-    elif src == "chatml":
-        chatml = True
-    else:
-        p = Path(src).expanduser()
-        if not p.is_absolute():
-            p = Path(base_dir) / p
-        if not p.is_file():
-            builtin = TEMPLATES_DIR / f"{src}.jinja"
-            if "/" not in src and builtin.is_file():
-                p = builtin
-            else:
-                raise FileNotFoundError(
-                    f"template.source {src!r}: not 'tokenizer', 'chatml' or an existing .jinja file ({p})"
-                )
-        template = read_template(p)
-    if chatml:
-        added += _add_special(tok, [IM_START, IM_END])
+    path = resolve_template_source(cfg.source, base_dir)
+    template = read_template(path) if path is not None else _existing_template(tok)
+    if cfg.source == "chatml" or template is None:  # ChatML set up with its markers as special tokens
         template = CHATML_TEMPLATE
+        added += _add_special(tok, [IM_START, IM_END])
     tok.chat_template = template
 
     pad = tok.pad_token
@@ -162,7 +224,28 @@ def setup_template(tok: Any, cfg: TemplateConfig, base_dir: Union[str, Path] = "
             added.append(PAD_TOKEN)
         tok.add_special_tokens({"pad_token": AddedToken(PAD_TOKEN, special=True, normalized=False)})
 
-    eot = IM_END if template == CHATML_TEMPLATE else _detect_eot(tok, template)
+    facts = _template_facts(tok, template)
+    eot, markers = facts.eot, facts.markers
+    if facts.generation_prompt_matches is False:
+        log.warning("the chat template's generation prompt (add_generation_prompt=True) differs from the "
+                    "training text before an answer: held-out prompts use the generation prompt")
+    if cfg.add_markers:
+        wanted = list(cfg.add_markers) if isinstance(cfg.add_markers, list) else list(markers)
+        if cfg.add_markers is True and eot and eot not in wanted and _MARKER_RE.fullmatch(eot):
+            wanted.append(eot)
+        added += [t for t in _add_special(tok, wanted) if t not in added]
+    not_special = [m for m in markers if not _is_one_special_token(tok, m)]
+    if eot and eot not in not_special and not _is_one_special_token(tok, eot) and _MARKER_RE.fullmatch(eot):
+        not_special.append(eot)
+    if not_special:
+        log.warning(
+            "the chat template's marker(s) %s are not special tokens of this tokenizer: each is trained as "
+            "several ordinary tokens. Set data.template.add_markers: true to add them as special tokens "
+            "(the embeddings grow and their new rows are trained).", ", ".join(not_special))
+    if not eot:
+        log.warning(
+            "the chat template writes no end-of-turn text after assistant content: a fine-tuned model learns "
+            "to stop only where the template's next turn begins (use stop strings at inference)")
     return TemplateSetup(
         chat_template=template,
         added_tokens=added,
@@ -170,6 +253,8 @@ def setup_template(tok: Any, cfg: TemplateConfig, base_dir: Union[str, Path] = "
         eot_token=eot,
         pad_token=str(tok.pad_token),
         bos_in_text=_bos_in_text(tok),
+        markers_not_special=not_special,
+        generation_prompt_matches_training=facts.generation_prompt_matches,
     )
 
 
@@ -211,9 +296,11 @@ class _Ctx:
         self.special_kwargs = dict(tok.special_tokens_map)
         self.eos = tok.eos_token or ""
         self.bos = (tok.bos_token or "") if setup.bos_in_text else ""
-        self.eot = setup.eot_token or None
+        self.eot = re.compile(r"\s*" + re.escape(setup.eot_token)) if setup.eot_token else None
         self.response = self._template_string(data.response_template, "response_template")
         self.instruction = self._template_string(data.instruction_template, "instruction_template")
+        # The template's own text around placeholder contents, per conversation shape.
+        self.skeletons: dict[tuple, tuple[list[str], list[int]]] = {}
 
     def _template_string(self, value: Optional[Union[str, list[int]]], name: str) -> Optional[str]:
         if value is None:
@@ -233,15 +320,16 @@ class _Ctx:
     def with_eos(self, text: str) -> str:
         return text if not self.eos or text.endswith(self.eos) else text + self.eos
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render_chat(self, messages: list[dict], tools: Optional[list] = None,
+                    add_generation_prompt: bool = False) -> str:
         if self.compiled is None:
             raise RowError("conversational row but the tokenizer has no chat template")
         try:
             return self.compiled.render(
-                messages=messages, tools=None, documents=None,
+                messages=messages, tools=tools, documents=None,
                 add_generation_prompt=add_generation_prompt, **self.special_kwargs,
             )
-        except Exception as e:
+        except Exception as e:  # the template refuses this row (its own raise_exception message)
             raise RowError(f"chat template error: {e}") from None
 
 
@@ -259,63 +347,155 @@ def _ctx(tok: Any, setup: TemplateSetup, data: DataConfig) -> _Ctx:
     return c
 
 
-def _find_content(text: str, content: str, pos: int, eot: Optional[str]) -> Optional[Span]:
-    """Where `content` sits in `text` at or after pos: (start, end of content), or None.
-
-    Anchored on the end-of-turn token first (content + eot), then the stripped content (for
-    templates that trim), then unanchored."""
-    stripped = content.strip()
-    cands = [content] if stripped == content else [content, stripped]
-    if eot:
-        for c in cands:
-            i = text.find(c + eot, pos)
-            if i >= 0:
-                return i, i + len(c)
-    for c in cands:
-        if c:
-            i = text.find(c, pos)
-            if i >= 0:
-                return i, i + len(c)
-    return None
+_CANNOT_ALIGN = ("chat template output depends on the message contents (it branches on them); "
+                 "cannot locate the turns")
 
 
-def _locate_messages(text: str, messages: list[dict], eot: Optional[str]) -> list[Optional[Span]]:
-    """Per message, its content's (start, end) in the rendered text, in order (None if a
-    non-assistant message's content is not found; RowError for an assistant message)."""
-    pos = 0
-    out: list[Optional[Span]] = []
-    turn = 0
-    for i, m in enumerate(messages):
-        loc = _find_content(text, m["content"], pos, eot)
-        if m["role"] == "assistant":
-            turn += 1
-            if loc is None:
-                raise RowError(
-                    f"template modifies assistant content; cannot locate turn {turn} (messages[{i}])"
-                )
-        if loc is not None:
-            pos = loc[1]
-        out.append(loc)
+def _has_placeholder(m: dict) -> bool:
+    # Tool-call turns with no content are located by what their tool calls add instead.
+    return isinstance(m.get("content"), str) and not (m.get("tool_calls") and not m["content"].strip())
+
+
+def _skeleton(ctx: _Ctx, messages: list[dict], tools: Optional[list]) -> tuple[list[str], list[int]]:
+    """The template's own text: `segments` around the message contents it writes, in the order
+    it writes them (`order[k]` = the message whose content stands between segments k and k+1)."""
+    key = None
+    if tools is None and not any(m.get("tool_calls") for m in messages):
+        key = tuple((m["role"], _has_placeholder(m)) for m in messages)
+        hit = ctx.skeletons.get(key)
+        if hit is not None:
+            return hit
+    msgs = [dict(m, content=_PLACEHOLDER.format(i)) if _has_placeholder(m) else m for i, m in enumerate(messages)]
+    parts = _PLACEHOLDER_RE.split(ctx.render_chat(msgs, tools))
+    result = (parts[0::2], [int(i) for i in parts[1::2]])
+    if key is not None:
+        ctx.skeletons[key] = result
+    return result
+
+
+def _rendered_variants(content: str) -> list[str]:
+    """What a template may write for `content`: as is, or trimmed (`| trim`, `.strip()`, ...)."""
+    out = [content]
+    for v in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
+              content.rstrip("\n")):
+        if v not in out:
+            out.append(v)
     return out
 
 
-def _with_eot(text: str, loc: Span, eot: Optional[str]) -> Span:
-    s, e = loc
-    if eot and text.startswith(eot, e):
-        e += len(eot)
-    return s, e
+def _align(text: str, segments: list[str], order: list[int], messages: list[dict]) -> dict[int, Span]:
+    """Each written message's content span in `text`, found by walking the template's own
+    segments in rendering order (never by searching for content, which can occur elsewhere)."""
+    if not text.startswith(segments[0]):
+        raise RowError(_CANNOT_ALIGN)
+    pos = len(segments[0])
+    spans: dict[int, Span] = {}
+    for k, i in enumerate(order):
+        after = segments[k + 1]
+        last = k + 1 == len(order)
+        found = None
+        for cand in _rendered_variants(messages[i]["content"]):
+            end = pos + len(cand)
+            if text.startswith(cand, pos) and text.startswith(after, end) and (not last or end + len(after) == len(text)):
+                found = (pos, end)
+                break
+        if found is None:
+            if messages[i]["role"] == "assistant":
+                turn = sum(1 for m in messages[: i + 1] if m["role"] == "assistant")
+                raise RowError(f"template modifies assistant content; cannot locate turn {turn} (messages[{i}])")
+            # Context the template rewrote (e.g. a tool result as JSON): its span is what was written.
+            j = (len(text) - len(after) if text.endswith(after) else -1) if last else text.find(after, pos)
+            if j < pos:
+                raise RowError(_CANNOT_ALIGN)
+            found = (pos, j)
+        if i in spans and messages[i]["role"] == "assistant":
+            raise RowError(f"chat template writes the content of messages[{i}] more than once")
+        spans.setdefault(i, found)
+        pos = found[1] + len(after)
+    return spans
 
 
-def _chat_spans(ctx: _Ctx, messages: list[dict], train_from: int, last_only: bool) -> tuple[str, list[Span]]:
-    text = ctx.render_chat(messages)
-    locs = _locate_messages(text, messages, ctx.eot)
+def _diff_region(a: str, b: str) -> Span:
+    """The part of `a` that differs from `b` (common prefix and suffix removed)."""
+    p = len(_common_prefix(a, b))
+    n = min(len(a), len(b)) - p
+    q = 0
+    while q < n and a[len(a) - 1 - q] == b[len(b) - 1 - q]:
+        q += 1
+    return p, len(a) - q
+
+
+def _tool_call_region(ctx: _Ctx, text: str, messages: list[dict], i: int, tools: Optional[list],
+                      without: list[dict]) -> Span:
+    """Where `text` writes message i's tool calls: what differs from the rendering without them.
+    A character-level difference can absorb a shared first or last character ("<" of both
+    "<tool_call>" and "<|im_end|>"), so the start is taken from the generation prompt (the model's
+    output begins where it ends) and the end from the end-of-turn marker, when they fit."""
+    d0, d1 = _diff_region(text, ctx.render_chat(without, tools))
+    if d1 <= d0:
+        raise RowError(f"chat template does not write the tool_calls of messages[{i}]")
+    prompt = ctx.render_chat(messages[:i], tools, add_generation_prompt=True)
+    if text.startswith(prompt) and len(prompt) <= d0:
+        d0 = len(prompt)
+    eot = ctx.setup.eot_token
+    if eot:
+        j = text.find(eot, max(d1 - len(eot), d0))
+        if j >= 0 and not text[d1:j].strip():
+            d1 = j
+    return d0, d1
+
+
+def _locate_turns(ctx: _Ctx, messages: list[dict], tools: Optional[list]) -> tuple[str, dict[int, Span]]:
+    """The rendered conversation and, per assistant message, the span the model must produce:
+    its content (with its rendered tool calls) through the end-of-turn text written after it."""
+    segments, order = _skeleton(ctx, messages, tools)
+    text = ctx.render_chat(messages, tools)
+    spans = _align(text, segments, order, messages)
+    for i, m in enumerate(messages):
+        if _has_placeholder(m) and i not in spans:
+            raise RowError(f"chat template does not write the content of messages[{i}] ({m['role']})")
+    if tools is not None and ctx.render_chat(messages, None) == text:
+        raise RowError("chat template does not write the row's tools")
+    turns: dict[int, Span] = {}
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = spans.get(i, (None, None))
+        if m.get("tool_calls"):
+            without = [dict(x, tool_calls=None) if j == i else x for j, x in enumerate(messages)]
+            if "content" in m and m["content"] is None:
+                without[i]["content"] = ""
+            d0, d1 = _tool_call_region(ctx, text, messages, i, tools, without)
+            start, end = (d0, d1) if start is None else (min(start, d0), max(end, d1))
+        if start is None:
+            raise RowError(f"cannot locate assistant messages[{i}]")
+        hit = ctx.eot.match(text, end) if ctx.eot is not None else None
+        if hit:
+            end = hit.end()
+        if not m.get("tool_calls") and not m["content"].strip():  # a kept empty turn: its marker only
+            start = end - len(ctx.setup.eot_token) if hit else end
+        turns[i] = (start, end)
+    return text, turns
+
+
+def _check_assistant_turns(messages: list[dict], data: DataConfig) -> None:
+    if data.empty_assistant_turns == "keep":
+        return
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant" and not (m.get("content") or "").strip() and not m.get("tool_calls"):
+            raise RowError(f"empty assistant turn (messages[{i}])")
+
+
+def _chat_spans(ctx: _Ctx, messages: list[dict], tools: Optional[list], train_from: int,
+                last_only: bool) -> tuple[str, list[Span]]:
+    _check_assistant_turns(messages, ctx.data)
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= train_from]
     if last_only:
         idx = idx[-1:]
     if not idx:
         raise RowError("no assistant message to train on")
-    spans = [_with_eot(text, locs[i], ctx.eot) for i in idx]
-    return text, [s for s in spans if s[1] > s[0]]
+    text, turns = _locate_turns(ctx, messages, tools)
+    return text, [turns[i] for i in idx if turns[i][1] > turns[i][0]]
 
 
 def _response_spans(ctx: _Ctx, text: str, start: int) -> list[Span]:
@@ -344,22 +524,28 @@ def _response_spans(ctx: _Ctx, text: str, start: int) -> list[Span]:
     return [sp for sp in spans if sp[1] > sp[0]]
 
 
+def _conversation(ex: Example) -> Optional[list[dict]]:
+    if ex.kind == "messages":
+        return ex.messages
+    if ex.kind == "prompt_completion" and isinstance(ex.prompt, list):
+        return ex.prompt + ex.completion
+    return None
+
+
 def _render(ex: Example, ctx: _Ctx, data: DataConfig) -> tuple[str, list[Span]]:
     masking = data.masking
     kind = ex.kind
-    if kind == "messages":
+    msgs = _conversation(ex)
+    if msgs is not None:
         if masking == "all":
-            text = ctx.render_chat(ex.messages)
+            _check_assistant_turns(msgs, data)
+            text = ctx.render_chat(msgs, ex.tools)
             return text, [(0, len(text))]
-        return _chat_spans(ctx, ex.messages, 0, last_only=(masking == "completion_only"))
+        if kind == "messages":
+            return _chat_spans(ctx, msgs, ex.tools, 0, last_only=(masking == "completion_only"))
+        train_from = 0 if masking == "assistant_only" else len(ex.prompt)
+        return _chat_spans(ctx, msgs, ex.tools, train_from, last_only=False)
     if kind == "prompt_completion":
-        if isinstance(ex.prompt, list):
-            msgs = ex.prompt + ex.completion
-            if masking == "all":
-                text = ctx.render_chat(msgs)
-                return text, [(0, len(text))]
-            train_from = 0 if masking == "assistant_only" else len(ex.prompt)
-            return _chat_spans(ctx, msgs, train_from, last_only=False)
         if not ex.completion:
             raise RowError("completion: empty")
         head = ctx.with_bos(ex.prompt)
@@ -386,18 +572,28 @@ def render(ex: Example, tok: Any, setup: TemplateSetup, data: DataConfig) -> tup
     return _render(ex, _ctx(tok, setup, data), data)
 
 
-def _generation_prompt(ex: Example, ctx: _Ctx) -> tuple[str, str]:
-    if ex.kind == "messages" or (ex.kind == "prompt_completion" and isinstance(ex.prompt, list)):
-        msgs = ex.messages if ex.kind == "messages" else ex.prompt + ex.completion
+@dataclass
+class GenerationPrompt:
+    prompt: str  # exactly what inference sends (the template's add_generation_prompt=True)
+    reference: str  # the expected answer
+    # False when the training text's prefix before the answer differs from `prompt` (e.g. an
+    # empty think block the template writes only into the last assistant turn).
+    matches_training: bool = True
+
+
+def _generation_prompt(ex: Example, ctx: _Ctx) -> GenerationPrompt:
+    msgs = _conversation(ex)
+    if msgs is not None:
         last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
         if last is None:
             raise RowError("no assistant message to use as reference")
         msgs = msgs[: last + 1]
-        text = ctx.render_chat(msgs)
-        locs = _locate_messages(text, msgs, ctx.eot)
-        return text[: locs[last][0]], msgs[last]["content"].strip()
+        prompt = ctx.render_chat(msgs[:last], ex.tools, add_generation_prompt=True)
+        text, turns = _locate_turns(ctx, msgs, ex.tools)
+        reference = (msgs[last].get("content") or "").strip()
+        return GenerationPrompt(prompt, reference, text[: turns[last][0]] == prompt)
     if ex.kind == "prompt_completion":
-        return ctx.with_bos(ex.prompt), ex.completion.strip()
+        return GenerationPrompt(ctx.with_bos(ex.prompt), ex.completion.strip())
     if ex.kind == "text":
         if ctx.response is None:
             raise RowError("text rows have no prompt/answer split; set data.response_template")
@@ -407,12 +603,12 @@ def _generation_prompt(ex: Example, ctx: _Ctx) -> tuple[str, str]:
         reference = text[s:e]
         if ctx.eos and reference.endswith(ctx.eos):
             reference = reference[: -len(ctx.eos)]
-        return text[:s], reference.strip()
+        return GenerationPrompt(text[:s], reference.strip())
     raise RowError(f"{ex.kind} rows have no prompt to generate from")
 
 
-def generation_prompt(ex: Example, tok: Any, setup: TemplateSetup, data: DataConfig) -> tuple[str, str]:
-    """(prompt text as it appears as the untrained prefix of the training text, reference answer)."""
+def generation_prompt(ex: Example, tok: Any, setup: TemplateSetup, data: DataConfig) -> GenerationPrompt:
+    """The prompt inference sends for the row's last answer, and that answer."""
     return _generation_prompt(ex, _ctx(tok, setup, data))
 
 

@@ -10,7 +10,9 @@ characters across the prompt/completion boundary and train on a context inferenc
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import re
 from typing import Any, Optional
 
 import numpy as np
@@ -32,36 +34,83 @@ TOKENIZED_SCHEMA = pa.schema(
 # Pieces per batched backend call: one call for any ordinary dataset, bounded memory for huge ones.
 BATCH_PIECES = 1 << 18
 
-_PROBE = ["Hello", " world", ",", " 12", "3", "\n", "abc", " def"]
+_PROBE = ["Hello", " world", ",", " 12", "3", "\n", "abc", " def", "x"]
 
 
-def _anchor_for(tok: Any) -> Optional[tuple[str, int]]:
-    """None when pieces tokenized alone concatenate to the same text as the whole (byte-level
-    BPE, e.g. Llama-3, GPT-2 without prefix space). Tokenizers that add a prefix (SentencePiece
-    Metaspace) mark every piece as a word start; for those, non-first pieces are tokenized after
-    a special-token anchor that is then dropped."""
-    backend = tok._tokenizer
+def _drop_word_start_prefix(node: Any) -> bool:
+    """Remove, in a tokenizer.json normalizer/pre-tokenizer tree, what writes a word-start marker
+    in front of a text (SentencePiece's Prepend("▁"), Metaspace prepend_scheme, ByteLevel's
+    add_prefix_space). Returns whether anything changed."""
+    if not isinstance(node, dict):
+        return False
+    changed = False
+    kind = node.get("type")
+    if kind == "Metaspace":
+        changed = node.get("prepend_scheme") not in (None, "never") or bool(node.get("add_prefix_space"))
+        node["prepend_scheme"] = "never"
+        node.pop("add_prefix_space", None)
+    elif kind == "ByteLevel" and node.get("add_prefix_space"):
+        node["add_prefix_space"] = False
+        changed = True
+    for key in ("normalizers", "pretokenizers"):
+        children = node.get(key)
+        if isinstance(children, list):
+            kept = [c for c in children if not (isinstance(c, dict) and c.get("type") == "Prepend")]
+            changed |= len(kept) != len(children)
+            node[key] = kept
+            for c in kept:
+                changed |= _drop_word_start_prefix(c)
+    return changed
+
+
+def _pieces_concatenate(backend: Any, continuation: Any) -> bool:
+    """Whether probe pieces (the first with `backend`, the others with `continuation`) decode to
+    the same text as the whole probe tokenized at once."""
     joint = backend.decode(backend.encode("".join(_PROBE), add_special_tokens=False).ids, skip_special_tokens=False)
-    sep_ids = [i for p in _PROBE for i in backend.encode(p, add_special_tokens=False).ids]
-    if backend.decode(sep_ids, skip_special_tokens=False) == joint:
+    ids = list(backend.encode(_PROBE[0], add_special_tokens=False).ids)
+    for p in _PROBE[1:]:
+        ids += continuation.encode(p, add_special_tokens=False).ids
+    return backend.decode(ids, skip_special_tokens=False) == joint
+
+
+def continuation_backend(tok: Any) -> Optional[Any]:
+    """None when pieces tokenized alone concatenate to the whole's text (byte-level BPE:
+    Llama-3, GPT-2). Tokenizers that mark the start of every text (SentencePiece: a Prepend("▁")
+    normalizer, Metaspace prepend_scheme first/always — legacy Llama/Mistral) would put a spurious
+    "▁" at every piece start; for those, a copy of the backend without that marker, for the
+    ordinary text at the start of a piece that continues a row."""
+    from tokenizers import Tokenizer
+
+    backend = tok._tokenizer
+    if _pieces_concatenate(backend, backend):
         return None
-    for anchor in (tok.eos_token, tok.bos_token, tok.pad_token, tok.unk_token):
-        if not anchor:
-            continue
-        aid = backend.token_to_id(anchor)
-        if aid is None:
-            continue
-        ids = list(backend.encode(_PROBE[0], add_special_tokens=False).ids)
-        for p in _PROBE[1:]:
-            e = backend.encode(anchor + p, add_special_tokens=False).ids
-            if not e or e[0] != aid:
-                break
-            ids += e[1:]
-        else:
-            if backend.decode(ids, skip_special_tokens=False) == joint:
-                return anchor, aid
-    log.warning("tokenizer adds a prefix to each separately tokenized piece; pieces may carry it")
+    spec = json.loads(backend.to_str())
+    changed = _drop_word_start_prefix({"type": "Sequence", "normalizers": [spec.get("normalizer")]})
+    if isinstance(spec.get("normalizer"), dict) and spec["normalizer"].get("type") == "Prepend":
+        spec["normalizer"] = None
+        changed = True
+    changed |= _drop_word_start_prefix({"type": "Sequence", "pretokenizers": [spec.get("pre_tokenizer")]})
+    if changed:
+        continuation = Tokenizer.from_str(json.dumps(spec))
+        if _pieces_concatenate(backend, continuation):
+            return continuation
+    log.warning("this tokenizer changes text tokenized in pieces; trained spans may not decode to the rendering")
     return None
+
+
+def _added_token_patterns(tok: Any) -> tuple["re.Pattern[str]", "re.Pattern[str]"]:
+    """(any added token, an added token at the end of a text)."""
+    strings = sorted({str(t) for t in tok.added_tokens_decoder.values()}, key=len, reverse=True)
+    alternatives = "|".join(map(re.escape, strings)) or r"(?!)"
+    return re.compile(alternatives), re.compile(f"(?:{alternatives})\\Z")
+
+
+def _anchor(tok: Any) -> tuple[str, int]:
+    """A special token that the backend keeps as one id in front of any text."""
+    for t in (tok.eos_token, tok.bos_token, tok.pad_token, tok.unk_token):
+        if t and tok._tokenizer.token_to_id(str(t)) is not None:
+            return str(t), tok._tokenizer.token_to_id(str(t))
+    raise ValueError("the tokenizer has no special token to tokenize pieces behind")
 
 
 def _encode_all(tok: Any, pieces: list[str], progress: bool) -> list[list[int]]:
@@ -116,7 +165,10 @@ def tokenize_rows(
     pre_ids = column("input_ids") if has_pre else None
     pre_labels = column("labels") if has_pre else None
 
-    anchor = _anchor_for(tok)
+    continuation = continuation_backend(tok)
+    if continuation is not None:
+        added_re, added_end_re = _added_token_patterns(tok)
+        anchor, anchor_id = _anchor(tok)
     vocab_size = len(tok)
     # Cut every text at its span boundaries. Per row: index of its first piece, piece count.
     # A pre-tokenized row is one "piece" with known ids and explicit labels.
@@ -126,7 +178,7 @@ def tokenize_rows(
     explicit: dict[int, list[int]] = {}  # piece index -> labels
     first_piece = [0] * n
     n_pieces = [0] * n
-    anchored: list[int] = []  # pieces (indices into `pieces`) encoded after the anchor
+    continued: list[int] = []  # pieces (indices into `pieces`) that continue a row
     rejects: list[tuple[int, int, str]] = []  # (row index, row_id, reason)
     for r in range(n):
         first = len(trained)
@@ -161,23 +213,41 @@ def tokenize_rows(
             trained.append(False)
         k = len(trained) - first
         n_pieces[r] = k
-        if anchor is not None and k > 1:
-            anchored.extend(range(len(pieces) - k + 1, len(pieces)))
+        if continuation is not None and k > 1:
+            continued.extend(range(len(pieces) - k + 1, len(pieces)))
         if pre_ids is not None:
             piece_ids.extend([None] * k)
 
-    if anchored:
-        a_str, a_id = anchor
+    to_encode = pieces
+    heads: list[str] = []
+    after_text: list[int] = []
+    after_added: list[int] = []
+    if continued:
+        # Where the whole text would continue ordinary text, a piece's leading text gets no
+        # word-start marker (from its first added token on, it is tokenized as usual). Right after
+        # an added token, the piece is tokenized exactly as the tokenizer treats text there: behind
+        # an added-token anchor whose id is then dropped.
         to_encode = list(pieces)
-        for j in anchored:
-            to_encode[j] = a_str + pieces[j]
-    else:
-        to_encode = pieces
+        for j in continued:
+            piece = pieces[j]
+            if added_end_re.search(pieces[j - 1]):
+                after_added.append(j)
+                to_encode[j] = anchor + piece
+                continue
+            m = added_re.search(piece)
+            cut = m.start() if m else len(piece)
+            after_text.append(j)
+            heads.append(piece[:cut])
+            to_encode[j] = piece[cut:]
     encoded = _encode_all(tok, to_encode, progress)
-    for j in anchored:
-        ids = encoded[j]
-        if ids and ids[0] == a_id:
-            encoded[j] = ids[1:]
+    if continued:
+        enc = getattr(continuation, "encode_batch_fast", None) or continuation.encode_batch
+        for j, head in zip(after_text, enc(heads, add_special_tokens=False)):
+            encoded[j] = head.ids + encoded[j]
+        for j in after_added:
+            if not encoded[j] or encoded[j][0] != anchor_id:
+                raise RuntimeError(f"tokenizer did not keep the anchor {anchor!r} as one token")
+            encoded[j] = encoded[j][1:]
     if pre_ids is not None:  # merge known and encoded pieces, in order
         it = iter(encoded)
         encoded = [ids if ids is not None else next(it) for ids in piece_ids]

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -31,6 +31,27 @@ LLAMA3_EOS = "<|end_of_text|>"
 def read_template(path: Union[str, Path]) -> str:
     """A chat template from a .jinja file (a trailing newline from the editor is dropped)."""
     return Path(path).read_text(encoding="utf-8").rstrip("\n")
+
+
+def resolve_template_source(source: str, base_dir: Union[str, Path] = ".") -> Optional[Path]:
+    """The .jinja file `template.source` names: None for "tokenizer" (the tokenizer's own), the
+    shipped ChatML file for "chatml", a shipped template by bare name, or a path (relative to
+    base_dir). FileNotFoundError names the setting when none fits."""
+    if source == "tokenizer":
+        return None
+    if source == "chatml":
+        return TEMPLATES_DIR / "chatml.jinja"
+    p = Path(source).expanduser()
+    if not p.is_absolute():
+        p = Path(base_dir) / p
+    if p.is_file():
+        return p
+    builtin = TEMPLATES_DIR / f"{source}.jinja"
+    if "/" not in source and builtin.is_file():
+        return builtin
+    raise FileNotFoundError(
+        f"template.source {source!r}: not 'tokenizer', 'chatml' or an existing .jinja file ({p})"
+    )
 
 
 def llama3_tokenizer_file() -> str:
