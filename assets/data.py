@@ -50,6 +50,16 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
         for name in ("tokens", "trainable_tokens", "packed_rows", "truncated", "split_rows", "dropped_too_long"):
             if name in counts:
                 meta[f"{p}{name}"] = dg.MetadataValue.int(int(counts[name]))
+        if stage == "templated" and split == "train" and "template" in out.manifest:
+            # What the chat template does to the trained tokens, per template and tokenizer.
+            facts = out.manifest["template"]
+            meta["end_of_turn"] = dg.MetadataValue.text(repr(facts["end_of_turn"]))
+            meta["markers_not_special"] = dg.MetadataValue.json(facts["markers_not_special"])
+            if facts["generation_prompt_matches_training"] is not None:
+                meta["generation_prompt_matches_training"] = dg.MetadataValue.bool(
+                    facts["generation_prompt_matches_training"])
+        if "generation_prompt_differs" in out.manifest:
+            meta[f"{p}generation_prompt_differs"] = dg.MetadataValue.int(out.manifest["generation_prompt_differs"])
         if "packing_efficiency" in counts:
             meta[f"{p}packing_efficiency"] = dg.MetadataValue.float(float(counts["packing_efficiency"]))
         if stage == "packed" and split == "train":

@@ -33,38 +33,39 @@ def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def stop_token_ids(tokenizer, stop_tokens: Iterable[str | int] = ()) -> list[int]:
-    """eos id(s) of the tokenizer plus the given tokens (strings that are single tokens, or ids)."""
+def stop_tokens_and_strings(tokenizer, stop_tokens: Iterable[str | int] = ()) -> tuple[list[int], list[str]]:
+    """eos id(s) of the tokenizer plus the given stops: ids, and single-token strings as ids; a
+    stop that is several tokens of this tokenizer (an end-of-turn marker written as text, such as
+    "<|im_end|>" for a tokenizer without it) is a stop string."""
     ids: list[int] = []
+    strings: list[str] = []
     eos = tokenizer.eos_token_id
     if isinstance(eos, int):
         ids.append(eos)
     elif eos:
         ids.extend(int(e) for e in eos)
     for tok in stop_tokens:
-        if tok is None:
+        if tok is None or tok == "":
             continue
         if isinstance(tok, int):
             ids.append(tok)
             continue
-        tid = tokenizer.convert_tokens_to_ids(tok)
-        if tid is None or tid == tokenizer.unk_token_id:
-            enc = tokenizer(tok, add_special_tokens=False)["input_ids"]
-            if len(enc) != 1:
-                raise ValueError(f"stop token {tok!r} is not a single token of this tokenizer ({enc})")
-            tid = enc[0]
-        ids.append(int(tid))
-    return sorted(set(ids))
+        enc = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.append(int(enc[0]))
+        else:
+            strings.append(tok)
+    return sorted(set(ids)), strings
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
              stop_tokens: Iterable[str | int] = ()) -> list[str]:
     """Greedy, left-padded, batched generation; returns the decoded completions (special tokens
-    dropped), cut at the first stop token (eos or the template's end-of-turn token)."""
+    dropped), cut at the first stop (eos or the template's end-of-turn text)."""
     if not prompts:
         return []
-    stops = stop_token_ids(tokenizer, stop_tokens)
+    stops, stop_strings = stop_tokens_and_strings(tokenizer, stop_tokens)
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = stops[0] if stops else 0
@@ -72,6 +73,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
     was_training = model.training
     model.eval()
     outputs: list[str] = []
+    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start:start + batch_size])
@@ -88,7 +90,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
             out = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, num_beams=1, eos_token_id=stops or None, pad_token_id=pad_id,
-                temperature=None, top_p=None, top_k=None,
+                temperature=None, top_p=None, top_k=None, **extra,
             )
             for row in out[:, width:].tolist():
                 cut = len(row)
@@ -96,7 +98,12 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batc
                     if t in stops:
                         cut = i
                         break
-                outputs.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+                text = tokenizer.decode(row[:cut], skip_special_tokens=True)
+                for s in stop_strings:  # new ids decoded, then cut at the first stop string
+                    j = text.find(s)
+                    if j >= 0:
+                        text = text[:j]
+                outputs.append(text)
     finally:
         if was_training:
             model.train()

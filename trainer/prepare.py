@@ -234,7 +234,10 @@ class DataPipeline:
             write_table(tmp / "rows.arrow", table)
             manifest: dict[str, Any] = {"split": split, "counts": {
                 "rows_in": len(rows), "rows_out": table.num_rows, "rejects": len(rejects)},
-                "reject_reasons": write_rejects(tmp, "templated", rejects)}
+                "reject_reasons": write_rejects(tmp, "templated", rejects),
+                "template": {"end_of_turn": bundle.setup.eot_token,
+                             "markers_not_special": bundle.setup.markers_not_special,
+                             "generation_prompt_matches_training": bundle.setup.generation_prompt_matches_training}}
             if split == "eval":
                 # Prompts exactly as inference sends them (the template's generation prompt).
                 rejected = {r for r, _ in rejects}
