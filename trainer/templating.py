@@ -1,10 +1,13 @@
 """Chat template set-up and rendering of an `Example` to text plus trainable character spans.
 
-Masking works for ANY chat template, with or without `{% generation %}` markers: the
-conversation is rendered with the template, then each message's content is located in the
-rendered text in order, and each trained assistant turn is extended over the end-of-turn token
-that immediately follows it. Working on characters (not token ids) is what survives
-context-dependent tokenization; `trainer.tokenization` then cuts the text at span boundaries.
+Masking works for ANY chat template, with or without `{% generation %}` markers. The
+conversation is rendered once with placeholder contents, which shows the template's own text
+(its segments) and where it writes each message; the real rendering is then walked segment by
+segment, so each content is found where the template put it, never by searching (a user turn
+that repeats an earlier answer is no false match). Each trained assistant turn runs from its
+content through the end-of-turn text the template writes after it. Working on characters (not
+token ids) is what survives context-dependent tokenization; `trainer.tokenization` then cuts the
+text at span boundaries.
 """
 
 from __future__ import annotations

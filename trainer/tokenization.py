@@ -5,6 +5,8 @@ special-token insertion, in one batched call over all pieces of all rows. So spa
 tokens, and the prompt part of a row is exactly `tok(prompt_text, add_special_tokens=False)`:
 the tokens the model sees at generation time (joint tokenization, as TRL does, can merge
 characters across the prompt/completion boundary and train on a context inference never sees).
+Tokenizers that mark the start of every text (SentencePiece) are kept from marking piece starts
+that continue a text (see `continuation_backend`).
 """
 
 from __future__ import annotations
