@@ -107,20 +107,26 @@ def expected_eot(tok, template: str) -> str:
 
 
 def trained_runs(tok, ids, labels) -> list[str]:
-    """Each maximal run of trained tokens, decoded alone."""
+    """The text of each maximal run of trained tokens, as it reads in the decoded row: decoding a
+    run alone would lose what decoders do at a sequence start (SentencePiece drops a leading
+    space there), so each run is the difference of two decoded prefixes."""
     assert len(ids) == len(labels) and labels[0] == IGNORE
-    runs, cur = [], []
-    for t, lab in zip(ids, labels):
-        if lab == IGNORE:
-            if cur:
-                runs.append(cur)
-                cur = []
-        else:
-            assert lab == t
-            cur.append(t)
-    if cur:
-        runs.append(cur)
-    return [tok.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in runs]
+    bounds, start = [], None
+    for k, (t, lab) in enumerate(zip(ids, labels)):
+        assert lab in (IGNORE, t)
+        if lab != IGNORE and start is None:
+            start = k
+        elif lab == IGNORE and start is not None:
+            bounds.append((start, k))
+            start = None
+    if start is not None:
+        bounds.append((start, len(ids)))
+    runs = []
+    for a, b in bounds:
+        head, upto = decode(tok, ids[:a]), decode(tok, ids[:b])
+        assert upto.startswith(head)
+        runs.append(upto[len(head):])
+    return runs
 
 
 def decode(tok, ids) -> str:
@@ -288,3 +294,58 @@ def test_generation_prompt_is_what_inference_sends(base_tokenizers, template, ma
     assert gp.matches_training is matches and setup.generation_prompt_matches_training is matches
     if template == "qwen3":  # the empty think block is in the training text only
         assert gp.prompt.endswith("<|im_start|>assistant\n")
+
+
+# -- the same property on conversations hypothesis makes up --------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# How each template writes assistant content (the families' published templates trim some).
+WRITES_CONTENT = {"llama2": str.strip, "llama3": str.strip, "gemma": str.strip, "gemma3": str.strip,
+                  "vicuna": str.strip, "mistral_v3": str.strip, "command_r": str.strip,
+                  "qwen3": lambda c: c.lstrip("\n")}
+TEXT = st.text(alphabet=st.sampled_from(list("abcXYZ019 .,:;!?'\"()[]{}<>|/#*-_=+\n\té東✓")), min_size=1, max_size=24)
+
+
+@st.composite
+def conversations(draw):
+    turns = draw(st.integers(1, 3))
+    msgs = []
+    for _ in range(turns):
+        msgs.append({"role": "user", "content": draw(TEXT)})
+        msgs.append({"role": "assistant", "content": draw(TEXT.filter(lambda t: t.strip()))})
+    return msgs
+
+
+@pytest.fixture(scope="module")
+def set_up_templates(base_tokenizers):
+    cache = {}
+
+    def get(tokenizer, template):
+        if (tokenizer, template) not in cache:
+            cache[tokenizer, template] = set_up(base_tokenizers, tokenizer, template)
+        return cache[tokenizer, template]
+
+    return get
+
+
+@pytest.mark.parametrize("tokenizer", ["builtin:llama3", "sp-legacy"])
+@pytest.mark.parametrize("template", list(TEMPLATES))
+def test_assistant_only_masks_on_made_up_conversations(set_up_templates, template, tokenizer):
+    tok, setup = set_up_templates(tokenizer, template)
+    eot = expected_eot(tok, template)
+    written = WRITES_CONTENT.get(template, lambda c: c)
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(conversations())
+    def check(conv):
+        table, tokenized, rejects = prepare(tok, setup, [{"messages": conv}])
+        assert rejects == {}, rejects
+        ids, labels = tokenized.column("input_ids")[0].as_py(), tokenized.column("labels")[0].as_py()
+        answers = [written(m["content"]) for m in conv if m["role"] == "assistant"]
+        assert trained_runs(tok, ids, labels) == [a + eot for a in answers]
+        whole = tok._tokenizer.encode(table.column("text")[0].as_py(), add_special_tokens=False).ids
+        assert decode(tok, ids) == decode(tok, whole)
+
+    check()
