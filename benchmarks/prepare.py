@@ -1,6 +1,6 @@
 """Data preparation throughput, as ratios against raw batch tokenization measured in the same run.
 
-    python benchmarks/prepare.py --data ../shared/data [--rows 48000] [--max-length 2048]
+    python benchmarks/prepare.py --data ../shared/data [--rows 48000] [--max-length 2048] [--format messages]
 
 On the same prompt/completion rows (GSM8K train + both CodeAlpaca files, repeated to --rows),
 with the Llama-3 tokenizer:
@@ -10,6 +10,8 @@ with the Llama-3 tokenizer:
   3. a second experiment over the same data settings (every stage a cache hit);
   4. TRL SFTTrainer's preparation of the same rows (tokenize, completion masks, BFD packing),
      when `trl` is installed.
+With --format messages the same rows are one-turn conversations under the Llama-3 chat template
+(assistant-only masks); the baseline then tokenizes the rendered conversations (rendering not timed).
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import experiment_from_dict  # noqa: E402
 from trainer.prepare import DataPipeline, _load_tokenizer_bundle  # noqa: E402
+
+
+def as_conversation(row: dict) -> dict:
+    return {"messages": [{"role": "user", "content": row["prompt"]},
+                         {"role": "assistant", "content": row["completion"].strip()}]}
 
 
 def load_rows(data_dir: Path, rows: int) -> list[dict]:
@@ -50,7 +57,8 @@ def experiment(name: str, data_file: Path, store: Path, max_length: int):
 
 
 def bench_raw(tokenizer, rows) -> tuple[float, int]:
-    texts = [r["prompt"] + r["completion"] for r in rows]
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) if "messages" in r
+             else r["prompt"] + r["completion"] for r in rows]
     start = time.perf_counter()
     encodings = tokenizer(texts, add_special_tokens=True)["input_ids"]
     elapsed = time.perf_counter() - start
@@ -95,9 +103,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=48000)
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--format", choices=["prompt_completion", "messages"], default="prompt_completion")
     args = parser.parse_args()
 
     rows = load_rows(args.data, args.rows)
+    if args.format == "messages":
+        rows = [as_conversation(r) for r in rows]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data_file = tmp / "rows.jsonl"
@@ -124,7 +135,7 @@ def main() -> None:
 
     raw_tps = raw_tokens / raw_s
     full_tps = counts["tokens"] / full_s
-    print(f"rows: {len(rows)}  tokens: {counts['tokens']}  max_length: {args.max_length}  cores: {os.cpu_count()}")
+    print(f"format: {args.format}  rows: {len(rows)}  tokens: {counts['tokens']}  max_length: {args.max_length}  cores: {os.cpu_count()}")
     print(f"{'stage':<44}{'seconds':>9}{'tokens/s':>12}{'x raw':>8}{'packing':>9}")
     print(f"{'raw batch tokenization (baseline)':<44}{raw_s:>9.2f}{raw_tps:>12,.0f}{1.0:>8.2f}{'':>9}")
     print(f"{'sftdag full preparation':<44}{full_s:>9.2f}{full_tps:>12,.0f}{full_tps / raw_tps:>8.2f}"
@@ -133,7 +144,7 @@ def main() -> None:
                        if name == "tokenizer" or name.endswith("/train"))
     print(f"  by stage: {stages}")
     print(f"{'second experiment, same data (cache hits)':<44}{second_s:>9.2f}", flush=True)
-    trl_result = None if args.skip_trl else bench_trl(rows, args.max_length)
+    trl_result = None if args.skip_trl or args.format != "prompt_completion" else bench_trl(rows, args.max_length)
     if trl_result:
         trl_s, trl_tokens, trl_eff = trl_result
         print(f"{'TRL SFTTrainer preparation':<44}{trl_s:>9.2f}{trl_tokens / trl_s:>12,.0f}"
