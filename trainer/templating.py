@@ -364,7 +364,9 @@ def _skeleton(ctx: _Ctx, messages: list[dict], tools: Optional[list]) -> tuple[l
     it writes them (`order[k]` = the message whose content stands between segments k and k+1)."""
     key = None
     if tools is None and not any(m.get("tool_calls") for m in messages):
-        key = tuple((m["role"], _has_placeholder(m)) for m in messages)
+        # Everything but the content (role, a tool result's name, ...) may shape the template's text.
+        key = tuple((_has_placeholder(m), *sorted((k, v) for k, v in m.items() if k != "content"))
+                    for m in messages)
         hit = ctx.skeletons.get(key)
         if hit is not None:
             return hit
