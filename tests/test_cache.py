@@ -1,6 +1,8 @@
 """Every stage's key follows its inputs: same inputs → no recompute; each input change → new key."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -12,9 +14,10 @@ from .conftest import small_rows, write_jsonl
 STAGES = ("raw", "templated", "tokenized", "packed")
 
 
-def keys(exp):
+def keys(exp) -> dict[str, str]:
+    """{"<stage>/<split>": key} from a fresh pipeline (as a new process would compute them)."""
     p = DataPipeline(exp, progress=False)
-    return {s: getattr(p, f"{s}_key")("train") for s in STAGES}
+    return {f"{s}/{split}": getattr(p, f"{s}_key")(split) for split in p.splits() for s in STAGES}
 
 
 def test_same_inputs_no_recompute_same_keys(make_experiment):
@@ -30,23 +33,79 @@ def test_training_settings_do_not_change_data_keys(make_experiment):
     assert keys(make_experiment()) == keys(make_experiment(training={"learning_rate": 0.1, "max_steps": 3}))
 
 
-@pytest.mark.parametrize("change, first_changed", [
-    ({"max_length": 64}, "packed"),
-    ({"packing": "wrapped"}, "packed"),
-    ({"overlong": "split"}, "packed"),
-    ({"masking": "all"}, "templated"),
-    ({"template": {"source": "zephyr.jinja"}}, "templated"),
-])
-def test_each_data_setting_changes_its_stage_and_downstream(make_experiment, tmp_path, change, first_changed):
-    (tmp_path / "zephyr.jinja").write_text(
-        "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-    before, after = keys(make_experiment()), keys(make_experiment(data=change))
-    index = STAGES.index(first_changed)
-    for stage in STAGES[:index]:
-        assert before[stage] == after[stage], stage
-    for stage in STAGES[index:]:
-        assert before[stage] != after[stage], stage
+ZEPHYR = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def merged(base: dict, change: dict) -> dict:
+    out = dict(base)
+    for k, v in change.items():
+        out[k] = merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def assert_first_changed(before: dict, after: dict, first_changed: dict) -> None:
+    """Per split: stages upstream of `first_changed[split]` keep their key, it and every stage
+    downstream get a new one (None: the split is untouched)."""
+    assert before.keys() == after.keys()
+    for split in {name.split("/")[1] for name in before}:
+        index = STAGES.index(first_changed[split]) if first_changed.get(split) else len(STAGES)
+        for stage in STAGES[:index]:
+            assert before[f"{stage}/{split}"] == after[f"{stage}/{split}"], f"{stage}/{split} should not change"
+        for stage in STAGES[index:]:
+            assert before[f"{stage}/{split}"] != after[f"{stage}/{split}"], f"{stage}/{split} should change"
+
+
+# (baseline data settings, the one change, first stage whose key must change)
+DATA_SETTINGS = [
+    ({}, {"max_length": 64}, "packed"),
+    ({}, {"packing": "wrapped"}, "packed"),
+    ({}, {"overlong": "split"}, "packed"),
+    ({}, {"truncate_side": "keep_end"}, "packed"),
+    ({}, {"rows_per_shard": 4}, "packed"),
+    ({}, {"masking": "all"}, "templated"),
+    ({}, {"template": {"source": "zephyr.jinja"}}, "templated"),
+    ({}, {"fields": {"prompt": "question"}}, "templated"),
+    ({}, {"fields": {"content": "text"}}, "templated"),
+    ({}, {"response_template": "Answer:"}, "templated"),
+    ({"response_template": "Answer:"}, {"instruction_template": "What"}, "templated"),
+    ({}, {"empty_assistant_turns": "keep"}, "templated"),
+    # zephyr's <|user|> markers are not tokens of the tiny tokenizer: add_markers adds them.
+    ({"template": {"source": "zephyr.jinja"}}, {"template": {"add_markers": True}}, "templated"),
+    ({"template": {"source": "zephyr.jinja"}}, {"template": {"add_markers": ["<|user|>"]}}, "templated"),
+]
+
+
+@pytest.mark.parametrize("base, change, first_changed", DATA_SETTINGS,
+                         ids=[json.dumps(c, sort_keys=True) for _, c, _ in DATA_SETTINGS])
+def test_each_data_setting_changes_its_stage_and_downstream(make_experiment, tmp_path, base, change, first_changed):
+    (tmp_path / "zephyr.jinja").write_text(ZEPHYR)
+    # The baseline first: its tokenizer identity is then remembered in the store, as in real use.
+    before = keys(make_experiment(data=base))
+    after = keys(make_experiment(data=merged(base, change)))
+    assert_first_changed(before, after, {"train": first_changed})
+    assert keys(make_experiment(data=base)) == before  # and back: nothing else moved
+
+
+EVAL_SETTINGS = [
+    ({"fraction": 0.25}, {"fraction": 0.5}, {"train": "raw", "eval": "raw"}),
+    ({"fraction": 0.25}, {"seed": 1}, {"train": "raw", "eval": "raw"}),
+    ({"fraction": 0.25}, {"pack": False}, {"eval": "packed"}),
+    ({"source": {"path": "data/eval_a.jsonl"}}, {"source": {"path": "data/eval_b.jsonl"}}, {"eval": "raw"}),
+    ({"source": {"path": "data/eval_a.jsonl"}}, {"pack": False}, {"eval": "packed"}),
+]
+
+
+@pytest.mark.parametrize("base, change, first_changed", EVAL_SETTINGS,
+                         ids=[json.dumps(c, sort_keys=True) for _, c, _ in EVAL_SETTINGS])
+def test_each_eval_setting_changes_its_split_and_stage(make_experiment, tmp_path, base, change, first_changed):
+    write_jsonl(tmp_path / "data" / "eval_a.jsonl", small_rows(8, seed=1))
+    write_jsonl(tmp_path / "data" / "eval_b.jsonl", small_rows(8, seed=2))
+    exp = make_experiment(data={"source": {"path": "data/train.jsonl"}, "eval": base})
+    before = keys(exp)
+    assert set(before) == {f"{s}/{split}" for s in STAGES for split in ("train", "eval")}
+    after = keys(make_experiment(data={"source": {"path": "data/train.jsonl"}, "eval": merged(base, change)}))
+    assert_first_changed(before, after, first_changed)
 
 
 def test_data_file_content_changes_every_key(make_experiment, tmp_path):
@@ -55,7 +114,7 @@ def test_data_file_content_changes_every_key(make_experiment, tmp_path):
     rows[3] = {"prompt": "What is 1 + 1?\nAnswer:", "completion": " 2"}
     write_jsonl(tmp_path / "data" / "train.jsonl", rows)
     after = keys(make_experiment())
-    assert all(before[s] != after[s] for s in STAGES)
+    assert all(before[s] != after[s] for s in before)
 
 
 def test_tokenizer_identity_not_name_enters_the_key(make_experiment, tmp_path):
@@ -74,8 +133,7 @@ def test_tokenizer_identity_not_name_enters_the_key(make_experiment, tmp_path):
     tok2.add_tokens(["<extra_token>"])
     tok2.save_pretrained(changed)
     after = keys(make_experiment(tokenizer={"path": str(changed)}))
-    assert after["raw"] == keys(make_experiment())["raw"]
-    assert after["templated"] != keys(make_experiment())["templated"]
+    assert_first_changed(keys(make_experiment()), after, {"train": "templated"})
 
 
 def test_same_bytes_same_key_whatever_the_setting_is_called(make_experiment):
@@ -87,8 +145,7 @@ def test_code_version_changes_the_key(make_experiment, monkeypatch):
     before = keys(make_experiment())
     monkeypatch.setitem(store_module.CODE_VERSIONS, "tokenized", "999")
     after = keys(make_experiment())
-    assert before["templated"] == after["templated"]
-    assert before["tokenized"] != after["tokenized"] and before["packed"] != after["packed"]
+    assert_first_changed(before, after, {"train": "tokenized"})
 
 
 def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
@@ -113,3 +170,156 @@ def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
     assert "expected a JSON object" in raw_rejects[1]["reason"]
     templated_rejects = read_rejects(outputs["templated/train"]).to_pylist()
     assert sorted(r["row_id"] for r in templated_rejects) == [31, 32, 33]
+
+
+# -- files edited in place, in one long-lived process (defect 7) ---------------------------------
+
+def templated_texts(output) -> list[str]:
+    from trainer.arrow_io import read_table
+
+    return read_table(output.path / "rows.arrow").column("text").to_pylist()
+
+
+def chat_rows() -> list[dict]:
+    return [r for r in small_rows() if "messages" in r]  # (string prompt/completion is not templated)
+
+
+def fresh_identity(exp) -> str:
+    """The identity of the set-up tokenizer loaded from the files as they are now (no cache)."""
+    from trainer.templating import setup_template
+    from trainer.tokenizer import load_tokenizer, tokenizer_identity
+
+    tok = load_tokenizer(exp.tokenizer, exp.base_dir)
+    setup_template(tok, exp.data.template, exp.base_dir)
+    return tokenizer_identity(tok)
+
+
+def remembered_identity(exp) -> str:
+    """The identity the store remembers for the tokenizer files as they are now."""
+    from trainer.prepare import _tokenizer_source_digest
+
+    return (Path(exp.store_root) / "tokenizer" / ".identity" / _tokenizer_source_digest(exp).digest).read_text()
+
+
+def test_template_file_edited_in_place_is_a_new_tokenizer(make_experiment, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(ZEPHYR)
+    exp = make_experiment(data={"template": {"source": "chat.jinja"}}, rows=chat_rows())
+    first = DataPipeline(exp, progress=False).run()
+    assert all("<|user|>\n" in t for t in templated_texts(first["templated/train"]))
+
+    template.write_text(ZEPHYR.replace("<|{{ m['role'] }}|>", "### {{ m['role'] }}:"))
+    second = DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}}), progress=False).run()
+    assert second["templated/train"].key != first["templated/train"].key
+    assert not second["templated/train"].cache_hit
+    texts = templated_texts(second["templated/train"])
+    assert all("### user:\n" in t and "<|user|>" not in t for t in texts)
+    assert remembered_identity(exp) == fresh_identity(exp) == second["tokenizer"].key
+    # and a third process (fresh pipeline) serves the new rendering from the store
+    third = DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}}), progress=False).run()
+    assert {n: o.key for n, o in third.items()} == {n: o.key for n, o in second.items()}
+
+
+def test_local_tokenizer_directory_edited_in_place(make_experiment, tmp_path):
+    from trainer.tokenizer import TINY_TOKENIZER_DIR
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(TINY_TOKENIZER_DIR, tok_dir)
+    exp = make_experiment(tokenizer={"path": "tok"}, rows=chat_rows())
+    first = DataPipeline(exp, progress=False).run()
+    # The tiny tokenizer has no chat template: ChatML is set up.
+    assert all("<|im_start|>user\n" in t for t in templated_texts(first["templated/train"]))
+
+    config = json.loads((tok_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}</s>\n{% endfor %}"
+    (tok_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    second = DataPipeline(make_experiment(tokenizer={"path": "tok"}), progress=False).run()
+    assert second["templated/train"].key != first["templated/train"].key
+    assert all("[user] " in t and "<|im_start|>" not in t for t in templated_texts(second["templated/train"]))
+    assert remembered_identity(exp) == fresh_identity(exp) == second["tokenizer"].key
+
+
+def test_shipped_template_by_name_is_digested_by_content(make_experiment, tmp_path, monkeypatch):
+    from trainer import tokenizer as tokenizer_module
+
+    # A copy of the shipped templates stands for a new release of them under the same names.
+    shipped = tmp_path / "templates"
+    shutil.copytree(tokenizer_module.TEMPLATES_DIR, shipped)
+    monkeypatch.setattr(tokenizer_module, "TEMPLATES_DIR", shipped)
+    (shipped / "mine.jinja").write_text(ZEPHYR)
+    exp = make_experiment(data={"template": {"source": "mine"}}, rows=chat_rows())
+    first = DataPipeline(exp, progress=False).run()
+    assert all("<|user|>\n" in t for t in templated_texts(first["templated/train"]))
+
+    (shipped / "mine.jinja").write_text(ZEPHYR.replace("<|{{ m['role'] }}|>", "### {{ m['role'] }}:"))
+    second = DataPipeline(make_experiment(data={"template": {"source": "mine"}}), progress=False).run()
+    assert second["templated/train"].key != first["templated/train"].key
+    assert all("### user:\n" in t for t in templated_texts(second["templated/train"]))
+    assert remembered_identity(exp) == fresh_identity(exp)
+
+
+def test_template_edited_between_keys_and_build_is_refused(make_experiment, tmp_path):
+    template = tmp_path / "chat.jinja"
+    template.write_text(ZEPHYR)
+    DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}}), progress=False).run()
+    # A new masking: a templated key not built yet, computed with the remembered identity.
+    p = DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}, "masking": "all"}), progress=False)
+    key = p.templated_key("train")
+    template.write_text(ZEPHYR.replace("<|{{ m['role'] }}|>", "### {{ m['role'] }}:"))
+    with pytest.raises(RuntimeError, match="changed while preparing"):
+        p.templated("train")
+    assert not p.store.has("templated", key)  # nothing rendered by the new template under the old key
+
+
+@pytest.fixture
+def library_version(monkeypatch):
+    """Set a library's __version__ as an upgrade would; the set-up digest is recomputed around it."""
+    from trainer.prepare import _setup_code_digest
+
+    def set_version(module, version):
+        monkeypatch.setattr(module, "__version__", version)
+        _setup_code_digest.cache_clear()
+
+    yield set_version
+    _setup_code_digest.cache_clear()  # runs before monkeypatch restores the version: recomputed later
+
+
+@pytest.mark.parametrize("library", ["transformers", "tokenizers"])
+def test_tokenization_library_version_changes_templated_and_downstream(make_experiment, library_version, library):
+    import importlib
+
+    before = keys(make_experiment())
+    library_version(importlib.import_module(library), "0.0.0+upgraded")
+    after = keys(make_experiment())
+    assert_first_changed(before, after, {"train": "templated"})
+
+
+def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monkeypatch, request):
+    import os
+    import py_compile
+    import sys
+    import uuid
+
+    from trainer.formats import load_formatting_func
+
+    name = f"fmt_{uuid.uuid4().hex[:12]}"
+    module = tmp_path / "funcs" / f"{name}.py"
+    module.parent.mkdir()
+    module.write_text("def fmt(record):\n    return 'Q: ' + record['answer']\n")
+    py_compile.compile(str(module), doraise=True)  # a bytecode cache, whatever PYTHONDONTWRITEBYTECODE says
+    written = module.stat()
+    monkeypatch.syspath_prepend(str(module.parent))
+    request.addfinalizer(lambda: (sys.modules.pop(name, None), load_formatting_func.cache_clear()))
+    data = {"format": "formatting_func", "formatting_func": f"{name}:fmt"}
+
+    first = DataPipeline(make_experiment(data=data), progress=False).run()
+    assert all(t.startswith("Q: ") for t in templated_texts(first["templated/train"]))
+    assert keys(make_experiment(data=data))["templated/train"] == first["templated/train"].key
+
+    # Same size and modification time: neither the bytecode cache nor linecache notices.
+    module.write_text("def fmt(record):\n    return 'R: ' + record['answer']\n")
+    os.utime(module, ns=(written.st_atime_ns, written.st_mtime_ns))
+    second = DataPipeline(make_experiment(data=data), progress=False).run()
+    assert second["raw/train"].key == first["raw/train"].key
+    assert second["templated/train"].key != first["templated/train"].key
+    assert all(t.startswith("R: ") for t in templated_texts(second["templated/train"]))

@@ -8,13 +8,19 @@ same data settings finds every key complete and tokenizes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib
+import importlib.util
 import inspect
 import json
 import os
-from collections import Counter
+import sys
+import threading
+import types
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,26 +57,93 @@ class TokenizerBundle:
     tokenizer: Any
     setup: Any
     identity: str
+    # Digest of the files it was loaded from (`_tokenizer_source_digest`); None when those are
+    # not all local files (a hub id), so the identity may not be remembered under it.
+    digest: str | None = None
 
 
-@functools.lru_cache(maxsize=8)
-def _load_tokenizer_bundle(tokenizer_cfg_json: str, template_cfg_json: str, base_dir: str) -> TokenizerBundle:
-    from .config import TemplateConfig, TokenizerConfig
+# The set-up tokenizers loaded in this process, keyed by their settings AND their source files'
+# digest: an edited template or tokenizer directory is a new entry, never the old tokenizer.
+_BUNDLES: OrderedDict[tuple[str, str, str | None], TokenizerBundle] = OrderedDict()
+_BUNDLES_MAX = 8
+_BUNDLES_LOCK = threading.Lock()
+_LOAD_ATTEMPTS = 3
+
+
+def _load_tokenizer_bundle(exp: Experiment) -> TokenizerBundle:
+    """`exp`'s tokenizer with its chat template set up, and the identity of exactly what was loaded.
+
+    The source digest is taken before and after loading: only when both agree were the files
+    read the files digested, so only then may the identity be remembered under that digest.
+    """
     from .templating import setup_template
     from .tokenizer import load_tokenizer, tokenizer_identity
 
-    tok = load_tokenizer(TokenizerConfig(**json.loads(tokenizer_cfg_json)), base_dir)
-    setup = setup_template(tok, TemplateConfig(**json.loads(template_cfg_json)), base_dir)
-    return TokenizerBundle(tok, setup, tokenizer_identity(tok))
+    settings = json.dumps({"tokenizer": dataclasses.asdict(exp.tokenizer),
+                           "template": dataclasses.asdict(exp.data.template)}, sort_keys=True)
+    for _ in range(_LOAD_ATTEMPTS):
+        before = _tokenizer_source_digest(exp)
+        cache_key = (settings, exp.base_dir, before.digest)
+        with _BUNDLES_LOCK:
+            if cache_key in _BUNDLES:
+                _BUNDLES.move_to_end(cache_key)
+                return _BUNDLES[cache_key]
+        tok = load_tokenizer(exp.tokenizer, exp.base_dir)
+        setup = setup_template(tok, exp.data.template, exp.base_dir)
+        bundle = TokenizerBundle(tok, setup, tokenizer_identity(tok), before.digest if before.complete else None)
+        if _tokenizer_source_digest(exp) != before:
+            continue  # edited while loading: what was read is neither version for sure
+        with _BUNDLES_LOCK:
+            _BUNDLES[cache_key] = bundle
+            while len(_BUNDLES) > _BUNDLES_MAX:
+                _BUNDLES.popitem(last=False)
+        return bundle
+    raise RuntimeError(f"tokenizer {exp.tokenizer.path!r} / template {exp.data.template.source!r}: the files "
+                       f"changed while being loaded ({_LOAD_ATTEMPTS} attempts); run again once they are written")
 
 
-def _tokenizer_source_digest(exp: Experiment) -> str | None:
-    """Digest of everything a set-up tokenizer is made from, when it is made from local files."""
+def _clear_tokenizer_bundles() -> None:
+    with _BUNDLES_LOCK:
+        _BUNDLES.clear()
+
+
+# Kept from when this was an lru_cache (benchmarks/prepare.py times a cold load with it).
+_load_tokenizer_bundle.cache_clear = _clear_tokenizer_bundles  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class SourceDigest:
+    digest: str
+    # False when the tokenizer is not made from local files only (a hub id): the digest then
+    # keys this process's loads, but not the identity cache shared with other processes.
+    complete: bool
+
+
+@functools.lru_cache(maxsize=1)
+def _setup_code_digest() -> str:
+    """The tokenizer set-up code and library versions as loaded in this process (taken once:
+    source edited after import is not the code that runs)."""
+    import tokenizers
+    import transformers
+
     from . import templating, tokenizer as tokenizer_module
 
+    payload = {"code": [inspect.getsource(m) for m in (templating, tokenizer_module)],
+               "chatml": templating.CHATML_TEMPLATE,
+               # Both change what a tokenizer does with the same files.
+               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
+    """Digest of everything a set-up tokenizer is made from: its files, the template file (a path
+    or a shipped template's name), the template settings, the set-up code and library versions."""
+    from . import tokenizer as tokenizer_module
+
     path = exp.tokenizer.path
+    complete = True
     if path == "builtin:tiny":
-        files = sorted(tokenizer_module.TINY_TOKENIZER_DIR.iterdir())
+        files = sorted(p for p in tokenizer_module.TINY_TOKENIZER_DIR.iterdir() if p.is_file())
     elif path == "builtin:llama3":
         files = [Path(tokenizer_module.llama3_tokenizer_file()), tokenizer_module.TEMPLATES_DIR / "llama3.jinja"]
     else:
@@ -80,29 +153,88 @@ def _tokenizer_source_digest(exp: Experiment) -> str | None:
         elif local.is_file():
             files = [local]
         else:
-            return None  # a hub id: identity from the loaded tokenizer
-    template = exp.data.template.source
-    if template not in ("tokenizer", "chatml"):
-        files.append(exp.resolve_path(template))
-    code = [inspect.getsource(m) for m in (templating, tokenizer_module)]
-    payload = {"tokenizer": dataclasses.asdict(exp.tokenizer), "template": template,
-               "files": [[p.name, file_digest(p)] for p in files if p.is_file()],
-               "code": hashlib.sha256("".join(code).encode()).hexdigest()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+            files, complete = [], False  # a hub id: identity from the loaded tokenizer only
+    template = tokenizer_module.resolve_template_source(exp.data.template.source, exp.base_dir)
+    payload = {"tokenizer": dataclasses.asdict(exp.tokenizer), "template": dataclasses.asdict(exp.data.template),
+               "files": [[p.name, file_digest(p)] for p in files],
+               "template_file": file_digest(template) if template is not None else None,
+               "setup": _setup_code_digest(), "complete": complete}
+    return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete)
 
 
-def _formatting_func_identity(dotted: str | None) -> str | None:
-    """The formatting function's code is part of the key: editing it must re-template."""
+# Module name → digest of the file its code in this process was executed from.
+_LOADED_MODULES: dict[str, str] = {}
+_MODULES_LOCK = threading.RLock()
+
+
+def _formatting_modules(dotted: str) -> list[types.ModuleType]:
+    """The module the formatting function is defined in, then the one the setting names."""
+    from .formats import load_formatting_func
+
+    func = load_formatting_func(dotted)
+    named = sys.modules.get(dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0])
+    modules = [inspect.getmodule(func), named]
+    return [m for i, m in enumerate(modules) if m is not None and m not in modules[:i]]
+
+
+def _module_digest(module: types.ModuleType) -> str:
+    file = getattr(module, "__file__", None)
+    if file and os.path.isfile(file):
+        return file_digest(file)
+    try:  # no file of its own (defined interactively): its source as far as it is known
+        return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()
+    except (OSError, TypeError):
+        return module.__name__
+
+
+def _reload(module: types.ModuleType) -> None:
+    file = getattr(module, "__file__", None)
+    if file:
+        # The bytecode cache is trusted on source mtime and size: an edit within the same second
+        # that keeps the size would reload the old code.
+        with contextlib.suppress(NotImplementedError, ValueError, OSError):
+            os.unlink(importlib.util.cache_from_source(file))
+    importlib.reload(module)
+
+
+def _formatting_func_identity(dotted: str | None, *, reload: bool = True) -> str | None:
+    """The formatting function's code is part of the key: editing its file must re-template, and
+    the key must name the code that runs. A module whose file changed since this process
+    executed it is reloaded (reload=False: that is an error instead)."""
     if not dotted:
         return None
     from .formats import load_formatting_func
 
-    func = load_formatting_func(dotted)
-    try:
-        source = inspect.getsource(inspect.getmodule(func))
-    except (OSError, TypeError):
-        source = dotted
-    return dotted + ":" + hashlib.sha256(source.encode()).hexdigest()[:16]
+    with _MODULES_LOCK:
+        for _ in range(_LOAD_ATTEMPTS):
+            modules = _formatting_modules(dotted)
+            digests = {m.__name__: _module_digest(m) for m in modules}
+            stale = [m for m in modules if _LOADED_MODULES.setdefault(m.__name__, digests[m.__name__])
+                     != digests[m.__name__]]
+            if not stale:
+                payload = json.dumps(sorted(digests.items()))
+                return dotted + ":" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+            if not reload:
+                raise RuntimeError(f"formatting_func {dotted!r}: {stale[0].__file__} changed while preparing "
+                                   "(the key would not name the code that ran); run again")
+            for m in modules:
+                _reload(m)
+                _LOADED_MODULES[m.__name__] = digests[m.__name__]
+            load_formatting_func.cache_clear()
+            # Loop: the files must still be what was digested before the reload.
+    raise RuntimeError(f"formatting_func {dotted!r}: its module kept changing while being loaded; "
+                       "run again once it is written")
+
+
+def _refresh_formatting_func(dotted: str | None) -> None:
+    """Reload the formatting function's module if it was loaded before and its file changed."""
+    if not dotted:
+        return
+    module_name = dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0]
+    with _MODULES_LOCK:
+        tracked = module_name in _LOADED_MODULES and module_name in sys.modules
+    if tracked:
+        _formatting_func_identity(dotted)
 
 
 class DataPipeline:
@@ -113,14 +245,22 @@ class DataPipeline:
         self.data = experiment.data
         self.store = store or Store(experiment.store_root)
         self.progress = progress
+        # A formatting function's module edited since this process ran it is reloaded now, before
+        # `templated` takes the function (its key then names the code that runs).
+        _refresh_formatting_func(self.data.formatting_func)
 
     # -- tokenizer ---------------------------------------------------------------------------
     @functools.cached_property
     def tokenizer_bundle(self) -> TokenizerBundle:
         """The loaded tokenizer; only stages that build need it (loading Llama-3's takes seconds)."""
-        return _load_tokenizer_bundle(json.dumps(dataclasses.asdict(self.exp.tokenizer), sort_keys=True),
-                                      json.dumps(dataclasses.asdict(self.data.template), sort_keys=True),
-                                      self.exp.base_dir)
+        bundle = _load_tokenizer_bundle(self.exp)
+        known = self.__dict__.get("tokenizer_identity")
+        if known is not None and known != bundle.identity:
+            # The keys were computed for another tokenizer than the one that would build them.
+            raise RuntimeError(
+                f"tokenizer {self.exp.tokenizer.path!r} / template {self.data.template.source!r} changed while "
+                f"preparing (keys name tokenizer {known[:12]}, the files now give {bundle.identity[:12]}); run again")
+        return bundle
 
     @functools.cached_property
     def tokenizer_identity(self) -> str:
@@ -128,19 +268,21 @@ class DataPipeline:
 
         The identity hashes the loaded tokenizer's content; computing it means loading the
         tokenizer. When the tokenizer comes from files, the digest of those files (plus the
-        template and the set-up code) determines it, so a cache hit costs a few file reads.
+        template, its settings, the set-up code and library versions) determines it, so a cache
+        hit costs a few file reads. What is remembered is always the identity of a tokenizer
+        loaded from files with exactly that digest (`TokenizerBundle.digest`).
         """
-        digest = _tokenizer_source_digest(self.exp)
-        cache = self.store.root / "tokenizer" / ".identity" / digest if digest else None
-        if cache is not None and cache.is_file():
-            return cache.read_text()
-        identity = self.tokenizer_bundle.identity
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(identity)
-            os.replace(tmp, cache)
-        return identity
+        source = _tokenizer_source_digest(self.exp)
+        identities = self.store.root / "tokenizer" / ".identity"
+        if source.complete and (identities / source.digest).is_file():
+            return (identities / source.digest).read_text()
+        bundle = self.tokenizer_bundle
+        if bundle.digest is not None:
+            identities.mkdir(parents=True, exist_ok=True)
+            tmp = identities / f".tmp-{bundle.digest}-{os.getpid()}-{threading.get_ident()}"
+            tmp.write_text(bundle.identity)
+            os.replace(tmp, identities / bundle.digest)
+        return bundle.identity
 
     def tokenizer_output(self) -> StageOutput:
         """The tokenizer with its chat template set up, saved once under its identity."""
@@ -181,10 +323,12 @@ class DataPipeline:
 
     def templated_key(self, split: str) -> str:
         d = self.data
+        # reload=False: `__init__` reloaded an edited formatting module; an edit since then is an
+        # error, since `templated` may already hold the old function.
         params = {"format": d.format, "fields": dataclasses.asdict(d.fields), "masking": d.masking,
-                  "formatting_func": _formatting_func_identity(d.formatting_func),
+                  "formatting_func": _formatting_func_identity(d.formatting_func, reload=False),
                   "response_template": d.response_template, "instruction_template": d.instruction_template,
-                  "tokenizer": self.tokenizer_identity}
+                  "empty_assistant_turns": d.empty_assistant_turns, "tokenizer": self.tokenizer_identity}
         return content_key("templated", inputs=[self.raw_key(split)], params=params)
 
     def tokenized_key(self, split: str) -> str:

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import tokenizers
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.config import TokenizerConfig
@@ -138,7 +140,9 @@ def _token_str(v: Any) -> Any:
 
 def tokenizer_identity(tok: PreTrainedTokenizerFast) -> str:
     """sha256 of the tokenizer's content: backend (vocab, merges, normalizer, pre/post-processors,
-    added tokens), special tokens, chat template and padding side. Not its class or name."""
+    added tokens), special tokens, chat template and padding side, and the transformers and
+    tokenizers versions that run it (they change what the same content produces). Not its class
+    or name."""
     backend = tok._tokenizer
     # Truncation/padding are runtime state that transformers toggles per call, not part of what
     # the tokenizer is: serialize without them (restored right after).
@@ -161,6 +165,7 @@ def tokenizer_identity(tok: PreTrainedTokenizerFast) -> str:
         "chat_template": tok.chat_template,
         "padding_side": tok.padding_side,
         "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
+        "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
     }
     h = hashlib.sha256()
     h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8"))
