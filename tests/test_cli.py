@@ -13,6 +13,8 @@ import dagster as dg
 import pytest
 import yaml
 
+from trainer.arrow_io import read_shards
+
 from .conftest import small_rows, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +44,14 @@ def test_prepare_prints_json_and_records_runs_in_the_instance(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["rows_in"] == 31 and summary["rejects"] == 1 and summary["rows_out"] == 30
     assert os.path.isdir(summary["shards"]) and summary["shards"].startswith(str(tmp_path / "store"))
-    assert summary["packing_efficiency"] > 0.5
+    # The JSON describes the shards on disk.
+    shards = read_shards(summary["shards"])
+    lengths = [len(ids) for ids in shards.column("input_ids").to_pylist()]
+    trainable = sum(label != -100 for labels in shards.column("labels").to_pylist() for label in labels)
+    assert shards.num_rows == summary["packed_rows"] and sum(lengths) == summary["tokens"]
+    assert sum(len(docs) for docs in shards.column("seq_lengths").to_pylist()) == summary["rows_out"]
+    assert trainable == summary["trainable_tokens"] > 0
+    assert summary["packing_efficiency"] == pytest.approx(sum(lengths) / (shards.num_rows * 128))
 
     # Again: every stage is a cache hit, and both runs are in the persistent instance.
     again = run_cli(["prepare", str(experiment)], tmp_path)

@@ -11,6 +11,7 @@ from assets.data import data_asset_key, raw_files_key
 from assets.training import adapter_asset_key
 from pipelines.definitions import build_definitions
 from pipelines.schedules import retrain_decision
+from trainer.arrow_io import read_shards
 from trainer.config import ConfigError
 from trainer.launch import raw_version
 from trainer.prepare import DataPipeline
@@ -42,9 +43,17 @@ def test_materialize_data_assets(make_experiment, instance):
     meta = packed.metadata
     counts = p.packed("train").manifest["counts"]
     assert meta["rows"].value == counts["rows_out"] and meta["tokens"].value == counts["tokens"]
-    assert 0 < meta["packing_efficiency"].value <= 1
     assert meta["cache_hit"].value is False
-    assert "length_histogram" in meta and "length_histogram_plot" in meta
+    # The numbers shown in the UI are those of the shards on disk.
+    shards = read_shards(p.packed("train").path)
+    lengths = [len(ids) for ids in shards.column("input_ids").to_pylist()]
+    documents = [n for row in shards.column("seq_lengths").to_pylist() for n in row]
+    assert meta["packed_rows"].value == shards.num_rows and meta["tokens"].value == sum(lengths) == sum(documents)
+    assert meta["packing_efficiency"].value == pytest.approx(sum(lengths) / (shards.num_rows * 128))
+    histogram = [r.data for r in meta["length_histogram"].value.records]
+    assert sum(b["count"] for b in histogram) == len(documents) == meta["rows"].value
+    assert [b["count"] for b in histogram] == [sum(b["start"] <= n <= b["end"] for n in documents) for b in histogram]
+    assert meta["length_histogram_plot"].value.startswith("![length histogram](data:image/png;base64,")
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"packing_efficiency": True, "reject_rate": True}
     for stage in ("raw", "templated", "tokenized"):

@@ -1,6 +1,10 @@
 """Local sources: JSON, JSONL, CSV and Parquet files by glob, each record kept with where it came from."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -67,5 +71,14 @@ def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
     train = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="train")
     held = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="eval")
     assert held.num_rows == 10 and train.num_rows == 90
-    assert not set(train.column("row_id").to_pylist()) & set(held.column("row_id").to_pylist())
-    assert (holdout_mask(100, 0.1, 3) == holdout_mask(100, 0.1, 3)).all()
+    held_ids = set(held.column("row_id").to_pylist())
+    assert not set(train.column("row_id").to_pylist()) & held_ids
+    assert set(train.column("row_id").to_pylist()) | held_ids == set(range(100))
+    assert held_ids == set(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())
+    # The raw key names only fraction and seed: another process must hold out the same rows.
+    code = "from trainer.sources import holdout_mask; print(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "7"})
+    assert set(json.loads(out.stdout)) == held_ids
+    other_seed = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, EvalConfig(fraction=0.1, seed=4), side="eval")
+    assert other_seed.num_rows == 10 and set(other_seed.column("row_id").to_pylist()) != held_ids
