@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import hashlib
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
 import json
@@ -119,19 +120,24 @@ class SourceDigest:
     complete: bool
 
 
+def _library_version(name: str) -> str:
+    """The version this process runs: the imported module's, else the installed one (which an
+    import would load), read without importing it (a cached preparation need not import it)."""
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__version__", None):
+        return str(module.__version__)
+    return importlib.metadata.version(name)
+
+
 @functools.lru_cache(maxsize=1)
 def _setup_code_digest() -> str:
-    """The tokenizer set-up code and library versions as loaded in this process (taken once:
-    source edited after import is not the code that runs)."""
-    import tokenizers
-    import transformers
-
-    from . import templating, tokenizer as tokenizer_module
-
-    payload = {"code": [inspect.getsource(m) for m in (templating, tokenizer_module)],
-               "chatml": templating.CHATML_TEMPLATE,
-               # Both change what a tokenizer does with the same files.
-               "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+    """The tokenizer set-up code, the ChatML template it adds, and the transformers and tokenizers
+    versions (they change what a tokenizer does with the same files). Taken once per process:
+    code edited after it was imported is not the code that runs."""
+    here = Path(__file__).resolve().parent
+    files = [here / "templating.py", here / "tokenizer.py", here / "resources" / "templates" / "chatml.jinja"]
+    payload = {"files": [[p.name, file_digest(p)] for p in files],
+               "transformers": _library_version("transformers"), "tokenizers": _library_version("tokenizers")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

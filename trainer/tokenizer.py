@@ -16,8 +16,6 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import tokenizers
-import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from trainer.config import TokenizerConfig
@@ -143,6 +141,9 @@ def tokenizer_identity(tok: PreTrainedTokenizerFast) -> str:
     added tokens), special tokens, chat template and padding side, and the transformers and
     tokenizers versions that run it (they change what the same content produces). Not its class
     or name."""
+    import tokenizers
+    import transformers
+
     backend = tok._tokenizer
     # Truncation/padding are runtime state that transformers toggles per call, not part of what
     # the tokenizer is: serialize without them (restored right after).
