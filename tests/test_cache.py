@@ -323,3 +323,11 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
     assert second["raw/train"].key == first["raw/train"].key
     assert second["templated/train"].key != first["templated/train"].key
     assert all(t.startswith("R: ") for t in templated_texts(second["templated/train"]))
+
+    # Edited after a pipeline was made: it refuses rather than file old code's rows under a new key.
+    late = DataPipeline(make_experiment(data={**data, "masking": "all"}), progress=False)
+    module.write_text("def fmt(record):\n    return 'S: ' + record['answer']\n")
+    with pytest.raises(RuntimeError, match="changed while preparing"):
+        late.templated("train")
+    third = DataPipeline(make_experiment(data={**data, "masking": "all"}), progress=False).run()
+    assert all(t.startswith("S: ") for t in templated_texts(third["templated/train"]))

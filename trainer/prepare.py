@@ -168,9 +168,14 @@ def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
     return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete)
 
 
-# Module name → digest of the file its code in this process was executed from.
+# Module name → digest of the file its code in this process was executed from (recorded when this
+# module first sees it: a module imported elsewhere and edited before that is not noticed).
 _LOADED_MODULES: dict[str, str] = {}
 _MODULES_LOCK = threading.RLock()
+
+
+def _module_name(dotted: str) -> str:
+    return dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0]
 
 
 def _formatting_modules(dotted: str) -> list[types.ModuleType]:
@@ -178,7 +183,7 @@ def _formatting_modules(dotted: str) -> list[types.ModuleType]:
     from .formats import load_formatting_func
 
     func = load_formatting_func(dotted)
-    named = sys.modules.get(dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0])
+    named = sys.modules.get(_module_name(dotted))
     modules = [inspect.getmodule(func), named]
     return [m for i, m in enumerate(modules) if m is not None and m not in modules[:i]]
 
@@ -220,9 +225,14 @@ def _formatting_func_identity(dotted: str | None, *, reload: bool = True) -> str
             if not stale:
                 payload = json.dumps(sorted(digests.items()))
                 return dotted + ":" + hashlib.sha256(payload.encode()).hexdigest()[:16]
+            where = getattr(stale[0], "__file__", None) or stale[0].__name__
             if not reload:
-                raise RuntimeError(f"formatting_func {dotted!r}: {stale[0].__file__} changed while preparing "
+                raise RuntimeError(f"formatting_func {dotted!r}: {where} changed while preparing "
                                    "(the key would not name the code that ran); run again")
+            if any(m.__name__ == "__main__" or getattr(m, "__spec__", None) is None for m in modules):
+                # Re-running a script (or a module without an import spec) is no reload.
+                raise RuntimeError(f"formatting_func {dotted!r}: {where} changed since this process started; "
+                                   "restart it")
             for m in modules:
                 _reload(m)
                 _LOADED_MODULES[m.__name__] = digests[m.__name__]
@@ -236,7 +246,7 @@ def _refresh_formatting_func(dotted: str | None) -> None:
     """Reload the formatting function's module if it was loaded before and its file changed."""
     if not dotted:
         return
-    module_name = dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0]
+    module_name = _module_name(dotted)
     with _MODULES_LOCK:
         tracked = module_name in _LOADED_MODULES and module_name in sys.modules
     if tracked:
