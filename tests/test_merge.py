@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.train_helpers import full_run, lora_run
-from trainer.evaluate import exact_match, generate, load_held_out, stop_token_ids
+from trainer.evaluate import exact_match, generate, load_held_out, stop_tokens_and_strings
 from trainer.merge import merge_adapter
 
 
@@ -97,7 +97,8 @@ def test_generate_left_pads_and_stops(tmp_path):
     # A stop token ends the generation and is not part of it: stop at the 2nd generated word.
     second = one_by_one[0].split()[1]
     assert generate(model, tok, prompts[:1], 3, stop_tokens=[second]) == [one_by_one[0].split()[0]]
-    assert stop_token_ids(tok, ["<|im_end|>"]) == sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")})
-    with pytest.raises(ValueError, match="not a single token"):
-        stop_token_ids(tok, ["alpha beta"])
+    assert stop_tokens_and_strings(tok, ["<|im_end|>"]) == (
+        sorted({tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}), [])
+    # Text that is several tokens is a stop string (tests/test_evaluate.py generates with one).
+    assert stop_tokens_and_strings(tok, ["alpha beta"]) == ([tok.eos_token_id], ["alpha beta"])
     assert exact_match([" a ", "b"], ["a", "c"]) == 0.5
