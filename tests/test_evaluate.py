@@ -46,3 +46,16 @@ def test_generation_is_cut_at_a_multi_token_stop_string(tok, model):
     cut = generate(model, tok, prompts, max_new_tokens=12, stop_tokens=[stop])
     assert cut[0] == free[0][: free[0].find(stop)]
     assert stop not in cut[1] and free[1].startswith(cut[1])
+
+
+def test_merged_generation_config_stops_at_a_multi_token_end_of_turn(tok, model, tmp_path):
+    from transformers import GenerationConfig
+
+    from trainer.merge import _generation_config
+
+    config = _generation_config(model, tok, "<|im_end|>")
+    assert config.eos_token_id == [tok.eos_token_id] and config.stop_strings == ["<|im_end|>"]
+    config.save_pretrained(tmp_path)
+    assert GenerationConfig.from_pretrained(tmp_path).stop_strings == ["<|im_end|>"]
+    single = _generation_config(model, tok, "</s>")
+    assert single.eos_token_id == [tok.eos_token_id] and not single.stop_strings

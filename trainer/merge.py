@@ -3,7 +3,8 @@
 The result loads with `AutoModelForCausalLM.from_pretrained` alone (no peft), holds the tokenizer
 (chat template and added tokens included) and a `GenerationConfig` whose `eos_token_id` includes
 the template's end-of-turn token, so plain `model.generate` stops at the end of the assistant
-turn. Written into a temporary sibling directory and renamed into place.
+turn (an end-of-turn text of several tokens is a `stop_strings` entry: pass `tokenizer=` to
+`generate`). Written into a temporary sibling directory and renamed into place.
 """
 
 from __future__ import annotations
@@ -90,18 +91,15 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
 def _generation_config(model, tokenizer, eot_token: str | None):
     from transformers import GenerationConfig
 
-    eos: list[int] = []
-    if tokenizer.eos_token_id is not None:
-        eos.append(int(tokenizer.eos_token_id))
-    if eot_token:
-        tid = tokenizer.convert_tokens_to_ids(eot_token)
-        if tid is None or tid == tokenizer.unk_token_id:
-            raise ValueError(f"end-of-turn token {eot_token!r} is not a token of the tokenizer")
-        eos.append(int(tid))
-    eos = list(dict.fromkeys(eos))
+    from .evaluate import stop_tokens_and_strings
+
+    # An end-of-turn text that is several tokens (a marker the tokenizer lacks) is a stop string.
+    eos, stop_strings = stop_tokens_and_strings(tokenizer, [eot_token] if eot_token else [])
     config = GenerationConfig.from_model_config(model.config) if model.generation_config is None else model.generation_config
     config = GenerationConfig(**{k: v for k, v in config.to_dict().items() if not k.startswith("_")})
     config.eos_token_id = eos
+    if stop_strings:
+        config.stop_strings = stop_strings
     if tokenizer.pad_token_id is not None:
         config.pad_token_id = int(tokenizer.pad_token_id)
     if tokenizer.bos_token_id is not None:
