@@ -87,16 +87,17 @@ def _existing_template(tok: Any) -> Optional[str]:
 
 
 def _add_special(tok: Any, tokens: list[str]) -> list[str]:
-    """Add `tokens` as special tokens; returns those that were new (existing ordinary tokens
-    of the same text are promoted too, so the text always becomes one token)."""
+    """Add `tokens` as special tokens; returns those that got new ids (an ordinary vocabulary
+    token of the same text is promoted in place: its embedding row already exists)."""
     specials = set(_special_strings(tok))
     todo = [t for t in tokens if t not in specials]
+    vocab = tok.get_vocab()
     if todo:
         tok.add_special_tokens(
             {"extra_special_tokens": [AddedToken(t, special=True, normalized=False) for t in todo]},
             replace_extra_special_tokens=False,
         )
-    return todo
+    return [t for t in todo if t not in vocab]
 
 
 def _special_strings(tok: Any) -> list[str]:
