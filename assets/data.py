@@ -47,7 +47,8 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
         meta[f"{p}cache_hit"] = dg.MetadataValue.bool(out.cache_hit)
         if out.manifest.get("reject_reasons"):
             meta[f"{p}reject_reasons"] = dg.MetadataValue.json(out.manifest["reject_reasons"])
-        for name in ("tokens", "trainable_tokens", "packed_rows", "truncated", "split_rows", "dropped_too_long"):
+        for name in ("tokens", "trainable_tokens", "packed_rows", "truncated", "split_rows", "dropped_too_long",
+                     "untrainable_rows_dropped"):
             if name in counts:
                 meta[f"{p}{name}"] = dg.MetadataValue.int(int(counts[name]))
         if stage == "templated" and split == "train" and "template" in out.manifest:

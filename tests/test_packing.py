@@ -129,32 +129,37 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
         assert all(s > 0 for s in seqs) and sum(seqs) == len(ids)
         assert all(lab == tok or lab == IGNORE for tok, lab in zip(ids, labels))
 
-    # no token lost or duplicated
+    # every packed row trains something (a batch of them never has zero loss tokens)
+    assert all(any(lab != IGNORE for lab in labels) for _, labels, _ in got)
+    # no token duplicated; none lost but the counted rows without loss
     all_out = [t for ids, _, _ in got for t in ids]
     all_exp = [t for _, ids, _ in docs for t in ids]
     assert len(all_out) == len(set(all_out))
-    assert sorted(all_out) == sorted(all_exp)
+    assert len(all_out) + c["untrainable_tokens_dropped"] == len(all_exp)
 
     if strategy == "wrapped":
         stream_ids = [t for _, ids, _ in docs for t in ids]
         stream_lab = [x for _, _, lab in docs for x in lab]
-        assert [t for ids, _, _ in got for t in ids] == stream_ids
-        assert all(len(ids) == M for ids, _, _ in got[:-1])
         doc_starts = set(np.cumsum([0] + [len(d[1]) for d in docs])[:-1].tolist())
-        masked = 0
-        pos = 0
-        for ids, labels, seqs in got:
-            for j, lab in enumerate(labels):
-                want = stream_lab[pos + j]
-                if j == 0 and pos not in doc_starts:
-                    masked += want != IGNORE
-                    want = IGNORE
-                assert lab == want
+        # The stream cut every M tokens, continued pieces' first labels masked, rows without
+        # loss left out.
+        want_rows, masked, dropped = [], 0, 0
+        for pos in range(0, len(stream_ids), M):
+            ids = stream_ids[pos:pos + M]
+            labels = list(stream_lab[pos:pos + M])
+            if pos not in doc_starts:
+                masked += labels[0] != IGNORE
+                labels[0] = IGNORE
             # pieces are cut at document starts and at the row start
-            cuts = {j for j in range(len(ids)) if pos + j in doc_starts} | {0}
-            assert list(np.cumsum([0] + seqs)[:-1]) == sorted(cuts)
-            pos += len(ids)
+            cuts = sorted({j for j in range(len(ids)) if pos + j in doc_starts} | {0})
+            seqs = [b - a for a, b in zip(cuts, cuts[1:] + [len(ids)])]
+            if all(lab == IGNORE for lab in labels):
+                dropped += 1
+                continue
+            want_rows.append((ids, labels, seqs))
+        assert got == want_rows
         assert c["wrapped_boundary_labels_masked"] == masked
+        assert c["untrainable_rows_dropped"] == dropped
     else:
         # each output document is exactly one expected document, tokens and labels
         out_docs = []
@@ -171,8 +176,9 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
             assert sorted(len(ids) for ids, _, _ in got) == ref_bfd_fills([len(d[1]) for d in docs], M)
             for _, _, seqs in got:  # inside a bin: longest first
                 assert seqs == sorted(seqs, reverse=True)
+        assert sorted(all_out) == sorted(all_exp)
         assert c["wrapped_boundary_labels_masked"] == 0
-        assert c["packed_rows_without_loss"] == 0
+        assert c["untrainable_rows_dropped"] == c["untrainable_tokens_dropped"] == 0
 
     tokens = len(all_out)
     trainable = sum(lab != IGNORE for _, labels, _ in got for lab in labels)
@@ -182,7 +188,6 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
     assert c["packing_efficiency"] == pytest.approx(tokens / (len(got) * M) if got else 0.0)
     assert c["documents"] == len(docs)
     assert sorted(res.doc_lengths.tolist()) == sorted(len(d[1]) for d in docs)
-    assert c["packed_rows_without_loss"] == sum(all(x == IGNORE for x in lab) for _, lab, _ in got)
     assert c["max_length"] == M and c["strategy"] == strategy
     long_rows = [r for r in rows if len(r[1]) > M]
     assert c["truncated"] == (len(long_rows) if overlong == "truncate" else 0)
@@ -407,6 +412,19 @@ def test_wrapped_with_split_documents():
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4], [5, 6]]
     assert res.table.column("labels").to_pylist() == [[IGNORE, 2, 3, 4], [IGNORE, 6]]
     assert res.counts["wrapped_boundary_labels_masked"] == 0
+
+
+def test_wrapped_never_writes_a_row_without_loss():
+    # Document 2 trains only its 2nd token, which starts the second row: its label is masked there
+    # (no context in that row), leaving the row nothing to train.
+    rows = make_rows([3, 4], [[False, True, False], [False, True, False, False]])
+    res = pack(to_table(rows), 4, "wrapped")
+    assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, IGNORE, IGNORE]]
+    c = res.counts
+    assert (c["untrainable_rows_dropped"], c["untrainable_tokens_dropped"]) == (1, 3)
+    assert (c["packed_rows"], c["tokens"], c["wrapped_boundary_labels_masked"]) == (1, 4, 1)
+    assert c["packing_efficiency"] == 1.0
 
 
 def test_empty_input():

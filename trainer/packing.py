@@ -17,6 +17,8 @@ Over-long rows (more than ``max_length`` tokens) are handled first, for every st
 document), ``drop`` rejects them. The first token of every document has label −100 (no
 context). Documents left with no trainable token are never written: a row none of whose
 documents survive is a reject with its reason. ``rows_in == rows_out + len(rejects)`` always.
+Every packed row has a trainable token: a wrapped row without one is dropped and counted
+(``untrainable_rows_dropped``, ``untrainable_tokens_dropped``).
 
 The output is built with numpy gathers over the flat Arrow buffers, never per token in Python.
 """
@@ -339,6 +341,14 @@ def pack(
     out_tr = np.zeros(total + 1, dtype=np.int8)
     np.not_equal(out_lab, IGNORE, out=out_tr[:-1].view(bool))
     row_trainable = _range_sums(out_tr, row_offsets[:-1], row_offsets[1:])
+    # A row with nothing to train (a wrapped row holding only the untrained rest of a document)
+    # adds no loss, and a micro-batch of such rows has none at all: never written, counted.
+    lossless = row_trainable == 0
+    dropped_tokens = int(row_tokens[lossless].sum())
+    if lossless.any():
+        table = table.filter(pa.array(~lossless))
+        total -= dropped_tokens
+        nrows = table.num_rows
     trainable = int(row_trainable.sum())
     rows_out = int((survived > 0).sum())
     counts = {
@@ -356,7 +366,8 @@ def pack(
         "tokens": total,
         "trainable_tokens": trainable,
         "packed_rows": nrows,
-        "packed_rows_without_loss": int((row_trainable == 0).sum()),
+        "untrainable_rows_dropped": int(lossless.sum()),
+        "untrainable_tokens_dropped": dropped_tokens,
         "padding_tokens": nrows * M - total,
         "packing_efficiency": (total / (nrows * M)) if nrows else 0.0,
         "max_length": M,
