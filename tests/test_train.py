@@ -196,11 +196,13 @@ def _launch(spec_path: Path, log_path: Path, extra: list[str] | None = None,
                             stderr=subprocess.STDOUT)
 
 
+RESUME_TRAINING = {"per_device_train_batch_size": 2, "save_strategy": "steps", "save_steps": 2,
+                   "save_total_limit": 2, "logging_steps": 1, "learning_rate": 1e-3}
+
+
 @pytest.mark.slow
 def test_resume_after_kill(tmp_path):
-    spec = make_spec(tmp_path, rows=80, training={"per_device_train_batch_size": 2, "save_strategy": "steps",
-                                                  "save_steps": 2, "save_total_limit": 2, "logging_steps": 1,
-                                                  "learning_rate": 1e-3})
+    spec = make_spec(tmp_path, rows=80, training=RESUME_TRAINING)
     spec_path = tmp_path / "spec.json"
     out = Path(spec["output_dir"])
     work = partial_dir(out)
@@ -240,6 +242,82 @@ def test_resume_after_kill(tmp_path):
     log3 = (tmp_path / "run3.log").read_text()
     assert "already complete" in log3 and "step 1/" not in log3
     assert json.loads((out / "training_summary.json").read_text()) == summary
+
+    # The resumed run ends where an uninterrupted run with the same settings ends.
+    from safetensors.torch import load_file
+
+    straight = make_spec(tmp_path / "straight", rows=80, training=RESUME_TRAINING)
+    straight_summary = run_training(straight)
+    resumed_w = load_file(str(out / "adapter_model.safetensors"))
+    straight_w = load_file(str(Path(straight["output_dir"]) / "adapter_model.safetensors"))
+    assert resumed_w.keys() == straight_w.keys()
+    for k in resumed_w:
+        # Same data order, RNG state and optimizer state from the checkpoint: equal up to float
+        # reassociation in the optimizer restored from disk.
+        torch.testing.assert_close(resumed_w[k], straight_w[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert any(straight_w[k].abs().max() > 0 for k in straight_w if "lora_B" in k)  # it trained
+    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-5)
+    assert summary["tokens"] == straight_summary["tokens"]
+
+
+class _Killed(BaseException):
+    """Stands for a SIGKILL at one point of the finalization (raised where the kill would land)."""
+
+
+FINALIZE_TRAINING = {"save_strategy": "steps", "save_steps": 2, "save_total_limit": 3}
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+
+
+def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypatch):
+    import trainer.train as train_module
+
+    spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
+    out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
+
+    def killed(*args):
+        raise _Killed()
+
+    monkeypatch.setattr(train_module, "_finalize", killed)  # killed as the checkpoints are deleted
+    with pytest.raises(_Killed):
+        run_training(spec)
+    monkeypatch.undo()
+    summary = json.loads((work / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and last_checkpoint(work) is not None and not out.exists()
+    finished = _files(work)
+
+    again = run_training(spec)
+    assert again == summary  # completed, not trained again
+    assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
+    assert {k: v for k, v in _files(out).items() if k in finished} == {
+        k: v for k, v in finished.items() if k not in ("mlflow_run_id", "sftdag_before.json")}
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+
+
+def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+    import trainer.train as train_module
+
+    spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
+    out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
+
+    def killed(*args):
+        raise _Killed()
+
+    monkeypatch.setattr(train_module, "_write_summary", killed)  # the model is saved, no summary yet
+    with pytest.raises(_Killed):
+        run_training(spec)
+    monkeypatch.undo()
+    assert (work / "adapter_model.safetensors").exists() and not (work / "training_summary.json").exists()
+    assert last_checkpoint(work).name == "checkpoint-4"  # the checkpoints outlive the final save
+
+    summary = run_training(spec)
+    assert summary["resumed_from_step"] == 4 and summary["global_step"] == 4  # not from step 0
+    assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
 
 
 def _free_port() -> int:

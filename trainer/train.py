@@ -76,6 +76,7 @@ SUMMARY = "training_summary.json"
 MODEL_CARD = "README.md"
 RUN_ID_FILE = "mlflow_run_id"
 COUNTERS_FILE = "sftdag_counters.json"
+BEFORE_FILE = "sftdag_before.json"  # accuracy of the base model, kept across a resume
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 __all__ = [
@@ -660,8 +661,38 @@ def save_final_model(trainer, work: Path, new_ids: list[int], is_main: bool) -> 
     model.save_pretrained(str(work), save_embedding_layers=False if all_covered else "auto")
 
 
+def _write_summary(work: Path, summary: dict) -> None:
+    """Atomically: the summary's presence marks `work` as finished (see `_finalize`)."""
+    tmp = work / f".{SUMMARY}.tmp"
+    tmp.write_text(json.dumps(summary, indent=1, default=str))
+    os.replace(tmp, work / SUMMARY)
+
+
 def _finalize(work: Path, output_dir: Path) -> None:
+    """Finished work (summary written) → the output directory. Checkpoints are deleted only now,
+    after the summary: a kill at any point before this resumes from them, and a kill during
+    this completes on the next run (it only deletes and renames)."""
+    for p in work.glob("checkpoint-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for name in (RUN_ID_FILE, BEFORE_FILE):
+        (work / name).unlink(missing_ok=True)
     os.rename(work, output_dir)
+
+
+def _end_mlflow_run_of(work: Path, experiment: Experiment, reporter: "Reporter") -> None:
+    """A run killed after its summary was written left its MLflow run open: close it."""
+    run_id_path = work / RUN_ID_FILE
+    if not run_id_path.exists():
+        return
+    try:
+        from .tracking import MlflowRun, resolve_tracking
+
+        uri, name, artifact_location = resolve_tracking(experiment)
+        run = MlflowRun(uri, name, artifact_location, run_id=run_id_path.read_text().strip())
+        run.log_artifact(work / SUMMARY)
+        run.end("FINISHED")
+    except Exception as e:  # tracking must never stop the completion
+        reporter.warning("could not close the MLflow run of %s: %s", work, e)
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,10 +797,11 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
     if output_dir.exists():  # finished by another process while we waited to start
         return _read_summary(output_dir)
 
-    # A previous run finished everything but the rename.
+    # A previous run finished training and wrote its summary, then was stopped.
     if is_finished_partial(work):
         if state.is_main_process:
             reporter.info("%s holds a finished run; completing it", work)
+            _end_mlflow_run_of(work, experiment, reporter)
             _finalize(work, output_dir)
         state.wait_for_everyone()
         return _read_summary(output_dir)
@@ -827,7 +859,7 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
                   tc.per_device_train_batch_size, tc.gradient_accumulation_steps, world, base_path)
 
     # Accuracy of the base model (adapter disabled), once per run: a resumed run reuses it.
-    before_file = work / "sftdag_before.json"
+    before_file = work / BEFORE_FILE
     accuracy_before = None
     if accuracy_rows:
         if before_file.exists():
@@ -936,19 +968,19 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
     }
     if state.is_main_process:
         tokenizer.save_pretrained(str(work))
-        for p in work.glob("checkpoint-*"):
-            shutil.rmtree(p, ignore_errors=True)
-        for name in (RUN_ID_FILE, before_file.name):
-            (work / name).unlink(missing_ok=True)
         (work / MODEL_CARD).write_text(model_card(experiment, spec, summary, base_path))
         if run is not None:
             try:
                 run.log_metrics({k: summary[k] for k in ("train_loss", "trainable_tokens", "train_runtime")
                                  if summary.get(k) is not None}, step=global_step)
-                run.log_artifacts(work, "adapter" if tc.mode != "full" else "model")
+                artifacts = "adapter" if tc.mode != "full" else "model"
+                for p in sorted(work.iterdir()):  # the result, not checkpoints or bookkeeping
+                    if not CHECKPOINT_RE.match(p.name) and p.name not in (RUN_ID_FILE, BEFORE_FILE):
+                        (run.log_artifacts if p.is_dir() else run.log_artifact)(
+                            p, f"{artifacts}/{p.name}" if p.is_dir() else artifacts)
             except Exception as e:
                 reporter.warning("MLflow artifact logging failed: %s", e)
-        (work / SUMMARY).write_text(json.dumps(summary, indent=1, default=str))
+        _write_summary(work, summary)
         if run is not None:
             try:
                 run.log_artifact(work / SUMMARY)
