@@ -16,6 +16,7 @@ import torch
 
 from tests.train_helpers import (
     REPO,
+    TINY,
     full_run,
     held_out_rows,
     lora_run,
@@ -33,22 +34,23 @@ from trainer.train import base_vocab_size, last_checkpoint, partial_dir, run_tra
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("rows,bs,ga,epochs,extra", [
-    (10, 3, 2, 1, {}),
-    # Also: eager attention, gradient checkpointing (non-reentrant) and NEFTune on the packed path.
-    (7, 2, 1, 2, {"gradient_checkpointing": True, "neftune_noise_alpha": 5.0}),
+@pytest.mark.parametrize("rows,bs,ga,epochs,steps,extra", [
+    # 10 rows in batches of 3 = 4 micro-batches; 2 per optimizer step = 2 steps.
+    (10, 3, 2, 1, 2, {}),
+    # 7 rows in batches of 2 = 4 steps, twice. Also: eager attention, gradient checkpointing
+    # (non-reentrant) and NEFTune on the packed path.
+    (7, 2, 1, 2, 4, {"gradient_checkpointing": True, "neftune_noise_alpha": 5.0}),
 ])
-def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs, extra):
+def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs, steps, extra):
     spec = make_spec(tmp_path, rows=rows, training={"per_device_train_batch_size": bs,
                                                     "gradient_accumulation_steps": ga, "num_train_epochs": epochs,
                                                     **extra},
                      model={"init_kwargs": {"attn_implementation": "eager"}} if extra else None)
     summary = run_training(spec)
-    expected = steps_per_epoch(rows, bs, ga, 1)
-    assert summary["steps_per_epoch"] == expected
-    assert summary["global_step"] == expected * epochs
+    assert summary["steps_per_epoch"] == steps_per_epoch(rows, bs, ga, 1) == steps
+    assert summary["global_step"] == steps * epochs
     state_steps = json.loads((Path(spec["output_dir"]) / "training_summary.json").read_text())["global_step"]
-    assert state_steps == expected * epochs
+    assert state_steps == steps * epochs
 
 
 def test_batch_without_trainable_tokens_is_an_error(tmp_path):
@@ -76,9 +78,12 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     for key in ("mlflow_run_id", "global_step", "train_loss", "accuracy_before", "accuracy_after",
                 "trainable_tokens", "train_runtime"):
         assert on_disk[key] is not None, key
-    assert on_disk["global_step"] == 4 and on_disk["trainable_tokens"] > 0
-    assert 0.0 <= on_disk["accuracy_before"] <= 1.0 and 0.0 <= on_disk["accuracy_after"] <= 1.0
-    assert on_disk["new_token_ids"] == [30, 31]
+    assert on_disk["global_step"] == 4 and on_disk["new_token_ids"] == [30, 31]
+    # Every trainable label of the shards was trained on once (one epoch).
+    from trainer.collate import PackedDataset
+
+    shards = PackedDataset(spec["train_shards"])
+    assert on_disk["trainable_tokens"] == sum(int((shards[i]["labels"] != -100).sum()) for i in range(len(shards)))
     card = (out / "README.md").read_text()
     assert "builtin:tiny-llama" in card and "dv-7" in card and "train_loss" in card
 
@@ -105,6 +110,34 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     keys = load_file(str(out / "adapter_model.safetensors")).keys()
     assert not [k for k in keys if k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight")]
     assert any("trainable_tokens" in k for k in keys)
+
+
+def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
+    """A base model with more embedding rows than the tokenizer (vocabularies padded to a multiple
+    of 64 or 128): nothing is resized, yet the rows of the tokens the set-up added are trained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    padded = 48  # the tokenizer has 32 tokens; "<|im_start|>" and "<|im_end|>" are ids 30 and 31
+    LlamaForCausalLM(LlamaConfig(vocab_size=padded, tie_word_embeddings=False, **TINY)).save_pretrained(
+        tmp_path / "base")
+    spec = make_spec(tmp_path, rows=16, model={"base": str(tmp_path / "base")})
+    summary = run_training(spec)
+    assert summary["new_token_ids"] == [30, 31] and summary["base_vocab_rows"] == padded
+
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    before_in = base.get_input_embeddings().weight.detach().clone()
+    before_out = base.get_output_embeddings().weight.detach().clone()
+    merged = PeftModel.from_pretrained(base, spec["output_dir"]).merge_and_unload()
+    after_in = merged.get_input_embeddings().weight.detach()
+    after_out = merged.get_output_embeddings().weight.detach()
+    assert after_in.shape[0] == after_out.shape[0] == padded
+    new = torch.zeros(padded, dtype=torch.bool)
+    new[[30, 31]] = True
+    for before, after in ((before_in, after_in), (before_out, after_out)):
+        assert torch.equal(after[~new], before[~new])
+        assert (after[new] - before[new]).abs().amax(dim=1).min() > 0
 
 
 def test_full_fine_tune(tmp_path_factory):

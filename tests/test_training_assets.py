@@ -40,11 +40,18 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     meta = adapter.metadata
     assert meta["global_step"].value == 4 and meta["cache_hit"].value is False
     assert meta["trained_on_data_version"].value == packed.tags["dagster/data_version"]
-    assert meta["accuracy_before"].value is not None and meta["accuracy_after"].value is not None
+    # The UI shows what the training process measured and recorded.
+    summary = plan_adapter(exp).summary()
+    assert meta["accuracy_before"].value == summary["accuracy_before"]
+    assert meta["accuracy_after"].value == summary["accuracy_after"]
+    assert meta["train_loss"].value == summary["train_loss"] and meta["path"].value == summary["output_dir"]
 
     # The MLflow run names the Dagster run and the shard version; its contents read back.
     client = MlflowClient(tracking_uri=meta["mlflow_tracking_uri"].value)
     run = client.get_run(meta["mlflow_run_id"].value)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["accuracy_after"] == summary["accuracy_after"]
+    assert run.data.metrics["train_loss"] == pytest.approx(summary["train_loss"])
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["data_version"] == packed.tags["dagster/data_version"]
     assert float(run.data.params["training.learning_rate"]) == 0.01

@@ -495,7 +495,18 @@ def apply_lora(model, experiment: Experiment, new_ids: list[int], reporter: Repo
     return get_peft_model(model, PeftLoraConfig(**kwargs))
 
 
-def build_model(experiment: Experiment, tokenizer, base_path: str, reporter: Reporter, device):
+def added_token_ids(tokenizer, added_tokens: list[str]) -> list[int]:
+    """The ids of the tokens the data stage's template set-up added (new special tokens)."""
+    ids = set()
+    for token in added_tokens or []:
+        tid = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            ids.add(tid)
+    return sorted(ids)
+
+
+def build_model(experiment: Experiment, tokenizer, base_path: str, added_tokens: list[str], reporter: Reporter,
+                device):
     tc = experiment.training
     extra: dict[str, Any] = {}
     if tc.mode in ("qlora4", "qlora8"):
@@ -514,10 +525,16 @@ def build_model(experiment: Experiment, tokenizer, base_path: str, reporter: Rep
     from .models import resize_for_tokenizer
 
     added = resize_for_tokenizer(model, tokenizer)
-    new_ids = list(range(base_rows, base_rows + added))
+    # The new tokens are those the set-up added, wherever their rows are: a base model whose
+    # vocabulary is padded past the tokenizer (Qwen2.5, Phi-2, Pythia) grows nothing, yet the
+    # rows of the new ids were never trained and must be.
+    new_ids = added_token_ids(tokenizer, added_tokens)
     if added:
-        reporter.info("tokenizer has %d tokens, base model %d rows: resized embeddings, %d new rows (ids %d..%d) "
-                      "will be trained", len(tokenizer), base_rows, added, new_ids[0], new_ids[-1])
+        reporter.info("tokenizer has %d tokens, base model %d rows: resized embeddings by %d rows",
+                      len(tokenizer), base_rows, added)
+    if new_ids:
+        reporter.info("the %d tokens the template set-up added (ids %s) will be trained", len(new_ids),
+                      ", ".join(map(str, new_ids)))
     if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if tc.mode == "full":
@@ -849,7 +866,8 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
         with state.main_process_first():
             base_path = resolve_base_model(experiment.model, experiment.store_root,
                                            base_vocab_size(tokenizer, spec["template"].get("added_tokens") or []))
-    model, base_rows, new_ids = build_model(experiment, tokenizer, base_path, reporter, state.device)
+    model, base_rows, new_ids = build_model(experiment, tokenizer, base_path, spec["template"]["added_tokens"],
+                                            reporter, state.device)
 
     world = state.num_processes
     expected_spe = steps_per_epoch(len(train_ds), tc.per_device_train_batch_size,
