@@ -4,6 +4,7 @@ fine-tuning, and 2 processes == 1 process."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -75,9 +76,15 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
             "training_summary.json"} <= names
     assert not any(n.startswith("checkpoint-") for n in names)
     on_disk = json.loads((out / "training_summary.json").read_text())
-    for key in ("mlflow_run_id", "global_step", "train_loss", "accuracy_before", "accuracy_after",
-                "trainable_tokens", "train_runtime"):
-        assert on_disk[key] is not None, key
+    assert on_disk == summary
+    # The MLflow run is closed and holds the same figures.
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(on_disk["mlflow_tracking_uri"]).get_run(on_disk["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    for key in ("accuracy_before", "accuracy_after", "train_loss", "trainable_tokens"):
+        assert run.data.metrics[key] == pytest.approx(on_disk[key]), key
+    assert math.isfinite(on_disk["train_loss"]) and on_disk["train_loss"] > 0
     assert on_disk["global_step"] == 4 and on_disk["new_token_ids"] == [30, 31]
     # Every trainable label of the shards was trained on once (one epoch).
     from trainer.collate import PackedDataset
