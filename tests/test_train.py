@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 import torch
 
@@ -65,6 +66,22 @@ def test_batch_without_trainable_tokens_is_an_error(tmp_path):
     with pytest.raises(NoTrainableTokensError, match=r"dataset rows \[2\]"):
         run_training(spec)
     assert not Path(spec["output_dir"]).exists()
+
+
+def test_wrapped_shards_train_at_any_batch_size(tmp_path):
+    """Wrapped packing cuts documents anywhere; a row holding only untrained text is never written,
+    so no micro-batch (batch size 1 here) comes without a trainable token."""
+    from trainer.packing import pack
+
+    docs = [([5, 6, 7], [-100, 6, -100]), ([8, 9, 10, 11], [-100, 9, -100, -100])] * 4
+    table = pa.table({"row_id": list(range(len(docs))), "input_ids": [d[0] for d in docs],
+                      "labels": [d[1] for d in docs]})
+    packed = pack(table, 4, "wrapped")
+    assert packed.counts["untrainable_rows_dropped"] > 0
+    write_shards(tmp_path / "train", packed.table, rows_per_shard=2)
+    spec = make_spec(tmp_path, training={"per_device_train_batch_size": 1})
+    summary = run_training(spec)
+    assert summary["global_step"] == packed.table.num_rows
 
 
 def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
