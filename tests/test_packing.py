@@ -83,7 +83,8 @@ def expected(rows, M, overlong, side):
             if any(x != IGNORE for x in pl):
                 kept.append((rid, list(pi), pl))
         if not kept:
-            rejects[rid] = ("no trainable token after truncation" if n > M and overlong == "truncate"
+            rejects[rid] = (f"no trainable token after truncation to max_length {M} ({side})"
+                            if n > M and overlong == "truncate"
                             else "no trainable token in any" if n > M else "no trainable token")
         docs += kept
     return docs, rejects
@@ -338,14 +339,14 @@ def test_truncate_rejects_rows_without_trainable_tokens():
     # row 100: trainable only at the end -> keep_start leaves nothing; row 101 only at position 1
     rows = make_rows([8, 8], masks=[[j == 7 for j in range(8)], [j == 1 for j in range(8)]])
     res = pack(to_table(rows), 4, "bfd", "truncate", "keep_start")
-    assert res.rejects == [(100, "no trainable token after truncation")]
+    assert res.rejects == [(100, "no trainable token after truncation to max_length 4 (keep_start)")]
     assert res.counts["rows_out"] == 1 and res.counts["rows_in"] == 2
     res = pack(to_table(rows), 4, "bfd", "truncate", "keep_end")
-    assert res.rejects == [(101, "no trainable token after truncation")]
+    assert res.rejects == [(101, "no trainable token after truncation to max_length 4 (keep_end)")]
     # keep_end: position 4 becomes the first token, so its label is masked
     rows = make_rows([8], masks=[[j == 4 for j in range(8)]])
     res = pack(to_table(rows), 4, "none", "truncate", "keep_end")
-    assert res.rejects == [(100, "no trainable token after truncation")]
+    assert res.rejects == [(100, "no trainable token after truncation to max_length 4 (keep_end)")]
 
 
 def test_split_pieces_exact():

@@ -255,7 +255,7 @@ def pack(
     for i in np.flatnonzero((npieces > 0) & (survived == 0)):
         i = int(i)
         if long[i] and overlong == "truncate":
-            reasons[i] = "no trainable token after truncation"
+            reasons[i] = f"no trainable token after truncation to max_length {M} ({truncate_side})"
         elif long[i] and overlong == "split":
             reasons[i] = f"no trainable token in any of its {int(npieces[i])} pieces after split"
         else:
