@@ -4,7 +4,6 @@ fine-tuning, and 2 processes == 1 process."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -51,8 +50,11 @@ def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs, steps, 
     summary = run_training(spec)
     assert summary["steps_per_epoch"] == steps_per_epoch(rows, bs, ga, 1) == steps
     assert summary["global_step"] == steps * epochs
-    state_steps = json.loads((Path(spec["output_dir"]) / "training_summary.json").read_text())["global_step"]
-    assert state_steps == steps * epochs
+    # The optimizer steps Trainer actually took, as logged one by one (logging_steps 1).
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, steps * epochs + 1))
 
 
 def test_batch_without_trainable_tokens_is_an_error(tmp_path):
@@ -97,11 +99,15 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     # The MLflow run is closed and holds the same figures.
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(on_disk["mlflow_tracking_uri"]).get_run(on_disk["mlflow_run_id"])
+    client = MlflowClient(on_disk["mlflow_tracking_uri"])
+    run = client.get_run(on_disk["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     for key in ("accuracy_before", "accuracy_after", "train_loss", "trainable_tokens"):
         assert run.data.metrics[key] == pytest.approx(on_disk[key]), key
-    assert math.isfinite(on_disk["train_loss"]) and on_disk["train_loss"] > 0
+    # train_loss is the mean over the run's optimizer steps (logged one by one: logging_steps 1).
+    step_losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert [step for step, _ in step_losses] == [1, 2, 3, 4]
+    assert on_disk["train_loss"] == pytest.approx(sum(v for _, v in step_losses) / 4, rel=1e-6)
     assert on_disk["global_step"] == 4 and on_disk["new_token_ids"] == [30, 31]
     # Every trainable label of the shards was trained on once (one epoch).
     from trainer.collate import PackedDataset
@@ -138,9 +144,11 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
 
 def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
     """A base model with more embedding rows than the tokenizer (vocabularies padded to a multiple
-    of 64 or 128): nothing is resized, yet the rows of the tokens the set-up added are trained."""
-    from peft import PeftModel
+    of 64 or 128): nothing is resized, yet the rows of the tokens the set-up added are trained,
+    and the merged model carries them."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from trainer.merge import merge_adapter
 
     torch.manual_seed(0)
     padded = 48  # the tokenizer has 32 tokens; "<|im_start|>" and "<|im_end|>" are ids 30 and 31
@@ -150,18 +158,18 @@ def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
     summary = run_training(spec)
     assert summary["new_token_ids"] == [30, 31] and summary["base_vocab_rows"] == padded
 
+    merged_dir = merge_adapter(spec["output_dir"], str(tmp_path / "base"), spec["tokenizer_dir"],
+                               tmp_path / "merged", spec["template"]["eot_token"])
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
-    before_in = base.get_input_embeddings().weight.detach().clone()
-    before_out = base.get_output_embeddings().weight.detach().clone()
-    merged = PeftModel.from_pretrained(base, spec["output_dir"]).merge_and_unload()
-    after_in = merged.get_input_embeddings().weight.detach()
-    after_out = merged.get_output_embeddings().weight.detach()
-    assert after_in.shape[0] == after_out.shape[0] == padded
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
     new = torch.zeros(padded, dtype=torch.bool)
     new[[30, 31]] = True
-    for before, after in ((before_in, after_in), (before_out, after_out)):
-        assert torch.equal(after[~new], before[~new])
-        assert (after[new] - before[new]).abs().amax(dim=1).min() > 0
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        before = getattr(base, get)().weight.detach()
+        after = getattr(merged, get)().weight.detach()
+        assert after.shape == before.shape == (padded, TINY["hidden_size"]), get
+        assert torch.equal(after[~new], before[~new]), get  # rows of other tokens untouched
+        assert (after[new] - before[new]).abs().amax(dim=1).min() > 0, get  # both new rows trained
 
 
 def test_full_fine_tune(tmp_path_factory):
@@ -300,20 +308,28 @@ def test_resume_after_kill(tmp_path):
     assert "already complete" in log3 and "step 1/" not in log3
     assert json.loads((out / "training_summary.json").read_text()) == summary
 
-    # The resumed run ends where an uninterrupted run with the same settings ends.
+    # The resumed run ends where an uninterrupted run with the same settings ends (launched the
+    # same way, so both use the same kernels and thread count).
     from safetensors.torch import load_file
 
     straight = make_spec(tmp_path / "straight", rows=80, training=RESUME_TRAINING)
-    straight_summary = run_training(straight)
+    proc = _launch(tmp_path / "straight" / "spec.json", tmp_path / "straight.log")
+    assert proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
+    straight_summary = json.loads((Path(straight["output_dir"]) / "training_summary.json").read_text())
+    assert straight_summary["resumed_from_step"] is None and straight_summary["global_step"] == total
     resumed_w = load_file(str(out / "adapter_model.safetensors"))
     straight_w = load_file(str(Path(straight["output_dir"]) / "adapter_model.safetensors"))
     assert resumed_w.keys() == straight_w.keys()
+    # Bitwise equal: the checkpoint restores weights, optimizer and scheduler state, RNG states and
+    # the data order exactly, and both runs are one CPU process with one thread (train_env), so
+    # every float operation is repeated in the same order. (A tolerance would hide a resume that
+    # restored, say, the optimizer moments only approximately.)
     for k in resumed_w:
-        # Same data order, RNG state and optimizer state from the checkpoint: equal up to float
-        # reassociation in the optimizer restored from disk.
-        torch.testing.assert_close(resumed_w[k], straight_w[k], atol=1e-6, rtol=1e-5, msg=k)
+        assert torch.equal(resumed_w[k], straight_w[k]), (k, (resumed_w[k] - straight_w[k]).abs().max())
+    # The whole-run mean loss: the resumed run adds the logged per-step losses up to the checkpoint
+    # to its own session's mean, so only the summation order differs.
+    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-9)
     assert any(straight_w[k].abs().max() > 0 for k in straight_w if "lora_B" in k)  # it trained
-    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-5)
     assert summary["tokens"] == straight_summary["tokens"]
 
 
@@ -328,53 +344,88 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
 
-def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypatch):
+def _mlflow_runs(summary: dict) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    return client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id])
+
+
+def _kill_in_finalize(at: str):
+    """`_finalize` killed before it deletes anything, or after the checkpoints are gone but
+    before the rename."""
+    import shutil
+
+    def killed(work, output_dir):
+        if at == "after_cleanup":
+            for p in work.glob("checkpoint-*"):
+                shutil.rmtree(p)
+        raise _Killed()
+
+    return killed
+
+
+@pytest.mark.parametrize("at", ["before_cleanup", "after_cleanup"])
+def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypatch, at):
     import trainer.train as train_module
 
     spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
     out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
-
-    def killed(*args):
-        raise _Killed()
-
-    monkeypatch.setattr(train_module, "_finalize", killed)  # killed as the checkpoints are deleted
+    monkeypatch.setattr(train_module, "_finalize", _kill_in_finalize(at))
     with pytest.raises(_Killed):
         run_training(spec)
     monkeypatch.undo()
     summary = json.loads((work / "training_summary.json").read_text())
-    assert summary["global_step"] == 4 and last_checkpoint(work) is not None and not out.exists()
+    assert summary["global_step"] == 4 and not out.exists()
+    assert (last_checkpoint(work) is not None) == (at == "before_cleanup")
     finished = _files(work)
 
+    # Completed, not trained again (a training would log "loss" again and rewrite the adapter).
     again = run_training(spec)
-    assert again == summary  # completed, not trained again
+    assert again == summary
     assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
     assert {k: v for k, v in _files(out).items() if k in finished} == {
         k: v for k, v in finished.items() if k not in ("mlflow_run_id", "sftdag_before.json")}
+    assert "adapter_model.safetensors" in finished
+    # One MLflow run, closed, its figures logged once.
+    (run,) = _mlflow_runs(summary)
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
-    run = MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
-    assert run.info.status == "FINISHED"
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1
 
 
-def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, monkeypatch):
+# model_card: the old order had deleted the checkpoints by then; _write_summary: the model is
+# saved and logged, the summary not yet written.
+@pytest.mark.parametrize("at", ["model_card", "_write_summary"])
+def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, at):
     import trainer.train as train_module
 
     spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
     out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
 
-    def killed(*args):
+    def killed(*args, **kwargs):
         raise _Killed()
 
-    monkeypatch.setattr(train_module, "_write_summary", killed)  # the model is saved, no summary yet
+    monkeypatch.setattr(train_module, at, killed)
     with pytest.raises(_Killed):
         run_training(spec)
     monkeypatch.undo()
     assert (work / "adapter_model.safetensors").exists() and not (work / "training_summary.json").exists()
-    assert last_checkpoint(work).name == "checkpoint-4"  # the checkpoints outlive the final save
+    assert last_checkpoint(work) == work / "checkpoint-4"  # the checkpoints outlive the final save
 
     summary = run_training(spec)
     assert summary["resumed_from_step"] == 4 and summary["global_step"] == 4  # not from step 0
     assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
+    # The resumed session continued the same MLflow run: one run, closed.
+    (run,) = _mlflow_runs(summary)
+    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
 
 
 def _free_port() -> int:

@@ -78,6 +78,7 @@ RUN_ID_FILE = "mlflow_run_id"
 COUNTERS_FILE = "sftdag_counters.json"
 BEFORE_FILE = "sftdag_before.json"  # accuracy of the base model, kept across a resume
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+FINAL_METRICS = ("train_loss", "train_runtime")  # logged once, from the summary
 
 __all__ = [
     "main", "run_training", "load_spec", "partial_dir", "last_checkpoint", "steps_per_epoch",
@@ -382,7 +383,10 @@ def _make_callback_class():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs:
                 return
-            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            # train_loss and train_runtime are logged once, at the end, over the whole run: Trainer's
+            # own (in its last log) cover only this session when it resumed.
+            metrics = {k: v for k, v in logs.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                       and k not in FINAL_METRICS}
             if "loss" in metrics or "grad_norm" in metrics:
                 now = time.time()
                 if self._last_time is not None and now > self._last_time:
