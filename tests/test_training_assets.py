@@ -9,6 +9,7 @@ from assets.data import data_asset_key
 from assets.training import GPU_TAG, adapter_asset_key, merged_asset_key
 from pipelines.cli import materialize_experiment
 from pipelines.definitions import build_definitions, train_job_name
+from trainer.evaluate import exact_match, generate, load_held_out
 from trainer.launch import plan_adapter, plan_merge
 
 from .conftest import small_rows
@@ -56,18 +57,39 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     assert run.data.tags["data_version"] == packed.tags["dagster/data_version"]
     assert float(run.data.params["training.learning_rate"]) == 0.01
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][:2] == [1, 2]
-    assert "accuracy_merged" in run.data.metrics  # logged by the merged_model asset
 
     plan = plan_adapter(exp)
     merged_dir = plan_merge(exp, plan).output_dir
     merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
     assert merged.metadata["path"].value == str(merged_dir)
+    # The merged model on disk, loaded alone, is the trained adapter on its base model: same logits
+    # and greedy answers on the held-out prompts (which the adapter changed), and the accuracy the
+    # UI and MLflow show is that of those answers.
+    from peft import PeftModel
+
+    from trainer.models import load_model
+
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir))
-    ids = tokenizer("What is 1 + 1?", return_tensors="pt", add_special_tokens=False).input_ids
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    adapted = PeftModel.from_pretrained(load_model(plan.base_model, exp.model, tokenizer), str(plan.output_dir)).eval()
+    rows = load_held_out(plan.spec["held_out"])[:TINY_TRAINING["accuracy_rows"]]
+    assert len(rows) == TINY_TRAINING["accuracy_rows"]
+    prompts = [r["prompt"] for r in rows]
+    stops = [plan.spec["template"]["eot_token"], tokenizer.eos_token]
+    ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] > ids.shape[1]
+        merged_logits, adapter_logits = model(ids).logits, adapted(ids).logits
+        with adapted.disable_adapter():
+            base_logits = adapted(ids).logits
+        generations = generate(model, tokenizer, prompts, TINY_TRAINING["max_new_tokens"], stop_tokens=stops)
+        assert generations == generate(adapted, tokenizer, prompts, TINY_TRAINING["max_new_tokens"],
+                                       stop_tokens=stops)
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert (base_logits - adapter_logits).abs().max() > 1e-3
+    accuracy = exact_match(generations, [r["reference"] for r in rows])
+    assert accuracy == summary["accuracy_after"]
+    assert merged.metadata["accuracy_merged"].value == accuracy
+    assert client.get_run(run.info.run_id).data.metrics["accuracy_merged"] == accuracy
 
     # Materializing again reuses the completed adapter version: nothing is retrained.
     again = materialize_experiment(exp, "model", instance=instance)
@@ -75,6 +97,8 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     second = instance.get_latest_materialization_event(adapter_asset_key(exp)).asset_materialization
     assert second.metadata["cache_hit"].value is True
     assert second.tags["dagster/data_version"] == adapter.tags["dagster/data_version"]
+    assert second.metadata["mlflow_run_id"].value == meta["mlflow_run_id"].value
+    assert second.metadata["global_step"].value == 4
 
 
 def test_gpu_runs_are_tagged_and_limited_to_one(make_experiment, instance):
