@@ -33,8 +33,12 @@ adapter) or `config.json` + `model.safetensors` (full), the tokenizer files, `RE
 card), `training_summary.json` (mlflow_run_id, global_step, train_loss, eval_loss,
 accuracy_before, accuracy_after, trainable_tokens, tokens, train_runtime, steps_per_epoch, ...).
 Checkpoints live in the `.partial` dir; a restart resumes from the newest complete one (same
-MLflow run, token counters restored); a finished `output_dir` is never overwritten (the run is a
-no-op that reports the existing summary). `output_dir + ".lock"` keeps a second concurrent
+MLflow run, token counters restored). The model, tokenizer and card are saved first, then
+`training_summary.json` atomically: its presence marks the `.partial` dir as finished, and only
+then are the checkpoints deleted and the dir renamed, so a run stopped at any point either resumes
+from its last checkpoint or, on the next start, is completed without training (its MLflow run
+closed, no new one). A finished `output_dir` is never overwritten (the run is a no-op that reports
+the existing summary). `output_dir + ".lock"` keeps a second concurrent
 training of the same output out.
 
 Batches: packed rows with restarting position_ids and a block-diagonal 4-D mask (see
