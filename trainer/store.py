@@ -26,7 +26,7 @@ CODE_VERSIONS = {
     "raw": "1",
     "templated": "2",  # 2: turns located by the template's own text; end-of-turn text; tool calls
     "tokenized": "2",  # 2: no word-start marker at piece boundaries (SentencePiece)
-    "packed": "1",
+    "packed": "2",  # 2: no row without a trainable token (wrapped)
     "adapter": "1",
     "merged": "1",
 }
