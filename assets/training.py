@@ -85,6 +85,7 @@ def build_training_assets(exp: Experiment) -> list:
             metadata["accuracy_base"] = float(summary["accuracy_before"])
         if result.get("accuracy_merged") is not None:
             metadata["accuracy_merged"] = float(result["accuracy_merged"])
+            metadata["scored_rows"] = int(result["scored_rows"])
             _log_merged_accuracy(summary, result["accuracy_merged"])
             context.log.info(f"held-out exact match: base {summary.get('accuracy_before')} → merged "
                              f"{result['accuracy_merged']}")

@@ -101,6 +101,36 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     assert second.metadata["global_step"].value == 4
 
 
+@pytest.mark.slow
+def test_evaluation_and_reporting_settings_never_retrain(make_experiment, instance):
+    import dataclasses
+
+    exp = make_experiment(name="tiny_eval", rows=small_rows(40),
+                          data={"name": "tiny_eval_data", "eval": {"fraction": 0.2},
+                                "checks": {"min_packing_efficiency": 0.5}},
+                          model=TINY_MODEL, training={**TINY_TRAINING, "max_steps": 2})
+    assert materialize_experiment(exp, "model", instance=instance).success
+    first = instance.get_latest_materialization_event(adapter_asset_key(exp)).asset_materialization
+
+    def changed(**training):
+        return dataclasses.replace(exp, training=dataclasses.replace(exp.training, **training))
+
+    # Held-out rows scored, samples logged, logging, evaluation and checkpoint cadence, tracking.
+    reporting = dataclasses.replace(
+        changed(accuracy_rows=3, sample_generations=1, logging_steps=2, eval_steps=5, save_steps=7,
+                max_new_tokens=2, gpu=True),
+        tracking=dataclasses.replace(exp.tracking, experiment_name="elsewhere"))
+    assert plan_adapter(reporting).key == plan_adapter(exp).key
+    assert plan_adapter(changed(learning_rate=0.02)).key != plan_adapter(exp).key  # a training setting does
+    assert materialize_experiment(reporting, "model", instance=instance).success
+    again = instance.get_latest_materialization_event(adapter_asset_key(exp)).asset_materialization
+    assert again.metadata["cache_hit"].value is True
+    assert again.tags["dagster/data_version"] == first.tags["dagster/data_version"]
+    # ...while the merged model is scored again on the rows now asked for.
+    merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
+    assert merged.metadata["scored_rows"].value == 3
+
+
 def test_gpu_runs_are_tagged_and_limited_to_one(make_experiment, instance):
     gpu = make_experiment(name="on_gpu", training={"gpu": True})
     cpu = make_experiment(name="on_cpu")

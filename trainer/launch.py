@@ -7,7 +7,6 @@ the result goes, and whether it already exists.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import keys
 from .config import Experiment
 from .prepare import DataPipeline
 from .store import CODE_VERSIONS, content_key, file_digest
@@ -62,10 +62,7 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
     train_key = outputs["packed/train"].key
     eval_key = outputs["packed/eval"].key if "packed/eval" in outputs else None
     data_version = train_key + (f"+{eval_key}" if eval_key else "")
-    training = dataclasses.asdict(exp.training)
-    training.pop("gpu")  # scheduling, not bytes
-    params = {"training": training, "model": dataclasses.asdict(exp.model),
-              "base": model_identity(exp, base_model), "tokenizer": tokenizer["identity"]}
+    params = keys.adapter_params(exp, model_identity(exp, base_model), tokenizer["identity"])
     key = content_key("adapter", inputs=[k for k in (train_key, eval_key) if k], params=params)
     output_dir = store.path("adapter", key)
 
@@ -116,7 +113,7 @@ class MergePlan:
 
 
 def plan_merge(exp: Experiment, adapter: AdapterPlan) -> MergePlan:
-    key = content_key("merged", inputs=[adapter.key], params={"mode": exp.training.mode})
+    key = content_key("merged", inputs=[adapter.key], params=keys.merged_params(exp))
     store_root = adapter.output_dir.parents[1]
     return MergePlan(key, store_root / "merged" / key)
 
@@ -125,21 +122,24 @@ def run_merge(exp: Experiment, adapter: AdapterPlan, plan: MergePlan) -> dict[st
     """Merge (if not already merged) and score the merged model on the held-out prompts."""
     from .merge import merge_adapter
 
-    summary_path = plan.output_dir / "merge_summary.json"
+    if not plan.output_dir.is_dir():  # merge_adapter renames a complete directory into place
+        merge_adapter(str(adapter.output_dir), adapter.base_model, adapter.spec["tokenizer_dir"],
+                      str(plan.output_dir), adapter.spec["template"]["eot_token"])
+    # The score is keyed by what it measures: asking for more held-out rows rescores, never retrains.
+    score_key = content_key("score", inputs=[plan.key], params=keys.score_params(exp))
+    summary_path = plan.output_dir / f"score-{score_key}.json"
     if not summary_path.is_file():
-        if not plan.output_dir.is_dir():  # merge_adapter renames a complete directory into place
-            merge_adapter(str(adapter.output_dir), adapter.base_model, adapter.spec["tokenizer_dir"],
-                          str(plan.output_dir), adapter.spec["template"]["eot_token"])
-        summary = {"adapter_version": adapter.key, "merged_version": plan.key}
+        summary = {"adapter_version": adapter.key, "merged_version": plan.key, "score_version": score_key}
         if adapter.spec.get("held_out"):
-            summary["accuracy_merged"] = score_model(plan.output_dir, adapter.spec, exp)
-        tmp = summary_path.with_suffix(".tmp")
+            summary["accuracy_merged"], summary["scored_rows"] = score_model(plan.output_dir, adapter.spec, exp)
+        tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(summary, indent=2))
-        tmp.rename(summary_path)
+        os.replace(tmp, summary_path)
     return json.loads(summary_path.read_text())
 
 
-def score_model(model_dir: Path, spec: dict[str, Any], exp: Experiment) -> float:
+def score_model(model_dir: Path, spec: dict[str, Any], exp: Experiment) -> tuple[float, int]:
+    """Held-out exact match of the model in `model_dir`, and how many rows were scored."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,5 +153,5 @@ def score_model(model_dir: Path, spec: dict[str, Any], exp: Experiment) -> float
     with torch.no_grad():
         generations = generate(model, tokenizer, [r["prompt"] for r in rows], exp.training.max_new_tokens,
                                stop_tokens=stops)
-    return exact_match(generations, [r["reference"] for r in rows])
+    return exact_match(generations, [r["reference"] for r in rows]), len(rows)
 

@@ -24,12 +24,13 @@ import types
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 
 from .arrow_io import read_table, write_shards, write_table
 from .config import Experiment, SourceConfig
+from . import keys
 from .sources import build_raw_table, source_fingerprint
 from .store import Store, StageOutput, content_key, file_digest
 
@@ -261,6 +262,9 @@ class DataPipeline:
         self.data = experiment.data
         self.store = store or Store(experiment.store_root)
         self.progress = progress
+        self._keys: dict[tuple[str, str], str] = {}
+        self._outputs: dict[tuple[str, str], StageOutput] = {}
+        self._fingerprints: dict[int, dict[str, Any]] = {}
         # A formatting function's module edited since this process ran it is reloaded now, before
         # `templated` takes the function (its key then names the code that runs).
         _refresh_formatting_func(self.data.formatting_func)
@@ -328,35 +332,45 @@ class DataPipeline:
         return self.data.source, self.data.eval.source is None and self.data.eval.fraction > 0
 
     # -- keys --------------------------------------------------------------------------------
+    # Keys are computed once per pipeline (the source files hashed once), each from its
+    # upstream key and its own parameters (`trainer.keys`).
     def raw_key(self, split: str) -> str:
-        source, carved = self._source_for(split)
-        params = {"source": source_fingerprint(source, self.exp.base_dir), "split": split,
-                  "holdout": dataclasses.asdict(self.data.eval) if carved else None}
-        if params["holdout"]:
-            params["holdout"].pop("source", None)
-            params["holdout"].pop("pack", None)
-        return content_key("raw", inputs=[], params=params)
+        return self._key("raw", split, lambda: content_key(
+            "raw", inputs=[], params=keys.raw_params(self.exp, split, self._fingerprint(split), self._source_for(split)[1])))
 
     def templated_key(self, split: str) -> str:
-        d = self.data
         # reload=False: `__init__` reloaded an edited formatting module; an edit since then is an
         # error, since `templated` may already hold the old function.
-        params = {"format": d.format, "fields": dataclasses.asdict(d.fields), "masking": d.masking,
-                  "formatting_func": _formatting_func_identity(d.formatting_func, reload=False),
-                  "response_template": d.response_template, "instruction_template": d.instruction_template,
-                  "empty_assistant_turns": d.empty_assistant_turns, "tokenizer": self.tokenizer_identity}
-        return content_key("templated", inputs=[self.raw_key(split)], params=params)
+        return self._key("templated", split, lambda: content_key(
+            "templated", inputs=[self.raw_key(split)], params=keys.templated_params(
+                self.exp, _formatting_func_identity(self.data.formatting_func, reload=False),
+                self.tokenizer_identity)))
 
     def tokenized_key(self, split: str) -> str:
-        return content_key("tokenized", inputs=[self.templated_key(split)],
-                           params={"tokenizer": self.tokenizer_identity})
+        return self._key("tokenized", split, lambda: content_key(
+            "tokenized", inputs=[self.templated_key(split)], params=keys.tokenized_params(self.tokenizer_identity)))
 
     def packed_key(self, split: str) -> str:
-        d = self.data
-        strategy = d.packing if (split == "train" or d.eval.pack) else "none"
-        params = {"max_length": d.max_length, "packing": strategy, "overlong": d.overlong,
-                  "truncate_side": d.truncate_side, "rows_per_shard": d.rows_per_shard}
-        return content_key("packed", inputs=[self.tokenized_key(split)], params=params)
+        return self._key("packed", split, lambda: content_key(
+            "packed", inputs=[self.tokenized_key(split)], params=keys.packed_params(self.exp, split)))
+
+    def _output(self, stage: str, split: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
+        if (stage, split) not in self._outputs:  # one store look-up (or build) per pipeline
+            self._outputs[stage, split] = self.store.get_or_build(stage, key, build)
+        return self._outputs[stage, split]
+
+    def _key(self, stage: str, split: str, compute: Callable[[], str]) -> str:
+        if (stage, split) not in self._keys:
+            self._keys[stage, split] = compute()
+        return self._keys[stage, split]
+
+    def _fingerprint(self, split: str) -> dict[str, Any]:
+        """The source's fingerprint; train and a carved eval split share one source: hashed once."""
+        source, _ = self._source_for(split)
+        marker = id(source)
+        if marker not in self._fingerprints:
+            self._fingerprints[marker] = source_fingerprint(source, self.exp.base_dir)
+        return self._fingerprints[marker]
 
     # -- stages ------------------------------------------------------------------------------
     def raw(self, split: str = "train") -> StageOutput:
@@ -375,7 +389,7 @@ class DataPipeline:
                                                "rejects": len(rejects)},
                     "reject_reasons": write_rejects(tmp, "raw", rejects)}
 
-        return self.store.get_or_build("raw", self.raw_key(split), build)
+        return self._output("raw", split, self.raw_key(split), build)
 
     def templated(self, split: str = "train") -> StageOutput:
         from .formats import RowError, load_formatting_func, normalize
@@ -423,7 +437,7 @@ class DataPipeline:
                 manifest["generation_prompt_differs"] = differs
             return manifest
 
-        return self.store.get_or_build("templated", self.templated_key(split), build)
+        return self._output("templated", split, self.templated_key(split), build)
 
     def tokenized(self, split: str = "train") -> StageOutput:
         from .tokenization import tokenize_rows
@@ -441,14 +455,14 @@ class DataPipeline:
                 "tokens": len(labels), "trainable_tokens": trainable},
                 "reject_reasons": write_rejects(tmp, "tokenized", rejects)}
 
-        return self.store.get_or_build("tokenized", self.tokenized_key(split), build)
+        return self._output("tokenized", split, self.tokenized_key(split), build)
 
     def packed(self, split: str = "train") -> StageOutput:
         from .packing import length_histogram, pack
 
         tokenized = self.tokenized(split)
         d = self.data
-        strategy = d.packing if (split == "train" or d.eval.pack) else "none"
+        strategy = keys.packing_strategy(self.exp, split)
 
         def build(tmp: Path) -> dict[str, Any]:
             table_in = read_table(tokenized.path / "rows.arrow")
@@ -461,7 +475,7 @@ class DataPipeline:
                     "length_histogram": length_histogram(result.doc_lengths, d.max_length),
                     "reject_reasons": write_rejects(tmp, "packed", result.rejects)}
 
-        return self.store.get_or_build("packed", self.packed_key(split), build)
+        return self._output("packed", split, self.packed_key(split), build)
 
     def run(self) -> dict[str, StageOutput]:
         """All data stages for every split; returns {"<stage>/<split>": StageOutput}."""

@@ -29,6 +29,7 @@ CODE_VERSIONS = {
     "packed": "2",  # 2: no row without a trainable token (wrapped)
     "adapter": "1",
     "merged": "1",
+    "score": "1",
 }
 
 MANIFEST = "manifest.json"

@@ -1,0 +1,76 @@
+"""What enters each stage's key: the one place that decides it.
+
+A key is `content_key(stage, inputs=[upstream keys], params, code_version)`. The upstream keys
+carry everything upstream; `params` are a stage's own settings, and only those that change its
+bytes. Settings that only change what is measured or reported (held-out rows scored, samples
+logged, logging interval, evaluation cadence, checkpoint cadence, tracking, scheduling) stay out,
+so changing them never rebuilds or retrains anything.
+
+| stage | params |
+| --- | --- |
+| raw | source fingerprint (file contents), split, hold-out settings when carved from the source |
+| templated | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (+ input: the set-up tokenizer, whose key is its identity) |
+| tokenized | nothing of its own (inputs: templated, tokenizer) |
+| packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
+| adapter | `training` minus `TRAINING_REPORTING`, `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
+| merged | training mode (input: adapter) |
+| score | held-out rows scored, max new tokens (input: merged) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .config import Experiment
+
+# Training settings that change what is measured or reported, never the trained weights.
+TRAINING_REPORTING = (
+    "accuracy_rows", "sample_generations", "max_new_tokens", "logging_steps",
+    "eval_strategy", "eval_steps", "per_device_eval_batch_size",
+    "save_strategy", "save_steps", "save_total_limit", "gpu",
+)
+
+
+def raw_params(exp: Experiment, split: str, source_fingerprint: dict[str, Any], carved: bool) -> dict[str, Any]:
+    holdout = None
+    if carved:  # the eval split is carved out of the source: how it is carved
+        holdout = {k: v for k, v in dataclasses.asdict(exp.data.eval).items() if k not in ("source", "pack")}
+    return {"source": source_fingerprint, "split": split, "holdout": holdout}
+
+
+def templated_params(exp: Experiment, formatting_func_identity: str | None, tokenizer_identity: str) -> dict[str, Any]:
+    d = exp.data
+    return {"format": d.format, "fields": dataclasses.asdict(d.fields), "masking": d.masking,
+            "formatting_func": formatting_func_identity, "response_template": d.response_template,
+            "instruction_template": d.instruction_template, "empty_assistant_turns": d.empty_assistant_turns,
+            "tokenizer": tokenizer_identity}
+
+
+def tokenized_params(tokenizer_identity: str) -> dict[str, Any]:
+    return {"tokenizer": tokenizer_identity}
+
+
+def packing_strategy(exp: Experiment, split: str) -> str:
+    d = exp.data
+    return d.packing if (split == "train" or d.eval.pack) else "none"
+
+
+def packed_params(exp: Experiment, split: str) -> dict[str, Any]:
+    d = exp.data
+    return {"max_length": d.max_length, "packing": packing_strategy(exp, split), "overlong": d.overlong,
+            "truncate_side": d.truncate_side, "rows_per_shard": d.rows_per_shard}
+
+
+def adapter_params(exp: Experiment, base_identity: dict[str, Any], tokenizer_identity: str) -> dict[str, Any]:
+    training = {k: v for k, v in dataclasses.asdict(exp.training).items() if k not in TRAINING_REPORTING}
+    return {"training": training, "model": dataclasses.asdict(exp.model), "base": base_identity,
+            "tokenizer": tokenizer_identity}
+
+
+def merged_params(exp: Experiment) -> dict[str, Any]:
+    return {"mode": exp.training.mode}
+
+
+def score_params(exp: Experiment) -> dict[str, Any]:
+    return {"accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens}
