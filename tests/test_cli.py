@@ -53,9 +53,16 @@ def test_prepare_prints_json_and_records_runs_in_the_instance(tmp_path):
     assert trainable == summary["trainable_tokens"] > 0
     assert summary["packing_efficiency"] == pytest.approx(sum(lengths) / (shards.num_rows * 128))
 
-    # Again: every stage is a cache hit, and both runs are in the persistent instance.
-    again = run_cli(["prepare", str(experiment)], tmp_path)
+    # Again: every stage is a cache hit, and both runs are in the persistent instance. A cached
+    # run loads no tokenizer and no model code: neither transformers nor torch is imported.
+    probe = ("import sys; from pipelines.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nfinally:\n"
+             "    print('imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    again = subprocess.run([sys.executable, "-c", probe, "prepare", str(experiment)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.strip().splitlines()[-1] == "imported: []"
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["data_version"] == summary["data_version"] and second["dagster_run_id"] != summary["dagster_run_id"]
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))

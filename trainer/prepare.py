@@ -392,13 +392,13 @@ class DataPipeline:
         return self._output("raw", split, self.raw_key(split), build)
 
     def templated(self, split: str = "train") -> StageOutput:
-        from .formats import RowError, load_formatting_func, normalize
-        from .templating import generation_prompt, template_rows
-
         raw = self.raw(split)
-        func = load_formatting_func(self.data.formatting_func) if self.data.formatting_func else None
 
         def build(tmp: Path) -> dict[str, Any]:
+            from .formats import RowError, load_formatting_func, normalize
+            from .templating import generation_prompt, template_rows
+
+            func = load_formatting_func(self.data.formatting_func) if self.data.formatting_func else None
             bundle = self.tokenizer_bundle
             raw_table = read_table(raw.path / "rows.arrow")
             rows = list(zip(raw_table.column("row_id").to_pylist(),
@@ -440,11 +440,11 @@ class DataPipeline:
         return self._output("templated", split, self.templated_key(split), build)
 
     def tokenized(self, split: str = "train") -> StageOutput:
-        from .tokenization import tokenize_rows
-
         templated = self.templated(split)
 
         def build(tmp: Path) -> dict[str, Any]:
+            from .tokenization import tokenize_rows
+
             table_in = read_table(templated.path / "rows.arrow")
             table, rejects = tokenize_rows(table_in, self.tokenizer_bundle.tokenizer, progress=self.progress)
             write_table(tmp / "rows.arrow", table)
@@ -458,13 +458,13 @@ class DataPipeline:
         return self._output("tokenized", split, self.tokenized_key(split), build)
 
     def packed(self, split: str = "train") -> StageOutput:
-        from .packing import length_histogram, pack
-
         tokenized = self.tokenized(split)
         d = self.data
         strategy = keys.packing_strategy(self.exp, split)
 
         def build(tmp: Path) -> dict[str, Any]:
+            from .packing import length_histogram, pack
+
             table_in = read_table(tokenized.path / "rows.arrow")
             result = pack(table_in, d.max_length, strategy=strategy, overlong=d.overlong,
                           truncate_side=d.truncate_side, progress=self.progress)

