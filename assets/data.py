@@ -76,20 +76,35 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
     return meta
 
 
-def total_reject_rate(pipeline: DataPipeline) -> tuple[float, int, int]:
-    """(rate, rejects, rows in) over all train-split stages: rows_in == rows_out + rejects."""
-    rows_in = pipeline.raw("train").manifest["counts"]["rows_in"]
-    rejects = sum(getattr(pipeline, stage)("train").manifest["counts"]["rejects"] for stage in STAGE_ASSETS)
+def total_reject_rate(rows_in: int, stages: list[dict[str, StageOutput]]) -> tuple[float, int, int]:
+    """(rate, rejects, rows in) over the train split of the given stages: rows_in == rows_out + rejects."""
+    rejects = sum(outputs["train"].manifest["counts"]["rejects"] for outputs in stages)
     return (rejects / rows_in if rows_in else 0.0), rejects, rows_in
 
 
+def tokenizer_asset_key(group: str) -> dg.AssetKey:
+    return dg.AssetKey([group, "tokenizer"])
+
+
 def build_data_assets(exp: Experiment) -> list:
-    """The data assets and source observation of `exp`'s data group."""
+    """The data assets and source observation of `exp`'s data group. Each asset receives its
+    upstream outputs (`StageStoreIOManager`) and computes only its own stage."""
     group = exp.data_group
     description_suffix = f" (data group `{group}`, defined by experiment `{exp.name}`)"
 
     def pipeline() -> DataPipeline:
         return DataPipeline(exp)
+
+    def result(stage: str, outputs: dict[str, StageOutput], context, checks=()) -> dg.Output:
+        for split, out in outputs.items():
+            context.log.info(f"{stage}/{split}: {'cache hit' if out.cache_hit else 'built'} {out.path}")
+        return dg.Output(outputs, metadata=stage_metadata(stage, outputs),
+                         data_version=dg.DataVersion(data_version(outputs)))
+
+    def asset(stage: str, **kwargs):
+        return dg.asset(key=data_asset_key(group, stage), group_name=group, code_version=CODE_VERSIONS[stage],
+                        kinds={"arrow"}, description=f"{STAGE_ASSETS[stage].replace('_', ' ')}{description_suffix}",
+                        **kwargs)
 
     @dg.observable_source_asset(key=raw_files_key(group), group_name=group,
                                 description="The raw source files; observing it hashes their content." + description_suffix)
@@ -97,40 +112,60 @@ def build_data_assets(exp: Experiment) -> list:
         p = pipeline()
         return dg.DataVersion("+".join(p.raw_key(s) for s in p.splits()))
 
-    def make_stage_asset(stage: str, upstream: dg.AssetKey, check_specs=()):
-        @dg.asset(key=data_asset_key(group, stage), deps=[upstream], group_name=group,
-                  code_version=CODE_VERSIONS[stage], kinds={"arrow"}, check_specs=list(check_specs),
-                  description=f"{STAGE_ASSETS[stage].replace('_', ' ')}{description_suffix}")
-        def stage_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-            p = pipeline()
-            outputs = {split: getattr(p, stage)(split) for split in p.splits()}
-            for split, out in outputs.items():
-                context.log.info(f"{stage}/{split}: {'cache hit' if out.cache_hit else 'built'} {out.path}")
-            checks = _packed_checks(exp, p) if stage == "packed" else []
-            return dg.MaterializeResult(metadata=stage_metadata(stage, outputs),
-                                        data_version=dg.DataVersion(data_version(outputs)),
-                                        check_results=checks)
+    @dg.asset(key=tokenizer_asset_key(group), group_name=group, code_version=CODE_VERSIONS["tokenizer"],
+              kinds={"huggingface"},
+              description="The tokenizer with its chat template set up (its key is its content's identity)"
+                          + description_suffix)
+    def tokenizer(context: dg.AssetExecutionContext) -> dg.Output:
+        out = pipeline().tokenizer_output()
+        setup = out.manifest.get("template", {})
+        return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
+            "path": dg.MetadataValue.path(str(out.path)), "vocab_size": int(out.manifest.get("vocab_size", 0)),
+            "end_of_turn": dg.MetadataValue.text(repr(setup.get("eot_token"))),
+            "added_tokens": dg.MetadataValue.json(setup.get("added_tokens", []))})
 
-        return stage_asset
+    @asset("raw", deps=[raw_files_key(group)])
+    def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output:
+        p = pipeline()
+        return result("raw", {split: p.raw(split) for split in p.splits()}, context)
+
+    @asset("templated", ins={"raw": dg.AssetIn(data_asset_key(group, "raw")),
+                             "tok": dg.AssetIn(tokenizer_asset_key(group))})
+    def templated_text(context: dg.AssetExecutionContext, raw: dict, tok: StageOutput) -> dg.Output:
+        p = pipeline()
+        return result("templated", {split: p.templated(split, raw[split], tok) for split in raw}, context)
+
+    @asset("tokenized", ins={"templated": dg.AssetIn(data_asset_key(group, "templated")),
+                             "tok": dg.AssetIn(tokenizer_asset_key(group))})
+    def tokenized_rows(context: dg.AssetExecutionContext, templated: dict, tok: StageOutput) -> dg.Output:
+        p = pipeline()
+        return result("tokenized", {split: p.tokenized(split, templated[split], tok) for split in templated}, context)
 
     packed_key = data_asset_key(group, "packed")
-    checks = [dg.AssetCheckSpec("packing_efficiency", asset=packed_key,
-                                description="Packing efficiency of the train shards ≥ data.checks.min_packing_efficiency"),
-              dg.AssetCheckSpec("reject_rate", asset=packed_key,
-                                description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")]
-    return [
-        raw_files,
-        make_stage_asset("raw", raw_files_key(group)),
-        make_stage_asset("templated", data_asset_key(group, "raw")),
-        make_stage_asset("tokenized", data_asset_key(group, "templated")),
-        make_stage_asset("packed", data_asset_key(group, "tokenized"), checks),
-    ]
+
+    @asset("packed", ins={"tokenized": dg.AssetIn(data_asset_key(group, "tokenized")),
+                          "templated": dg.AssetIn(data_asset_key(group, "templated")),
+                          "raw": dg.AssetIn(data_asset_key(group, "raw"))},
+           check_specs=[dg.AssetCheckSpec("packing_efficiency", asset=packed_key,
+                                          description="Packing efficiency of the train shards ≥ "
+                                                      "data.checks.min_packing_efficiency"),
+                        dg.AssetCheckSpec("reject_rate", asset=packed_key,
+                                          description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")])
+    def packed_shards(context: dg.AssetExecutionContext, tokenized: dict, templated: dict, raw: dict):
+        p = pipeline()
+        outputs = {split: p.packed(split, tokenized[split]) for split in tokenized}
+        yield result("packed", outputs, context)
+        rows_in = raw["train"].manifest["counts"]["rows_in"]
+        yield from _packed_checks(exp, outputs, total_reject_rate(rows_in, [raw, templated, tokenized, outputs]))
+
+    return [raw_files, tokenizer, raw_dataset, templated_text, tokenized_rows, packed_shards]
 
 
-def _packed_checks(exp: Experiment, p: DataPipeline) -> list[dg.AssetCheckResult]:
+def _packed_checks(exp: Experiment, packed: dict[str, StageOutput],
+                   reject_rate: tuple[float, int, int]) -> list[dg.AssetCheckResult]:
     thresholds = exp.data.checks
-    efficiency = float(p.packed("train").manifest["counts"]["packing_efficiency"])
-    rate, rejects, rows_in = total_reject_rate(p)
+    efficiency = float(packed["train"].manifest["counts"]["packing_efficiency"])
+    rate, rejects, rows_in = reject_rate
     return [
         dg.AssetCheckResult(check_name="packing_efficiency", passed=efficiency >= thresholds.min_packing_efficiency,
                             metadata={"packing_efficiency": efficiency,

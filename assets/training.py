@@ -5,9 +5,9 @@ import dagster as dg
 
 from trainer.config import Experiment
 from trainer.launch import plan_adapter, plan_merge, run_merge, training_command
-from trainer.store import CODE_VERSIONS
+from trainer.store import CODE_VERSIONS, StageOutput
 
-from .data import data_asset_key
+from .data import data_asset_key, tokenizer_asset_key
 
 GPU_TAG = "sftdag/gpu"
 
@@ -35,16 +35,30 @@ def _mlflow_metadata(summary: dict) -> dict:
     return meta
 
 
-def build_training_assets(exp: Experiment) -> list:
-    packed = data_asset_key(exp.data_group, "packed")
+def _data_ins(exp: Experiment) -> dict[str, dg.AssetIn]:
+    """What training reads of the data group: shards, held-out prompts, tokenizer, raw version."""
+    group = exp.data_group
+    return {"packed": dg.AssetIn(data_asset_key(group, "packed")),
+            "templated": dg.AssetIn(data_asset_key(group, "templated")),
+            "raw": dg.AssetIn(data_asset_key(group, "raw")),
+            "tok": dg.AssetIn(tokenizer_asset_key(group))}
 
-    @dg.asset(key=adapter_asset_key(exp), deps=[packed], group_name=exp.name,
+
+def _data(packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dict[str, StageOutput]:
+    data = {"tokenizer": tok}
+    for stage, outputs in (("packed", packed), ("templated", templated), ("raw", raw)):
+        data.update({f"{stage}/{split}": out for split, out in outputs.items()})
+    return data
+
+
+def build_training_assets(exp: Experiment) -> list:
+    @dg.asset(key=adapter_asset_key(exp), ins=_data_ins(exp), group_name=exp.name,
               code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
               description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
                           f"(experiment `{exp.name}`); runs `trainer.train` in its own process.")
-    def trained_adapter(context: dg.AssetExecutionContext,
-                        pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.MaterializeResult:
-        plan = plan_adapter(exp, tags={"dagster_run_id": context.run.run_id})
+    def trained_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
+                        packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.MaterializeResult:
+        plan = plan_adapter(exp, _data(packed, templated, raw, tok), tags={"dagster_run_id": context.run.run_id})
         cache_hit = plan.complete
         if cache_hit:
             context.log.info(f"adapter {plan.key} already trained at {plan.output_dir}: not retraining")
@@ -69,11 +83,12 @@ def build_training_assets(exp: Experiment) -> list:
                 metadata[name] = summary[name]
         return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.key))
 
-    @dg.asset(key=merged_asset_key(exp), deps=[adapter_asset_key(exp)], group_name=exp.name,
+    @dg.asset(key=merged_asset_key(exp), deps=[adapter_asset_key(exp)], ins=_data_ins(exp), group_name=exp.name,
               code_version=CODE_VERSIONS["merged"], kinds={"pytorch", "safetensors"},
               description="The adapter folded into the base weights: a model `from_pretrained` loads.")
-    def merged_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        plan = plan_adapter(exp)
+    def merged_model(context: dg.AssetExecutionContext, packed: dict, templated: dict, raw: dict,
+                     tok: StageOutput) -> dg.MaterializeResult:
+        plan = plan_adapter(exp, _data(packed, templated, raw, tok))
         if not plan.complete:
             raise dg.Failure(f"adapter {plan.key} is not trained yet: materialize {adapter_asset_key(exp).to_user_string()}")
         merge = plan_merge(exp, plan)

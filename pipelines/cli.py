@@ -33,15 +33,14 @@ def materialize_experiment(exp, through: str, instance=None):
     from assets.data import data_asset_key
     from assets.training import GPU_TAG, merged_asset_key
 
-    from .definitions import build_definitions
+    from .definitions import build_definitions, resources
 
     defs = build_definitions([exp])
     target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
     selection = dg.AssetSelection.assets(target).upstream().materializable()
     tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
     result = dg.materialize(list(defs.assets), selection=selection, instance=instance or dg.DagsterInstance.get(),
-                            resources={"pipes_subprocess_client": dg.PipesSubprocessClient()}, tags=tags,
-                            raise_on_error=False)
+                            resources=resources(), tags=tags, raise_on_error=False)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
         detail = failures[0].message if failures else "see the run's logs"
@@ -49,14 +48,28 @@ def materialize_experiment(exp, through: str, instance=None):
     return result
 
 
+def materialized_data(exp, instance) -> dict:
+    """{"tokenizer": …, "<stage>/<split>": …}: the stage outputs the last materialization recorded."""
+    from assets.data import STAGE_ASSETS, data_asset_key, tokenizer_asset_key
+    from assets.store_io import latest_outputs
+
+    outputs = {"tokenizer": latest_outputs(instance, tokenizer_asset_key(exp.data_group))}
+    for stage in STAGE_ASSETS:
+        for split, out in latest_outputs(instance, data_asset_key(exp.data_group, stage)).items():
+            outputs[f"{stage}/{split}"] = out
+    return outputs
+
+
 def cmd_prepare(args) -> dict:
+    import dagster as dg
+
     from trainer.config import load_experiment
-    from trainer.prepare import DataPipeline, summarize
+    from trainer.prepare import summarize
 
     exp = load_experiment(args.experiment)
     ensure_dagster_home()
     result = materialize_experiment(exp, "data")
-    summary = summarize(DataPipeline(exp, progress=False).run())
+    summary = summarize(materialized_data(exp, dg.DagsterInstance.get()))
     summary.update(experiment=exp.name, data_group=exp.data_group, dagster_run_id=result.run_id)
     return summary
 
@@ -65,10 +78,12 @@ def cmd_run(args) -> dict:
     from trainer.config import load_experiment
     from trainer.launch import plan_adapter, plan_merge, run_merge
 
+    import dagster as dg
+
     exp = load_experiment(args.experiment)
     ensure_dagster_home()
     result = materialize_experiment(exp, "model")
-    adapter = plan_adapter(exp)
+    adapter = plan_adapter(exp, materialized_data(exp, dg.DagsterInstance.get()))
     merge = plan_merge(exp, adapter)
     training = adapter.summary()
     merged = run_merge(exp, adapter, merge)  # already done by the asset: reads its summary

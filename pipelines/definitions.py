@@ -4,6 +4,7 @@
 import dagster as dg
 
 from assets.data import build_data_assets, data_asset_key
+from assets.store_io import StageStoreIOManager
 from assets.training import GPU_TAG, build_training_assets, merged_asset_key
 from trainer.config import ConfigError, Experiment
 
@@ -45,8 +46,12 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
         jobs.append(job)
         if exp.schedule.cron:
             schedules.append(build_retrain_schedule(exp, job))
-    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules,
-                          resources={"pipes_subprocess_client": dg.PipesSubprocessClient()})
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, resources=resources())
+
+
+def resources() -> dict:
+    """Stage outputs pass between assets by reference to the store; training runs through Pipes."""
+    return {"io_manager": StageStoreIOManager(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
 
 
 defs = build_definitions(load_experiments())

@@ -7,7 +7,7 @@ import sys
 import dagster as dg
 import pytest
 
-from assets.data import data_asset_key, raw_files_key
+from assets.data import data_asset_key, tokenizer_asset_key, raw_files_key
 from assets.training import adapter_asset_key
 from pipelines.definitions import build_definitions
 from pipelines.schedules import retrain_decision
@@ -67,8 +67,12 @@ def test_two_experiments_share_one_data_group_and_its_shards(make_experiment, in
     defs = build_definitions([a, b])
     graph = defs.resolve_asset_graph()
     packed = data_asset_key("shared", "packed")
-    assert graph.get(adapter_asset_key(a)).parent_keys == {packed}
-    assert graph.get(adapter_asset_key(b)).parent_keys == {packed}
+    # Training reads the shards, the held-out prompts, the tokenizer and the raw version, all of
+    # the one shared data group.
+    shared = {packed, data_asset_key("shared", "templated"), data_asset_key("shared", "raw"),
+              tokenizer_asset_key("shared")}
+    assert graph.get(adapter_asset_key(a)).parent_keys == shared
+    assert graph.get(adapter_asset_key(b)).parent_keys == shared
     assert materialize_data([a], instance, "shared").success
     assert materialize_data([b], instance, "shared").success
     second = latest(instance, packed)

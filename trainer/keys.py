@@ -9,7 +9,8 @@ so changing them never rebuilds or retrains anything.
 | stage | params |
 | --- | --- |
 | raw | source fingerprint (file contents), split, hold-out settings when carved from the source |
-| templated | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (+ input: the set-up tokenizer, whose key is its identity) |
+| tokenizer | its identity (content, chat template, library versions: `trainer.tokenizer.tokenizer_identity`) |
+| templated | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
 | adapter | `training` minus `TRAINING_REPORTING`, `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
@@ -39,16 +40,11 @@ def raw_params(exp: Experiment, split: str, source_fingerprint: dict[str, Any], 
     return {"source": source_fingerprint, "split": split, "holdout": holdout}
 
 
-def templated_params(exp: Experiment, formatting_func_identity: str | None, tokenizer_identity: str) -> dict[str, Any]:
+def templated_params(exp: Experiment, formatting_func_identity: str | None) -> dict[str, Any]:
     d = exp.data
     return {"format": d.format, "fields": dataclasses.asdict(d.fields), "masking": d.masking,
             "formatting_func": formatting_func_identity, "response_template": d.response_template,
-            "instruction_template": d.instruction_template, "empty_assistant_turns": d.empty_assistant_turns,
-            "tokenizer": tokenizer_identity}
-
-
-def tokenized_params(tokenizer_identity: str) -> dict[str, Any]:
-    return {"tokenizer": tokenizer_identity}
+            "instruction_template": d.instruction_template, "empty_assistant_turns": d.empty_assistant_turns}
 
 
 def packing_strategy(exp: Experiment, split: str) -> str:

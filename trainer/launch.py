@@ -17,7 +17,7 @@ from typing import Any
 from . import keys
 from .config import Experiment
 from .prepare import DataPipeline
-from .store import CODE_VERSIONS, content_key, file_digest
+from .store import CODE_VERSIONS, StageOutput, content_key, file_digest
 
 SUMMARY_FILE = "training_summary.json"
 
@@ -48,12 +48,15 @@ class AdapterPlan:
         return json.loads((self.output_dir / SUMMARY_FILE).read_text())
 
 
-def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: dict[str, str] | None = None) -> AdapterPlan:
+def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
+                 tags: dict[str, str] | None = None) -> AdapterPlan:
+    """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
+    them, from running the data stages (every one a cache hit once prepared)."""
     from .models import resolve_base_model
 
-    pipeline = pipeline or DataPipeline(exp, progress=False)
+    pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
-    outputs = pipeline.run()
+    outputs = data if data is not None else pipeline.run()
     tokenizer = outputs["tokenizer"].manifest
     setup = tokenizer["template"]
     base_vocab = tokenizer["vocab_size"] - len(setup["added_tokens"])
@@ -76,7 +79,7 @@ def plan_adapter(exp: Experiment, pipeline: DataPipeline | None = None, tags: di
         "held_out": str(outputs["templated/eval"].path / "held_out.jsonl") if eval_key else None,
         "output_dir": str(output_dir),
         "tags": {"data_version": data_version, "adapter_version": key, "experiment": exp.name,
-                 "raw_version": raw_version(pipeline),
+                 "raw_version": "+".join(outputs[f"raw/{split}"].key for split in pipeline.splits()),
                  "data_group": exp.data_group, **(tags or {})},
     }
     spec_dir = store.root / "adapter" / ".specs"

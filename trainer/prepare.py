@@ -254,6 +254,16 @@ def _refresh_formatting_func(dotted: str | None) -> None:
         _formatting_func_identity(dotted)
 
 
+@functools.lru_cache(maxsize=4)
+def stored_tokenizer(path: str) -> tuple[Any, Any]:
+    """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
+    from transformers import AutoTokenizer
+
+    from .templating import load_template_setup
+
+    return AutoTokenizer.from_pretrained(path), load_template_setup(path)
+
+
 class DataPipeline:
     """The data stages of one experiment. Each stage method ensures its upstream, then builds itself."""
 
@@ -264,6 +274,7 @@ class DataPipeline:
         self.progress = progress
         self._keys: dict[tuple[str, str], str] = {}
         self._outputs: dict[tuple[str, str], StageOutput] = {}
+        self._tokenizer: StageOutput | None = None
         self._fingerprints: dict[int, dict[str, Any]] = {}
         # A formatting function's module edited since this process ran it is reloaded now, before
         # `templated` takes the function (its key then names the code that runs).
@@ -315,7 +326,9 @@ class DataPipeline:
                     "vocab_size": len(bundle.tokenizer),
                     "template": dataclasses.asdict(bundle.setup)}
 
-        return self.store.get_or_build("tokenizer", self.tokenizer_identity, build)
+        if self._tokenizer is None:
+            self._tokenizer = self.store.get_or_build("tokenizer", self.tokenizer_identity, build)
+        return self._tokenizer
 
     # -- splits ------------------------------------------------------------------------------
     @property
@@ -332,37 +345,47 @@ class DataPipeline:
         return self.data.source, self.data.eval.source is None and self.data.eval.fraction > 0
 
     # -- keys --------------------------------------------------------------------------------
-    # Keys are computed once per pipeline (the source files hashed once), each from its
-    # upstream key and its own parameters (`trainer.keys`).
+    # A stage's key: its inputs' keys and its own parameters (`trainer.keys`), computed once.
+    # Given the upstream keys (a Dagster asset has its inputs), nothing upstream is recomputed;
+    # without them, they are computed here (the source files hashed once per pipeline).
     def raw_key(self, split: str) -> str:
         return self._key("raw", split, lambda: content_key(
             "raw", inputs=[], params=keys.raw_params(self.exp, split, self._fingerprint(split), self._source_for(split)[1])))
 
-    def templated_key(self, split: str) -> str:
+    def templated_key(self, split: str, raw_key: str | None = None, tokenizer_key: str | None = None) -> str:
         # reload=False: `__init__` reloaded an edited formatting module; an edit since then is an
         # error, since `templated` may already hold the old function.
-        return self._key("templated", split, lambda: content_key(
-            "templated", inputs=[self.raw_key(split)], params=keys.templated_params(
-                self.exp, _formatting_func_identity(self.data.formatting_func, reload=False),
-                self.tokenizer_identity)))
+        inputs = [raw_key or self.raw_key(split), tokenizer_key or self.tokenizer_identity]
+        return self._key("templated", inputs, lambda: content_key("templated", inputs=inputs, params=keys.templated_params(
+            self.exp, _formatting_func_identity(self.data.formatting_func, reload=False))))
 
-    def tokenized_key(self, split: str) -> str:
-        return self._key("tokenized", split, lambda: content_key(
-            "tokenized", inputs=[self.templated_key(split)], params=keys.tokenized_params(self.tokenizer_identity)))
+    def tokenized_key(self, split: str, templated_key: str | None = None, tokenizer_key: str | None = None) -> str:
+        inputs = [templated_key or self.templated_key(split), tokenizer_key or self.tokenizer_identity]
+        return self._key("tokenized", inputs, lambda: content_key("tokenized", inputs=inputs, params={}))
 
-    def packed_key(self, split: str) -> str:
-        return self._key("packed", split, lambda: content_key(
-            "packed", inputs=[self.tokenized_key(split)], params=keys.packed_params(self.exp, split)))
+    def packed_key(self, split: str, tokenized_key: str | None = None) -> str:
+        inputs = [tokenized_key or self.tokenized_key(split)]
+        return self._key("packed", inputs, lambda: content_key(
+            "packed", inputs=inputs, params=keys.packed_params(self.exp, split)))
 
-    def _output(self, stage: str, split: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
-        if (stage, split) not in self._outputs:  # one store look-up (or build) per pipeline
-            self._outputs[stage, split] = self.store.get_or_build(stage, key, build)
-        return self._outputs[stage, split]
+    def _output(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
+        if (stage, key) not in self._outputs:  # one store look-up (or build) per pipeline
+            self._outputs[stage, key] = self.store.get_or_build(stage, key, build)
+        return self._outputs[stage, key]
 
-    def _key(self, stage: str, split: str, compute: Callable[[], str]) -> str:
-        if (stage, split) not in self._keys:
-            self._keys[stage, split] = compute()
-        return self._keys[stage, split]
+    def _tokenizer_of(self, tokenizer: StageOutput) -> tuple[Any, Any]:
+        """(tokenizer, template set-up) of a tokenizer stage: the one this pipeline loaded when it
+        is that one, else read where it is stored."""
+        loaded = self.__dict__.get("tokenizer_bundle")
+        if loaded is not None and loaded.identity == tokenizer.key:
+            return loaded.tokenizer, loaded.setup
+        return stored_tokenizer(str(tokenizer.path))
+
+    def _key(self, stage: str, inputs: Any, compute: Callable[[], str]) -> str:
+        memo = (stage, str(inputs))
+        if memo not in self._keys:
+            self._keys[memo] = compute()
+        return self._keys[memo]
 
     def _fingerprint(self, split: str) -> dict[str, Any]:
         """The source's fingerprint; train and a carved eval split share one source: hashed once."""
@@ -389,29 +412,29 @@ class DataPipeline:
                                                "rejects": len(rejects)},
                     "reject_reasons": write_rejects(tmp, "raw", rejects)}
 
-        return self._output("raw", split, self.raw_key(split), build)
+        return self._output("raw", self.raw_key(split), build)
 
-    def templated(self, split: str = "train") -> StageOutput:
-        raw = self.raw(split)
+    def templated(self, split: str = "train", raw: StageOutput | None = None,
+                  tokenizer: StageOutput | None = None) -> StageOutput:
+        raw = raw or self.raw(split)
+        tokenizer = tokenizer or self.tokenizer_output()
 
         def build(tmp: Path) -> dict[str, Any]:
             from .formats import RowError, load_formatting_func, normalize
             from .templating import generation_prompt, template_rows
 
             func = load_formatting_func(self.data.formatting_func) if self.data.formatting_func else None
-            bundle = self.tokenizer_bundle
+            tok, setup = self._tokenizer_of(tokenizer)
             raw_table = read_table(raw.path / "rows.arrow")
             rows = list(zip(raw_table.column("row_id").to_pylist(),
                             map(json.loads, raw_table.column("record").to_pylist())))
-            table, rejects = template_rows(rows, bundle.tokenizer, bundle.setup, self.data,
-                                           formatting_func=func, progress=self.progress)
+            table, rejects = template_rows(rows, tok, setup, self.data, formatting_func=func, progress=self.progress)
             write_table(tmp / "rows.arrow", table)
             manifest: dict[str, Any] = {"split": split, "counts": {
                 "rows_in": len(rows), "rows_out": table.num_rows, "rejects": len(rejects)},
                 "reject_reasons": write_rejects(tmp, "templated", rejects),
-                "template": {"end_of_turn": bundle.setup.eot_token,
-                             "markers_not_special": bundle.setup.markers_not_special,
-                             "generation_prompt_matches_training": bundle.setup.generation_prompt_matches_training}}
+                "template": {"end_of_turn": setup.eot_token, "markers_not_special": setup.markers_not_special,
+                             "generation_prompt_matches_training": setup.generation_prompt_matches_training}}
             if split == "eval":
                 # Prompts exactly as inference sends them (the template's generation prompt).
                 rejected = {r for r, _ in rejects}
@@ -423,7 +446,7 @@ class DataPipeline:
                             continue
                         try:
                             example = normalize(record, self.data, func)
-                            gp = generation_prompt(example, bundle.tokenizer, bundle.setup, self.data)
+                            gp = generation_prompt(example, tok, setup, self.data)
                         except RowError:
                             continue
                         reference = gp.reference
@@ -437,16 +460,18 @@ class DataPipeline:
                 manifest["generation_prompt_differs"] = differs
             return manifest
 
-        return self._output("templated", split, self.templated_key(split), build)
+        return self._output("templated", self.templated_key(split, raw.key, tokenizer.key), build)
 
-    def tokenized(self, split: str = "train") -> StageOutput:
-        templated = self.templated(split)
+    def tokenized(self, split: str = "train", templated: StageOutput | None = None,
+                  tokenizer: StageOutput | None = None) -> StageOutput:
+        templated = templated or self.templated(split)
+        tokenizer = tokenizer or self.tokenizer_output()
 
         def build(tmp: Path) -> dict[str, Any]:
             from .tokenization import tokenize_rows
 
             table_in = read_table(templated.path / "rows.arrow")
-            table, rejects = tokenize_rows(table_in, self.tokenizer_bundle.tokenizer, progress=self.progress)
+            table, rejects = tokenize_rows(table_in, self._tokenizer_of(tokenizer)[0], progress=self.progress)
             write_table(tmp / "rows.arrow", table)
             labels = table.column("labels").combine_chunks().flatten()
             trainable = int(pa.compute.sum(pa.compute.not_equal(labels, -100)).as_py() or 0)
@@ -455,10 +480,10 @@ class DataPipeline:
                 "tokens": len(labels), "trainable_tokens": trainable},
                 "reject_reasons": write_rejects(tmp, "tokenized", rejects)}
 
-        return self._output("tokenized", split, self.tokenized_key(split), build)
+        return self._output("tokenized", self.tokenized_key(split, templated.key, tokenizer.key), build)
 
-    def packed(self, split: str = "train") -> StageOutput:
-        tokenized = self.tokenized(split)
+    def packed(self, split: str = "train", tokenized: StageOutput | None = None) -> StageOutput:
+        tokenized = tokenized or self.tokenized(split)
         d = self.data
         strategy = keys.packing_strategy(self.exp, split)
 
@@ -475,7 +500,7 @@ class DataPipeline:
                     "length_histogram": length_histogram(result.doc_lengths, d.max_length),
                     "reject_reasons": write_rejects(tmp, "packed", result.rejects)}
 
-        return self._output("packed", split, self.packed_key(split), build)
+        return self._output("packed", self.packed_key(split, tokenized.key), build)
 
     def run(self) -> dict[str, StageOutput]:
         """All data stages for every split; returns {"<stage>/<split>": StageOutput}."""

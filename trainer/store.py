@@ -23,6 +23,7 @@ from filelock import FileLock
 # Bump a stage's version whenever its code changes the bytes it writes: the version is part of
 # every key, so old outputs are never reused by new code (Axolotl's cache key left code out).
 CODE_VERSIONS = {
+    "tokenizer": "1",
     "raw": "1",
     "templated": "2",  # 2: turns located by the template's own text; end-of-turn text; tool calls
     "tokenized": "2",  # 2: no word-start marker at piece boundaries (SentencePiece)

@@ -1,0 +1,47 @@
+"""Passing stage outputs between assets by reference to the store.
+
+A stage's output is already in the content-addressed store when its asset returns, so nothing is
+written here: the materialization records where it is (store, stage, key per split), and a
+downstream asset receives the upstream outputs of the upstream asset's latest materialization
+(lineage through Dagster's event log, never "the newest folder").
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import dagster as dg
+
+from trainer.store import StageOutput, Store
+
+Outputs = Union[StageOutput, dict[str, StageOutput]]
+
+
+class StageStoreIOManager(dg.ConfigurableIOManager):
+    def handle_output(self, context: dg.OutputContext, obj: Outputs) -> None:
+        outputs = obj if isinstance(obj, dict) else {"": obj}
+        first = next(iter(outputs.values()))
+        context.add_output_metadata({
+            "sftdag/store": str(first.path.parents[1]),
+            "sftdag/stage": first.stage,
+            "sftdag/keys": dg.MetadataValue.json({split: out.key for split, out in outputs.items()}),
+        })
+
+    def load_input(self, context: dg.InputContext) -> Outputs:
+        return latest_outputs(context.instance, context.asset_key)
+
+
+def latest_outputs(instance: dg.DagsterInstance, key: dg.AssetKey) -> Outputs:
+    """The stage outputs of `key`'s latest materialization, opened in the store."""
+    event = instance.get_latest_materialization_event(key)
+    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    if "sftdag/keys" not in meta:
+        raise dg.Failure(f"{key.to_user_string()} has not been materialized yet: materialize it first")
+    store, stage = Store(meta["sftdag/store"].value), meta["sftdag/stage"].value
+    outputs = {}
+    for split, stage_key in meta["sftdag/keys"].value.items():
+        if not store.has(stage, stage_key):
+            raise dg.Failure(f"{key.to_user_string()}: {stage}/{stage_key} is no longer in {store.root}; "
+                             "materialize it again")
+        outputs[split] = store.get(stage, stage_key)
+    return outputs[""] if list(outputs) == [""] else outputs
