@@ -4,7 +4,7 @@
 import dagster as dg
 
 from trainer.config import Experiment
-from trainer.launch import plan_adapter, plan_merge, run_merge, training_command
+from trainer.launch import merge_command, plan_adapter, plan_merge, training_command
 from trainer.store import CODE_VERSIONS, StageOutput
 
 from .data import data_asset_key, tokenizer_asset_key
@@ -86,13 +86,17 @@ def build_training_assets(exp: Experiment) -> list:
     @dg.asset(key=merged_asset_key(exp), deps=[adapter_asset_key(exp)], ins=_data_ins(exp), group_name=exp.name,
               code_version=CODE_VERSIONS["merged"], kinds={"pytorch", "safetensors"},
               description="The adapter folded into the base weights: a model `from_pretrained` loads.")
-    def merged_model(context: dg.AssetExecutionContext, packed: dict, templated: dict, raw: dict,
-                     tok: StageOutput) -> dg.MaterializeResult:
+    def merged_model(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
+                     packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.MaterializeResult:
         plan = plan_adapter(exp, _data(packed, templated, raw, tok))
         if not plan.complete:
             raise dg.Failure(f"adapter {plan.key} is not trained yet: materialize {adapter_asset_key(exp).to_user_string()}")
         merge = plan_merge(exp, plan)
-        result = run_merge(exp, plan, merge)
+        if not merge.complete:  # merging and scoring load models: their own process
+            pipes_subprocess_client.run(command=merge_command(merge), context=context)
+            if not merge.complete:
+                raise dg.Failure(f"merging exited without writing {merge.score_path}")
+        result = merge.result()
         summary = plan.summary()
         metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)),
                     "adapter_version": dg.MetadataValue.text(plan.key), **_mlflow_metadata(summary)}

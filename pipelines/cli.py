@@ -76,7 +76,7 @@ def cmd_prepare(args) -> dict:
 
 def cmd_run(args) -> dict:
     from trainer.config import load_experiment
-    from trainer.launch import plan_adapter, plan_merge, run_merge
+    from trainer.launch import plan_adapter, plan_merge
 
     import dagster as dg
 
@@ -86,7 +86,7 @@ def cmd_run(args) -> dict:
     adapter = plan_adapter(exp, materialized_data(exp, dg.DagsterInstance.get()))
     merge = plan_merge(exp, adapter)
     training = adapter.summary()
-    merged = run_merge(exp, adapter, merge)  # already done by the asset: reads its summary
+    merged = merge.result()  # written by the merged_model asset's process
     return {
         "experiment": exp.name,
         "adapter_dir": str(adapter.output_dir),

@@ -119,3 +119,31 @@ def test_ui_serves_the_code_location_on_localhost(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_run_trains_and_merges_without_loading_a_model_in_the_orchestrator(tmp_path):
+    """`sftdag run` end to end: building the base model, training, merging and scoring happen in
+    their own processes; once the data is prepared (tokenizing loads transformers), the
+    orchestrator imports neither torch nor transformers."""
+    experiment = write_experiment(tmp_path, name="cli_run")
+    config = yaml.safe_load(experiment.read_text())
+    config["data"]["eval"] = {"fraction": 0.2}
+    config["model"] = {"base": "builtin:tiny-llama", "builtin_config": {
+        "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 256}}
+    config["training"] = {"max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no",
+                          "accuracy_rows": 4, "max_new_tokens": 4, "sample_generations": 0, "lora": {"r": 4}}
+    experiment.write_text(yaml.safe_dump(config))
+    probe = ("import sys; from pipelines.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nfinally:\n"
+             "    print('imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    assert run_cli(["prepare", str(experiment)], tmp_path).returncode == 0
+    proc = subprocess.run([sys.executable, "-c", probe, "run", str(experiment)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "imported: []"
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert os.path.isfile(os.path.join(summary["merged_model_dir"], "model.safetensors"))
+    training = json.loads(open(os.path.join(summary["adapter_dir"], "training_summary.json")).read())
+    assert training["global_step"] == 2 and os.path.isdir(training["base_model_path"])

@@ -124,3 +124,16 @@ def _device_of(model) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover
         return torch.device("cpu")
+
+
+def score_model(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,
+                max_new_tokens: int) -> tuple[float, int]:
+    """Held-out exact match of the standalone model in `model_dir`, and how many rows were scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rows = load_held_out(held_out)[:accuracy_rows]
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    stops = [t for t in (*stop_tokens, tokenizer.eos_token) if t]
+    generations = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, stop_tokens=stops)
+    return exact_match(generations, [r["reference"] for r in rows]), len(rows)

@@ -23,8 +23,11 @@ SUMMARY_FILE = "training_summary.json"
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
-    """What identifies the base weights: file contents for a local model, id+revision for the hub."""
+    """What identifies the base weights: the config (hash in the directory name) for the builtin
+    model, file contents for a local model, id+revision for the hub."""
     base = Path(resolved_base)
+    if exp.model.base.startswith("builtin:"):
+        return {"builtin": base.name}
     if base.is_dir():
         files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
         return {"local": [[p.name, file_digest(p)] for p in files]}
@@ -52,7 +55,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
                  tags: dict[str, str] | None = None) -> AdapterPlan:
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
     them, from running the data stages (every one a cache hit once prepared)."""
-    from .models import resolve_base_model
+    from .models import builtin_model_path, resolve_base_model
 
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
@@ -60,7 +63,10 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     tokenizer = outputs["tokenizer"].manifest
     setup = tokenizer["template"]
     base_vocab = tokenizer["vocab_size"] - len(setup["added_tokens"])
-    base_model = resolve_base_model(exp.model, store.root, base_vocab)
+    # The builtin model is built by the training process, never here (no torch in the orchestrator).
+    builtin = exp.model.base.startswith("builtin:")
+    base_model = str(builtin_model_path(exp.model, store.root, base_vocab)) if builtin else \
+        resolve_base_model(exp.model, store.root, base_vocab)
 
     train_key = outputs["packed/train"].key
     eval_key = outputs["packed/eval"].key if "packed/eval" in outputs else None
@@ -74,7 +80,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
         "train_shards": str(outputs["packed/train"].path),
         "eval_shards": str(outputs["packed/eval"].path) if eval_key else None,
         "tokenizer_dir": str(outputs["tokenizer"].path),
-        "base_model": base_model,
+        "base_model": None if builtin else base_model,
         "template": {"added_tokens": list(setup["added_tokens"]), "eot_token": setup["eot_token"]},
         "held_out": str(outputs["templated/eval"].path / "held_out.jsonl") if eval_key else None,
         "output_dir": str(output_dir),
@@ -82,13 +88,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
                  "raw_version": "+".join(outputs[f"raw/{split}"].key for split in pipeline.splits()),
                  "data_group": exp.data_group, **(tags or {})},
     }
-    spec_dir = store.root / "adapter" / ".specs"
-    spec_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = spec_dir / f"{key}.json"
-    # Atomic: a training process of a concurrent materialization may be reading it.
-    tmp = spec_dir / f".{key}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, spec_path)
+    spec_path = write_spec(store.root / "adapter" / ".specs", key, spec)
     return AdapterPlan(key, output_dir, spec_path, spec, data_version, base_model)
 
 
@@ -111,50 +111,46 @@ def training_command(exp: Experiment, spec_path: Path) -> list[str]:
 
 @dataclass
 class MergePlan:
+    """Merging an adapter and scoring the merged model, done by `python -m trainer.merge SPEC`."""
+
     key: str
     output_dir: Path
+    score_path: Path  # keyed by what it measures: more held-out rows rescore, never retrain
+    spec_path: Path
+
+    def result(self) -> dict[str, Any]:
+        return json.loads(self.score_path.read_text())
+
+    @property
+    def complete(self) -> bool:
+        return self.score_path.is_file()
 
 
 def plan_merge(exp: Experiment, adapter: AdapterPlan) -> MergePlan:
     key = content_key("merged", inputs=[adapter.key], params=keys.merged_params(exp))
     store_root = adapter.output_dir.parents[1]
-    return MergePlan(key, store_root / "merged" / key)
+    output_dir = store_root / "merged" / key
+    score_key = content_key("score", inputs=[key], params=keys.score_params(exp))
+    summary = adapter.summary()
+    spec = {"adapter_dir": str(adapter.output_dir), "base_model": summary["base_model_path"],
+            "tokenizer_dir": adapter.spec["tokenizer_dir"], "output_dir": str(output_dir),
+            "eot_token": adapter.spec["template"]["eot_token"], "held_out": adapter.spec.get("held_out"),
+            "accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens,
+            "score_path": str(output_dir.parent / ".scores" / f"{score_key}.json"),
+            "versions": {"adapter_version": adapter.key, "merged_version": key, "score_version": score_key}}
+    spec_path = write_spec(store_root / "merged" / ".specs", score_key, spec)
+    return MergePlan(key, output_dir, Path(spec["score_path"]), spec_path)
 
 
-def run_merge(exp: Experiment, adapter: AdapterPlan, plan: MergePlan) -> dict[str, Any]:
-    """Merge (if not already merged) and score the merged model on the held-out prompts."""
-    from .merge import merge_adapter
-
-    if not plan.output_dir.is_dir():  # merge_adapter renames a complete directory into place
-        merge_adapter(str(adapter.output_dir), adapter.base_model, adapter.spec["tokenizer_dir"],
-                      str(plan.output_dir), adapter.spec["template"]["eot_token"])
-    # The score is keyed by what it measures: asking for more held-out rows rescores, never retrains.
-    score_key = content_key("score", inputs=[plan.key], params=keys.score_params(exp))
-    summary_path = plan.output_dir / f"score-{score_key}.json"
-    if not summary_path.is_file():
-        summary = {"adapter_version": adapter.key, "merged_version": plan.key, "score_version": score_key}
-        if adapter.spec.get("held_out"):
-            summary["accuracy_merged"], summary["scored_rows"] = score_model(plan.output_dir, adapter.spec, exp)
-        tmp = summary_path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(summary, indent=2))
-        os.replace(tmp, summary_path)
-    return json.loads(summary_path.read_text())
+def merge_command(plan: MergePlan) -> list[str]:
+    return [sys.executable, "-m", "trainer.merge", str(plan.spec_path)]
 
 
-def score_model(model_dir: Path, spec: dict[str, Any], exp: Experiment) -> tuple[float, int]:
-    """Held-out exact match of the model in `model_dir`, and how many rows were scored."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .evaluate import exact_match, generate, load_held_out
-
-    rows = load_held_out(spec["held_out"])[: exp.training.accuracy_rows]
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir))
-    model.eval()
-    stops = [t for t in (spec["template"].get("eot_token"), tokenizer.eos_token) if t]
-    with torch.no_grad():
-        generations = generate(model, tokenizer, [r["prompt"] for r in rows], exp.training.max_new_tokens,
-                               stop_tokens=stops)
-    return exact_match(generations, [r["reference"] for r in rows]), len(rows)
-
+def write_spec(directory: Path, name: str, spec: dict[str, Any]) -> Path:
+    """Atomically: a process of a concurrent materialization may be reading it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    tmp = directory / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, path)
+    return path

@@ -105,3 +105,53 @@ def _generation_config(model, tokenizer, eot_token: str | None):
     if tokenizer.bos_token_id is not None:
         config.bos_token_id = int(tokenizer.bos_token_id)
     return config
+
+
+def merge_and_score(spec: dict[str, Any]) -> dict[str, Any]:
+    """Merge the adapter (once) and score the merged model on the held-out prompts (once per
+    score key); the score file is written atomically and returned."""
+    merge_adapter(spec["adapter_dir"], spec["base_model"], spec["tokenizer_dir"], spec["output_dir"],
+                  spec["eot_token"])
+    score_path = Path(spec["score_path"])
+    if not score_path.is_file():
+        result = dict(spec["versions"])
+        if spec.get("held_out"):
+            from .evaluate import score_model
+
+            result["accuracy_merged"], result["scored_rows"] = score_model(
+                spec["output_dir"], spec["held_out"], [spec["eot_token"]] if spec["eot_token"] else [],
+                spec["accuracy_rows"], spec["max_new_tokens"])
+        score_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = score_path.with_name(f".{score_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        os.replace(tmp, score_path)
+    return json.loads(score_path.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m trainer.merge SPEC.json`: its own process, so the orchestrator never loads a model."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m trainer.merge SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = json.loads(Path(argv[0]).read_text())
+    pipes = None
+    if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        from dagster_pipes import open_dagster_pipes
+
+        pipes = open_dagster_pipes()
+    try:
+        result = merge_and_score(spec)
+        if pipes is not None:
+            pipes.log.info(f"merged into {spec['output_dir']}; score {json.dumps(result)}")
+    finally:
+        if pipes is not None:
+            pipes.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,6 +48,14 @@ def _config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def builtin_model_path(cfg: ModelConfig, store_root: str | Path, vocab_size: int) -> Path:
+    """Where the builtin model of this config is (or will be) built: named by its config's hash,
+    so it can be planned without building it (the training process builds it)."""
+    if cfg.base != BUILTIN_TINY_LLAMA:
+        raise ValueError(f"model.base: unknown builtin model {cfg.base!r} (known: {BUILTIN_TINY_LLAMA})")
+    return Path(store_root) / "models" / f"builtin-{_config_hash(builtin_config_dict(cfg, vocab_size))}"
+
+
 def resolve_base_model(cfg: ModelConfig, store_root: str | Path, vocab_size: int) -> str:
     """Path (or hub id) of the base model.
 
@@ -58,12 +66,9 @@ def resolve_base_model(cfg: ModelConfig, store_root: str | Path, vocab_size: int
     """
     base = cfg.base
     if base.startswith("builtin:"):
-        if base != BUILTIN_TINY_LLAMA:
-            raise ValueError(f"model.base: unknown builtin model {base!r} (known: {BUILTIN_TINY_LLAMA})")
-        config = builtin_config_dict(cfg, vocab_size)
-        target = Path(store_root) / "models" / f"builtin-{_config_hash(config)}"
+        target = builtin_model_path(cfg, store_root, vocab_size)
         if not (target / "config.json").exists():
-            _build_tiny_llama(config, target)
+            _build_tiny_llama(builtin_config_dict(cfg, vocab_size), target)
         return str(target)
     expanded = Path(base).expanduser()
     if expanded.exists():
