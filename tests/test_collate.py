@@ -7,8 +7,8 @@ import pytest
 import torch
 from tests.train_helpers import make_shards, pack_rows, random_documents, write_shards
 
+from trainer.schemas import IGNORE_INDEX
 from trainer.collate import (
-    IGNORE_INDEX,
     NoTrainableTokensError,
     PackedCollator,
     PackedDataset,

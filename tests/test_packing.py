@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer.packing import IGNORE, PackResult, length_histogram, pack, plot_length_histogram
+from trainer.packing import PackResult, length_histogram, pack, plot_length_histogram
+from trainer.schemas import IGNORE_INDEX
 
 LIST_I32 = pa.list_(pa.int32())
 MODES = [("truncate", "keep_start"), ("truncate", "keep_end"), ("split", "keep_start"), ("drop", "keep_start")]
@@ -30,7 +31,7 @@ def make_rows(lengths, masks=None, start_token=1):
         ids = list(range(tok, tok + n))
         tok += n
         m = masks[i] if masks is not None else [j > 0 for j in range(n)]
-        labels = [t if keep else IGNORE for t, keep in zip(ids, m)]
+        labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, m)]
         rows.append((100 + i, ids, labels))
     return rows
 
@@ -48,7 +49,7 @@ def to_table(rows, layout="plain"):
         return pa.concat_tables([to_table(rows[:k]), to_table(rows[k:])])
     if layout == "sliced":  # extra rows on both sides; labels buffer offset differs from ids
         pad_ids = [[7] * 3]
-        pad_lab = [[IGNORE] * 5, [IGNORE] * 2]
+        pad_lab = [[IGNORE_INDEX] * 5, [IGNORE_INDEX] * 2]
         t = pa.table({
             "row_id": pa.array([-1] + row_ids + [-2], pa.int64()),
             "input_ids": pa.array(pad_ids + ids + pad_ids, LIST_I32),
@@ -56,7 +57,7 @@ def to_table(rows, layout="plain"):
         })
         return t.slice(1, len(rows))
     if layout == "unaligned":  # labels come from a different buffer than input_ids
-        lab = pa.array([[IGNORE] * 4] + labels, LIST_I32).slice(1)
+        lab = pa.array([[IGNORE_INDEX] * 4] + labels, LIST_I32).slice(1)
         return pa.table({"row_id": pa.array(row_ids, pa.int64()), "input_ids": pa.array(ids, LIST_I32),
                          "labels": lab})
     raise ValueError(layout)
@@ -79,8 +80,8 @@ def expected(rows, M, overlong, side):
             pieces = [(ids, labels)]
         kept = []
         for pi, pl in pieces:
-            pl = [IGNORE] + list(pl[1:])
-            if any(x != IGNORE for x in pl):
+            pl = [IGNORE_INDEX] + list(pl[1:])
+            if any(x != IGNORE_INDEX for x in pl):
                 kept.append((rid, list(pi), pl))
         if not kept:
             rejects[rid] = (f"no trainable token after truncation to max_length {M} ({side})"
@@ -128,10 +129,10 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
         assert 0 < len(ids) <= M
         assert len(labels) == len(ids)
         assert all(s > 0 for s in seqs) and sum(seqs) == len(ids)
-        assert all(lab == tok or lab == IGNORE for tok, lab in zip(ids, labels))
+        assert all(lab == tok or lab == IGNORE_INDEX for tok, lab in zip(ids, labels))
 
     # every packed row trains something (a batch of them never has zero loss tokens)
-    assert all(any(lab != IGNORE for lab in labels) for _, labels, _ in got)
+    assert all(any(lab != IGNORE_INDEX for lab in labels) for _, labels, _ in got)
     # no token duplicated; none lost but the counted rows without loss
     all_out = [t for ids, _, _ in got for t in ids]
     all_exp = [t for _, ids, _ in docs for t in ids]
@@ -149,12 +150,12 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
             ids = stream_ids[pos:pos + M]
             labels = list(stream_lab[pos:pos + M])
             if pos not in doc_starts:
-                masked += labels[0] != IGNORE
-                labels[0] = IGNORE
+                masked += labels[0] != IGNORE_INDEX
+                labels[0] = IGNORE_INDEX
             # pieces are cut at document starts and at the row start
             cuts = sorted({j for j in range(len(ids)) if pos + j in doc_starts} | {0})
             seqs = [b - a for a, b in zip(cuts, cuts[1:] + [len(ids)])]
-            if all(lab == IGNORE for lab in labels):
+            if all(lab == IGNORE_INDEX for lab in labels):
                 dropped += 1
                 continue
             want_rows.append((ids, labels, seqs))
@@ -182,7 +183,7 @@ def check(rows, res: PackResult, M, strategy, overlong, side):
         assert c["untrainable_rows_dropped"] == c["untrainable_tokens_dropped"] == 0
 
     tokens = len(all_out)
-    trainable = sum(lab != IGNORE for _, labels, _ in got for lab in labels)
+    trainable = sum(lab != IGNORE_INDEX for _, labels, _ in got for lab in labels)
     assert c["tokens"] == tokens and c["trainable_tokens"] == trainable
     assert c["packed_rows"] == len(got) == res.table.num_rows
     assert c["padding_tokens"] == len(got) * M - tokens
@@ -304,7 +305,7 @@ def test_bfd_efficiency_lognormal():
     off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     ids = np.arange(off[-1], dtype=np.int32)
     lab = ids.copy()
-    lab[off[:-1]] = IGNORE
+    lab[off[:-1]] = IGNORE_INDEX
     t = pa.table({"row_id": np.arange(n), "input_ids": pa.ListArray.from_arrays(pa.array(off), pa.array(ids)),
                   "labels": pa.ListArray.from_arrays(pa.array(off), pa.array(lab))})
     res = pack(t, M, "bfd")
@@ -323,7 +324,7 @@ def test_truncate_keep_start_exact():
     rows = make_rows([7, 3])  # tokens 1..7, 8..10
     res = pack(to_table(rows), 5, "none", "truncate", "keep_start")
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4, 5], [8, 9, 10]]
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, 3, 4, 5], [IGNORE, 9, 10]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 2, 3, 4, 5], [IGNORE_INDEX, 9, 10]]
     assert res.counts["truncated"] == 1 and res.counts["truncated_tokens"] == 2
     assert res.rejects == []
 
@@ -332,7 +333,7 @@ def test_truncate_keep_end_exact_masks_new_first_token():
     rows = make_rows([7])
     res = pack(to_table(rows), 5, "none", "truncate", "keep_end")
     assert res.table.column("input_ids").to_pylist() == [[3, 4, 5, 6, 7]]
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 4, 5, 6, 7]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 4, 5, 6, 7]]
 
 
 def test_truncate_rejects_rows_without_trainable_tokens():
@@ -353,7 +354,7 @@ def test_split_pieces_exact():
     rows = make_rows([11])  # tokens 1..11
     res = pack(to_table(rows), 4, "none", "split")
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11]]
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, 3, 4], [IGNORE, 6, 7, 8], [IGNORE, 10, 11]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 2, 3, 4], [IGNORE_INDEX, 6, 7, 8], [IGNORE_INDEX, 10, 11]]
     c = res.counts
     assert (c["split_rows"], c["split_pieces"], c["split_pieces_without_loss"]) == (1, 3, 0)
     assert c["rows_out"] == 1 and c["documents"] == 3
@@ -383,13 +384,13 @@ def test_drop_rejects_with_reason():
 def test_malformed_rows_are_rejects_not_silent():
     t = pa.table({"row_id": pa.array([1, 2, 3, 4], pa.int64()),
                   "input_ids": pa.array([[5, 6], [], [7, 8], None], LIST_I32),
-                  "labels": pa.array([[IGNORE, 6], [], [IGNORE], None], LIST_I32)})
+                  "labels": pa.array([[IGNORE_INDEX, 6], [], [IGNORE_INDEX], None], LIST_I32)})
     res = pack(t, 8, "bfd")
     assert res.rejects == [(2, "empty row"), (3, "input_ids and labels differ in length (2 != 1)"),
                            (4, "empty row")]
     assert res.counts["rows_out"] == 1
     # a row with no trainable token at all (label 0 is masked whatever the input says)
-    res = pack(to_table([(9, [1, 2], [1, IGNORE])]), 8, "none")
+    res = pack(to_table([(9, [1, 2], [1, IGNORE_INDEX])]), 8, "none")
     assert res.rejects == [(9, "no trainable token")]
 
 
@@ -401,8 +402,8 @@ def test_wrapped_exact():
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
     assert res.table.column("seq_lengths").to_pylist() == [[3, 1], [3, 1], [2]]
     # document starts (1, 4, 8) and continued pieces (5, 9) have no loss
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, 3, IGNORE], [IGNORE, 6, 7, IGNORE],
-                                                      [IGNORE, 10]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 2, 3, IGNORE_INDEX], [IGNORE_INDEX, 6, 7, IGNORE_INDEX],
+                                                      [IGNORE_INDEX, 10]]
     assert res.counts["wrapped_boundary_labels_masked"] == 2
     assert res.counts["packing_efficiency"] == 10 / 12
 
@@ -411,7 +412,7 @@ def test_wrapped_with_split_documents():
     rows = make_rows([6])  # split at 4 into 1..4, 5..6, then wrapped at 3
     res = pack(to_table(rows), 4, "wrapped", "split")
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4], [5, 6]]
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, 3, 4], [IGNORE, 6]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 2, 3, 4], [IGNORE_INDEX, 6]]
     assert res.counts["wrapped_boundary_labels_masked"] == 0
 
 
@@ -421,7 +422,7 @@ def test_wrapped_never_writes_a_row_without_loss():
     rows = make_rows([3, 4], [[False, True, False], [False, True, False, False]])
     res = pack(to_table(rows), 4, "wrapped")
     assert res.table.column("input_ids").to_pylist() == [[1, 2, 3, 4]]
-    assert res.table.column("labels").to_pylist() == [[IGNORE, 2, IGNORE, IGNORE]]
+    assert res.table.column("labels").to_pylist() == [[IGNORE_INDEX, 2, IGNORE_INDEX, IGNORE_INDEX]]
     c = res.counts
     assert (c["untrainable_rows_dropped"], c["untrainable_tokens_dropped"]) == (1, 3)
     assert (c["packed_rows"], c["tokens"], c["wrapped_boundary_labels_masked"]) == (1, 4, 1)

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from .schemas import IGNORE_INDEX
+
 
 NON_MODEL_KEYS = ("row_index", "row_length")
 
@@ -98,10 +99,6 @@ class PackedDataset(torch.utils.data.Dataset):
             item[name] = np.asarray(values[offsets[j]:offsets[j + 1]], dtype=np.int64)
         item["row_index"] = index
         return item
-
-    def where(self, index: int) -> str:
-        """Human-readable location of a row (for error messages)."""
-        return f"row {index} of {self.directory}"
 
 
 def _shard_paths(directory: Path) -> list[Path]:

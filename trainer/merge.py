@@ -27,8 +27,7 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: str | Path, out_dir: str | Path,
-                  eot_token: str | None = None, dtype: Any = None,
-                  init_kwargs: dict[str, Any] | None = None) -> Path:
+                  eot_token: str | None = None) -> Path:
     """Merge `adapter_dir` (a LoRA adapter, or a full fine-tuned model for `mode: full`) into a
     standalone model at `out_dir`. Returns `out_dir`; an existing `out_dir` is left as is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -40,11 +39,7 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
         log.info("%s already exists; not merging again", out_dir)
         return out_dir
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    kwargs = dict(init_kwargs or {})
-    kwargs.pop("attn_implementation", None)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    kwargs.setdefault("dtype", "auto")  # the checkpoint's own dtype
+    kwargs = {"dtype": "auto"}  # the checkpoint's own dtype
 
     if is_adapter_dir(adapter_dir):
         from peft import PeftModel

@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-IGNORE = -100
+from .schemas import IGNORE_INDEX
+
 STRATEGIES = ("bfd", "wrapped", "none")
 OVERLONG = ("truncate", "split", "drop")
 TRUNCATE_SIDES = ("keep_start", "keep_end")
@@ -205,7 +206,7 @@ def pack(
     lab_start, lab_len, lab_vals = _flat_list(tokenized, "labels")
     # trainable flags over the flat label buffer (+1 sentinel so reduceat can end at len)
     lab_tr = np.zeros(len(lab_vals) + 1, dtype=np.int8)
-    np.not_equal(lab_vals, IGNORE, out=lab_tr[:-1].view(bool))
+    np.not_equal(lab_vals, IGNORE_INDEX, out=lab_tr[:-1].view(bool))
 
     reasons: dict[int, str] = {}
     mismatch = ids_len != lab_len
@@ -318,8 +319,8 @@ def pack(
     out_lab = lab_vals[idx]  # fancy indexing copies: the input buffers are never written
     del idx
     if mid_doc is not None:
-        wrapped_masked = int((out_lab[seg_out[mid_doc]] != IGNORE).sum())
-    out_lab[seg_out] = IGNORE
+        wrapped_masked = int((out_lab[seg_out[mid_doc]] != IGNORE_INDEX).sum())
+    out_lab[seg_out] = IGNORE_INDEX
 
     row_tokens = np.bincount(seg_row, weights=seg_len, minlength=nrows).astype(np.int64)
     row_offsets = np.zeros(nrows + 1, dtype=np.int64)
@@ -339,7 +340,7 @@ def pack(
     )
 
     out_tr = np.zeros(total + 1, dtype=np.int8)
-    np.not_equal(out_lab, IGNORE, out=out_tr[:-1].view(bool))
+    np.not_equal(out_lab, IGNORE_INDEX, out=out_tr[:-1].view(bool))
     row_trainable = _range_sums(out_tr, row_offsets[:-1], row_offsets[1:])
     # A row with nothing to train (a wrapped row holding only the untrained rest of a document)
     # adds no loss, and a micro-batch of such rows has none at all: never written, counted.

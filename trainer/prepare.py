@@ -31,6 +31,7 @@ import pyarrow as pa
 from .arrow_io import read_table, write_shards, write_table
 from .config import Experiment, SourceConfig
 from . import keys
+from .schemas import IGNORE_INDEX
 from .sources import build_raw_table, source_fingerprint
 from .store import Store, StageOutput, content_key, file_digest
 
@@ -474,7 +475,7 @@ class DataPipeline:
             table, rejects = tokenize_rows(table_in, self._tokenizer_of(tokenizer)[0], progress=self.progress)
             write_table(tmp / "rows.arrow", table)
             labels = table.column("labels").combine_chunks().flatten()
-            trainable = int(pa.compute.sum(pa.compute.not_equal(labels, -100)).as_py() or 0)
+            trainable = int(pa.compute.sum(pa.compute.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
             return {"split": split, "counts": {
                 "rows_in": table_in.num_rows, "rows_out": table.num_rows, "rejects": len(rejects),
                 "tokens": len(labels), "trainable_tokens": trainable},

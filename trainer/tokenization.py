@@ -19,11 +19,12 @@ from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
+
+from .schemas import IGNORE_INDEX
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 
 TOKENIZED_SCHEMA = pa.schema(
     [
@@ -144,7 +145,7 @@ def _check_tokens(ids: Any, labels: Any, vocab_size: int) -> list[int]:
     if len(labels) != len(ids):
         raise ValueError(f"labels: length {len(labels)} does not match input_ids length {len(ids)}")
     for k, (lab, t) in enumerate(zip(labels, ids)):
-        if lab != IGNORE and lab != t:
+        if lab != IGNORE_INDEX and lab != t:
             raise ValueError(f"labels[{k}]: {lab} is neither -100 nor the token id {t}")
     return list(labels)
 
@@ -263,7 +264,7 @@ def tokenize_rows(
     if total >= 2**31:
         raise ValueError("tokenize_rows: more than 2**31 tokens in one table; split the input")
     flat = np.fromiter(itertools.chain.from_iterable(encoded), np.int32, total)
-    labels = np.where(np.repeat(np.array(trained, bool), lens), flat, np.int32(IGNORE)).astype(np.int32)
+    labels = np.where(np.repeat(np.array(trained, bool), lens), flat, np.int32(IGNORE_INDEX)).astype(np.int32)
     for j, lab in explicit.items():
         labels[piece_off[j]:piece_off[j + 1]] = lab
 
@@ -272,9 +273,9 @@ def tokenize_rows(
     row_end = piece_off[fp + np.array(n_pieces, np.int64)]
     row_len = row_end - row_start
     nonempty = row_len > 0
-    labels[row_start[nonempty]] = IGNORE  # nothing predicts a row's first token
+    labels[row_start[nonempty]] = IGNORE_INDEX  # nothing predicts a row's first token
     cum_trained = np.zeros(total + 1, np.int64)
-    np.cumsum(labels != IGNORE, out=cum_trained[1:])
+    np.cumsum(labels != IGNORE_INDEX, out=cum_trained[1:])
     n_trained = cum_trained[row_end] - cum_trained[row_start]
     processed = np.ones(n, bool)
     processed[[r for r, _, _ in rejects]] = False

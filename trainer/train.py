@@ -64,7 +64,6 @@ from typing import Any
 import torch
 
 from .collate import (
-    IGNORE_INDEX,
     NoTrainableTokensError,  # noqa: F401  (re-exported: the error a bad batch raises)
     PackedCollator,
     PackedDataset,
@@ -72,6 +71,7 @@ from .collate import (
     steps_per_epoch,
 )
 from .config import Experiment, experiment_from_dict
+from .schemas import IGNORE_INDEX
 from .models import embedding_rows, load_model, resolve_base_model
 
 log = logging.getLogger("sftdag.train")
