@@ -17,9 +17,8 @@ from typing import Any
 from . import keys
 from .config import Experiment
 from .prepare import DataPipeline
-from .store import CODE_VERSIONS, StageOutput, content_key, file_digest
-
-SUMMARY_FILE = "training_summary.json"
+from .schemas import TRAINING_SUMMARY
+from .store import StageOutput, content_key, file_digest
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
@@ -45,10 +44,10 @@ class AdapterPlan:
 
     @property
     def complete(self) -> bool:
-        return (self.output_dir / SUMMARY_FILE).is_file()
+        return (self.output_dir / TRAINING_SUMMARY).is_file()
 
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.output_dir / SUMMARY_FILE).read_text())
+        return json.loads((self.output_dir / TRAINING_SUMMARY).read_text())
 
 
 def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,

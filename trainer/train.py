@@ -71,12 +71,11 @@ from .collate import (
     steps_per_epoch,
 )
 from .config import Experiment, experiment_from_dict
-from .schemas import IGNORE_INDEX
+from .schemas import IGNORE_INDEX, TRAINING_SUMMARY
 from .models import embedding_rows, load_model, resolve_base_model
 
 log = logging.getLogger("sftdag.train")
 
-SUMMARY = "training_summary.json"
 MODEL_CARD = "README.md"
 RUN_ID_FILE = "mlflow_run_id"
 COUNTERS_FILE = "sftdag_counters.json"
@@ -688,9 +687,9 @@ def save_final_model(trainer, work: Path, new_ids: list[int], is_main: bool) -> 
 
 def _write_summary(work: Path, summary: dict) -> None:
     """Atomically: the summary's presence marks `work` as finished (see `_finalize`)."""
-    tmp = work / f".{SUMMARY}.tmp"
+    tmp = work / f".{TRAINING_SUMMARY}.tmp"
     tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, work / SUMMARY)
+    os.replace(tmp, work / TRAINING_SUMMARY)
 
 
 def _finalize(work: Path, output_dir: Path) -> None:
@@ -714,7 +713,7 @@ def _end_mlflow_run_of(work: Path, experiment: Experiment, reporter: "Reporter")
 
         uri, name, artifact_location = resolve_tracking(experiment)
         run = MlflowRun(uri, name, artifact_location, run_id=run_id_path.read_text().strip())
-        run.log_artifact(work / SUMMARY)
+        run.log_artifact(work / TRAINING_SUMMARY)
         run.end("FINISHED")
     except Exception as e:  # tracking must never stop the completion
         reporter.warning("could not close the MLflow run of %s: %s", work, e)
@@ -783,7 +782,7 @@ def use_cpu() -> bool:
 
 def _read_summary(directory: Path) -> dict[str, Any]:
     try:
-        return json.loads((directory / SUMMARY).read_text())
+        return json.loads((directory / TRAINING_SUMMARY).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -1009,7 +1008,7 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
         _write_summary(work, summary)
         if run is not None:
             try:
-                run.log_artifact(work / SUMMARY)
+                run.log_artifact(work / TRAINING_SUMMARY)
                 run.end("FINISHED")
             except Exception as e:
                 reporter.warning("MLflow: %s", e)
@@ -1024,7 +1023,7 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
 
 
 def is_finished_partial(work: Path) -> bool:
-    return (work / SUMMARY).exists()
+    return (work / TRAINING_SUMMARY).exists()
 
 
 def main(argv: list[str] | None = None) -> int:
