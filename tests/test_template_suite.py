@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.sentencepiece import FAMILIES, build
+from tests.test_masks import CONVERSATION
 from trainer.config import DataConfig, TemplateConfig, TokenizerConfig
 from trainer.formats import normalize
 from trainer.templating import generation_prompt, setup_template, template_rows
@@ -59,16 +60,9 @@ TEMPLATES = {
 }
 TOKENIZERS = ("builtin:llama3", "builtin:tiny", *FAMILIES)
 
-SYSTEM = {"role": "system", "content": "You are a terse calculator."}
+SYSTEM, *MULTI_TURN = CONVERSATION
 CONVERSATIONS = {
-    "multi_turn": [
-        {"role": "user", "content": "What is 2 + 2?"},
-        {"role": "assistant", "content": "2 + 2 = 4."},
-        {"role": "user", "content": "And 10 times that?"},
-        {"role": "assistant", "content": "40"},
-        {"role": "user", "content": "Say it in words, please."},
-        {"role": "assistant", "content": "Forty."},
-    ],
+    "multi_turn": MULTI_TURN,
     # The user's text also ends the earlier assistant turn ("Paris" after "...is Paris</s>").
     "echo": [
         {"role": "user", "content": "What is the capital of France?"},
