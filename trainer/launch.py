@@ -146,10 +146,14 @@ def merge_command(plan: MergePlan) -> list[str]:
 
 
 def write_spec(directory: Path, name: str, spec: dict[str, Any]) -> Path:
-    """Atomically: a process of a concurrent materialization may be reading it."""
+    """Atomically (a process of a concurrent materialization may be reading it), and only when
+    its content changed: planning again leaves an unchanged spec untouched."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.json"
+    text = json.dumps(spec, indent=2)
+    if path.is_file() and path.read_text() == text:
+        return path
     tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(spec, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
