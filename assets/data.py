@@ -13,6 +13,7 @@ import dagster as dg
 from trainer.config import Experiment
 from trainer.packing import plot_length_histogram
 from trainer.prepare import DataPipeline
+from trainer.templating import load_template_setup
 from trainer.store import CODE_VERSIONS, StageOutput
 
 STAGE_ASSETS = {
@@ -118,11 +119,11 @@ def build_data_assets(exp: Experiment) -> list:
                           + description_suffix)
     def tokenizer(context: dg.AssetExecutionContext) -> dg.Output:
         out = pipeline().tokenizer_output()
-        setup = out.manifest.get("template", {})
+        setup = load_template_setup(out.path)
         return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
-            "path": dg.MetadataValue.path(str(out.path)), "vocab_size": int(out.manifest.get("vocab_size", 0)),
-            "end_of_turn": dg.MetadataValue.text(repr(setup.get("eot_token"))),
-            "added_tokens": dg.MetadataValue.json(setup.get("added_tokens", []))})
+            "path": dg.MetadataValue.path(str(out.path)), "vocab_size": int(out.manifest["vocab_size"]),
+            "end_of_turn": dg.MetadataValue.text(repr(setup.eot_token)),
+            "added_tokens": dg.MetadataValue.json(setup.added_tokens)})
 
     @asset("raw", deps=[raw_files_key(group)])
     def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output:

@@ -21,7 +21,7 @@ def test_merged_equals_adapter_and_loads_alone(tmp_path_factory):
     spec, summary = lora_run(tmp_path_factory)
     adapter_dir = Path(spec["output_dir"])
     out = tmp_path_factory.mktemp("merge") / "merged"
-    merge_adapter(adapter_dir, summary["base_model_path"], spec["tokenizer_dir"], out, spec["template"]["eot_token"])
+    merge_adapter(adapter_dir, summary["base_model_path"], spec["tokenizer_dir"], out, summary["eot_token"])
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not (out / "adapter_config.json").exists()
     assert not list(out.parent.glob(".tmp-*"))

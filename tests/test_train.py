@@ -159,7 +159,7 @@ def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
     assert summary["new_token_ids"] == [30, 31] and summary["base_vocab_rows"] == padded
 
     merged_dir = merge_adapter(spec["output_dir"], str(tmp_path / "base"), spec["tokenizer_dir"],
-                               tmp_path / "merged", spec["template"]["eot_token"])
+                               tmp_path / "merged", summary["eot_token"])
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
     new = torch.zeros(padded, dtype=torch.bool)

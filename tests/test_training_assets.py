@@ -75,7 +75,7 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     rows = load_held_out(plan.spec["held_out"])[:TINY_TRAINING["accuracy_rows"]]
     assert len(rows) == TINY_TRAINING["accuracy_rows"]
     prompts = [r["prompt"] for r in rows]
-    stops = [plan.spec["template"]["eot_token"], tokenizer.eos_token]
+    stops = [plan.summary()["eot_token"], tokenizer.eos_token]
     ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         merged_logits, adapter_logits = model(ids).logits, adapted(ids).logits

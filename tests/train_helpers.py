@@ -38,6 +38,12 @@ def make_tokenizer(directory: Path, added: list[str] | None = ADDED) -> Path:
         fast.add_special_tokens({"additional_special_tokens": list(added)})
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(directory))
+    # What the data stage's template set-up stores beside the tokenizer.
+    from trainer.templating import TemplateSetup
+
+    setup = TemplateSetup(chat_template=None, added_tokens=list(added or []), eot_token=added[1] if added else None,
+                          pad_token="<pad>")
+    (directory / "template_setup.json").write_text(json.dumps(setup.to_dict()))
     return directory
 
 
@@ -133,7 +139,6 @@ def make_spec(tmp: Path, *, rows: int = 16, training: dict | None = None, model:
         "train_shards": str(train_dir),
         "eval_shards": str(eval_dir) if eval_dir else None,
         "tokenizer_dir": str(tok_dir),
-        "template": {"added_tokens": list(added or []), "eot_token": added[1] if added else None},
         "held_out": str(held_path) if held_path else None,
         "output_dir": str(tmp / output),
         "tags": tags or {"dagster_run_id": "run-1", "data_version": "dv-1"},

@@ -59,9 +59,11 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
     outputs = data if data is not None else pipeline.run()
+    from .templating import load_template_setup
+
     tokenizer = outputs["tokenizer"].manifest
-    setup = tokenizer["template"]
-    base_vocab = tokenizer["vocab_size"] - len(setup["added_tokens"])
+    setup = load_template_setup(outputs["tokenizer"].path)
+    base_vocab = tokenizer["vocab_size"] - len(setup.added_tokens)
     # The builtin model is built by the training process, never here (no torch in the orchestrator).
     builtin = exp.model.base.startswith("builtin:")
     base_model = str(builtin_model_path(exp.model, store.root, base_vocab)) if builtin else \
@@ -80,7 +82,6 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
         "eval_shards": str(outputs["packed/eval"].path) if eval_key else None,
         "tokenizer_dir": str(outputs["tokenizer"].path),
         "base_model": None if builtin else base_model,
-        "template": {"added_tokens": list(setup["added_tokens"]), "eot_token": setup["eot_token"]},
         "held_out": str(outputs["templated/eval"].path / "held_out.jsonl") if eval_key else None,
         "output_dir": str(output_dir),
         "tags": {"data_version": data_version, "adapter_version": key, "experiment": exp.name,
@@ -133,7 +134,7 @@ def plan_merge(exp: Experiment, adapter: AdapterPlan) -> MergePlan:
     summary = adapter.summary()
     spec = {"adapter_dir": str(adapter.output_dir), "base_model": summary["base_model_path"],
             "tokenizer_dir": adapter.spec["tokenizer_dir"], "output_dir": str(output_dir),
-            "eot_token": adapter.spec["template"]["eot_token"], "held_out": adapter.spec.get("held_out"),
+            "eot_token": summary["eot_token"], "held_out": adapter.spec.get("held_out"),
             "accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens,
             "score_path": str(output_dir.parent / ".scores" / f"{score_key}.json"),
             "versions": {"adapter_version": adapter.key, "merged_version": key, "score_version": score_key}}

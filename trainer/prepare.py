@@ -324,8 +324,7 @@ class DataPipeline:
             bundle = self.tokenizer_bundle
             save_tokenizer(bundle.tokenizer, bundle.setup, tmp)
             return {"identity": bundle.identity, "source": self.exp.tokenizer.path,
-                    "vocab_size": len(bundle.tokenizer),
-                    "template": dataclasses.asdict(bundle.setup)}
+                    "vocab_size": len(bundle.tokenizer)}
 
         if self._tokenizer is None:
             self._tokenizer = self.store.get_or_build("tokenizer", self.tokenizer_identity, build)

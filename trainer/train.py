@@ -15,8 +15,8 @@ SPEC.json
   "train_shards":  directory of packed shard-*.arrow files (input_ids, labels, seq_lengths),
   "eval_shards":   directory of packed eval shards, or null,
   "tokenizer_dir": the tokenizer the data stage used (save_pretrained dir, chat template and
-                   added special tokens included),
-  "template":      {"added_tokens": [str, ...], "eot_token": str | null},
+                   added special tokens included, and its `template_setup.json`: end-of-turn
+                   text and the tokens the set-up added),
   "held_out":      JSONL of {"prompt": generation prompt text (template + bos included),
                    "reference": str}, or null,
   "output_dir":    where the finished adapter (or full model) goes,
@@ -72,6 +72,7 @@ from .collate import (
 )
 from .config import Experiment, experiment_from_dict
 from .schemas import IGNORE_INDEX, TRAINING_SUMMARY
+from .templating import load_template_setup
 from .models import embedding_rows, load_model, resolve_base_model
 
 log = logging.getLogger("sftdag.train")
@@ -105,10 +106,6 @@ def load_spec(path_or_dict: str | Path | dict) -> dict[str, Any]:
     spec.setdefault("eval_shards", None)
     spec.setdefault("held_out", None)
     spec.setdefault("tags", {})
-    template = dict(spec.get("template") or {})
-    template.setdefault("added_tokens", [])
-    template.setdefault("eot_token", None)
-    spec["template"] = template
     return spec
 
 
@@ -607,6 +604,7 @@ def training_arguments(experiment: Experiment, work: Path, has_eval: bool):
 # --------------------------------------------------------------------------------------------
 
 def model_card(experiment: Experiment, spec: dict, summary: dict, base_path: str) -> str:
+    setup = load_template_setup(spec["tokenizer_dir"])
     tc = experiment.training
     lc = tc.lora
     tags = spec.get("tags") or {}
@@ -618,8 +616,8 @@ def model_card(experiment: Experiment, spec: dict, summary: dict, base_path: str
         "## Base model and data",
         f"- base model: `{experiment.model.base}` (loaded from `{base_path}`)",
         f"- tokenizer: `{spec['tokenizer_dir']}` ({summary.get('vocab_size')} tokens; "
-        f"added: {', '.join(spec['template'].get('added_tokens') or []) or 'none'})",
-        f"- end-of-turn token: `{spec['template'].get('eot_token')}`",
+        f"added: {', '.join(setup.added_tokens) or 'none'})",
+        f"- end-of-turn text: `{setup.eot_token}`",
         f"- train shards: `{spec['train_shards']}` ({summary.get('train_rows')} packed rows)",
         f"- eval shards: `{spec.get('eval_shards')}`",
     ]
@@ -843,7 +841,9 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise SpecError(f"tokenizer in {spec['tokenizer_dir']} has neither a pad nor an eos token")
-    eot = spec["template"].get("eot_token")
+    # The template set-up is read where the data stage stored it, with the tokenizer.
+    setup = load_template_setup(spec["tokenizer_dir"])
+    eot = setup.eot_token
     stop_tokens = [eot] if eot else []
 
     train_ds = PackedDataset(spec["train_shards"])
@@ -872,8 +872,8 @@ def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path
     else:
         with state.main_process_first():
             base_path = resolve_base_model(experiment.model, experiment.store_root,
-                                           base_vocab_size(tokenizer, spec["template"].get("added_tokens") or []))
-    model, base_rows, new_ids = build_model(experiment, tokenizer, base_path, spec["template"]["added_tokens"],
+                                           base_vocab_size(tokenizer, setup.added_tokens))
+    model, base_rows, new_ids = build_model(experiment, tokenizer, base_path, setup.added_tokens,
                                             reporter, state.device)
 
     world = state.num_processes
