@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.config import experiment_from_dict  # noqa: E402
-from trainer.prepare import DataPipeline, _load_tokenizer_bundle  # noqa: E402
+from trainer.prepare import DataPipeline, _clear_tokenizer_bundles  # noqa: E402
 
 
 def as_conversation(row: dict) -> dict:
@@ -125,7 +125,7 @@ def main() -> None:
         counts = outputs["packed/train"].manifest["counts"]
 
         # A second experiment: other training settings, same data settings; new tokenizer load too.
-        _load_tokenizer_bundle.cache_clear()
+        _clear_tokenizer_bundles()
         second = experiment("bench_b", data_file, tmp / "store", args.max_length)
         second.training.learning_rate = 1e-5
         start = time.perf_counter()

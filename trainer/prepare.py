@@ -110,10 +110,6 @@ def _clear_tokenizer_bundles() -> None:
         _BUNDLES.clear()
 
 
-# Kept from when this was an lru_cache (benchmarks/prepare.py times a cold load with it).
-_load_tokenizer_bundle.cache_clear = _clear_tokenizer_bundles  # type: ignore[attr-defined]
-
-
 @dataclass(frozen=True)
 class SourceDigest:
     digest: str
