@@ -2,7 +2,7 @@
 
 One set per data group (`data.name`, or a hash of the data settings), so experiments with the
 same data settings hang off the same assets. The assets are thin: the work and the cache live in
-`trainer.prepare.DataPipeline`; each asset reports its store key as its data version.
+`trainer.data.prepare.DataPipeline`; each asset reports its store key as its data version.
 """
 
 
@@ -10,11 +10,11 @@ import base64
 
 import dagster as dg
 
-from trainer.config import Experiment
-from trainer.packing import plot_length_histogram
-from trainer.prepare import DataPipeline
-from trainer.templating import load_template_setup
-from trainer.store import CODE_VERSIONS, StageOutput
+from trainer.core.config import Experiment
+from trainer.data.packing import plot_length_histogram
+from trainer.data.prepare import DataPipeline
+from trainer.data.templating import load_template_setup
+from trainer.core.store import CODE_VERSIONS, StageOutput
 
 STAGE_ASSETS = {
     "raw": "raw_dataset",

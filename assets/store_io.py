@@ -12,7 +12,7 @@ from typing import Union
 
 import dagster as dg
 
-from trainer.store import StageOutput, Store
+from trainer.core.store import StageOutput, Store
 
 Outputs = Union[StageOutput, dict[str, StageOutput]]
 

@@ -3,9 +3,9 @@
 
 import dagster as dg
 
-from trainer.config import Experiment
-from trainer.launch import merge_command, plan_adapter, plan_merge, training_command
-from trainer.store import CODE_VERSIONS, StageOutput
+from trainer.core.config import Experiment
+from trainer.training.launch import merge_command, plan_adapter, plan_merge, training_command
+from trainer.core.store import CODE_VERSIONS, StageOutput
 
 from .data import data_asset_key, tokenizer_asset_key
 
@@ -55,7 +55,7 @@ def build_training_assets(exp: Experiment) -> list:
     @dg.asset(key=adapter_asset_key(exp), ins=_data_ins(exp), group_name=exp.name,
               code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
               description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
-                          f"(experiment `{exp.name}`); runs `trainer.train` in its own process.")
+                          f"(experiment `{exp.name}`); runs `trainer.training.train` in its own process.")
     def trained_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
                         packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.MaterializeResult:
         plan = plan_adapter(exp, _data(packed, templated, raw, tok), tags={"dagster_run_id": context.run.run_id})

@@ -65,7 +65,7 @@ def prepare_once(tree: Path, work: Path) -> tuple[float, dict]:
 
 def set_up(work: Path, rows: int) -> None:
     sys.path.insert(0, str(REPO))
-    from trainer.default_data import generate
+    from trainer.data.default_data import generate
 
     work.mkdir(parents=True)
     with open(work / "data.jsonl", "w") as f:

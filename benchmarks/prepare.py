@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.config import experiment_from_dict  # noqa: E402
-from trainer.prepare import DataPipeline, _clear_tokenizer_bundles  # noqa: E402
+from trainer.core.config import experiment_from_dict  # noqa: E402
+from trainer.data.prepare import DataPipeline, _clear_tokenizer_bundles  # noqa: E402
 
 
 def as_conversation(row: dict) -> dict:
@@ -76,8 +76,8 @@ def bench_trl(rows, max_length: int) -> tuple[float, int, float] | None:
 
     datasets.disable_progress_bars()
 
-    from trainer.config import TokenizerConfig
-    from trainer.tokenizer import load_tokenizer
+    from trainer.core.config import TokenizerConfig
+    from trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:llama3"))
     tok.pad_token = tok.eos_token  # TRL's usual set-up; this tokenizer.json has no pad token

@@ -63,8 +63,8 @@ def materialized_data(exp, instance) -> dict:
 def cmd_prepare(args) -> dict:
     import dagster as dg
 
-    from trainer.config import load_experiment
-    from trainer.prepare import summarize
+    from trainer.core.config import load_experiment
+    from trainer.data.prepare import summarize
 
     exp = load_experiment(args.experiment)
     ensure_dagster_home()
@@ -75,8 +75,8 @@ def cmd_prepare(args) -> dict:
 
 
 def cmd_run(args) -> dict:
-    from trainer.config import load_experiment
-    from trainer.launch import plan_adapter, plan_merge
+    from trainer.core.config import load_experiment
+    from trainer.training.launch import plan_adapter, plan_merge
 
     import dagster as dg
 
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
 
-    from trainer.config import ConfigError
+    from trainer.core.config import ConfigError
 
     try:
         if args.command == "ui":

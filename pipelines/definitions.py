@@ -6,7 +6,7 @@ import dagster as dg
 from assets.data import build_data_assets, data_asset_key
 from assets.store_io import StageStoreIOManager
 from assets.training import GPU_TAG, build_training_assets, merged_asset_key
-from trainer.config import ConfigError, Experiment
+from trainer.core.config import ConfigError, Experiment
 
 from .experiments import load_experiments
 from .schedules import build_retrain_schedule

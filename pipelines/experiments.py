@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from trainer.config import ConfigError, Experiment, load_experiment
+from trainer.core.config import ConfigError, Experiment, load_experiment
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV_VAR = "SFTDAG_EXPERIMENTS"

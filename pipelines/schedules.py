@@ -6,9 +6,9 @@ from dataclasses import dataclass
 import dagster as dg
 
 from assets.training import adapter_asset_key
-from trainer.config import Experiment
-from trainer.launch import raw_version
-from trainer.prepare import DataPipeline
+from trainer.core.config import Experiment
+from trainer.training.launch import raw_version
+from trainer.data.prepare import DataPipeline
 
 
 @dataclass

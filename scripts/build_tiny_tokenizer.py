@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: E402
 
-from trainer import default_data  # noqa: E402
+from trainer.data import default_data  # noqa: E402
 
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<s>", "</s>", "<unk>"]

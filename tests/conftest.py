@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import Experiment, experiment_from_dict
+from trainer.core.config import Experiment, experiment_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def small_rows(n: int = 40, seed: int = 0) -> list[dict]:
-    from trainer.default_data import generate
+    from trainer.data.default_data import generate
 
     return generate("train", n, seed=seed)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer import store as store_module
-from trainer.prepare import DataPipeline
+from trainer.core import store as store_module
+from trainer.data.prepare import DataPipeline
 
 from .conftest import small_rows, write_jsonl
 
@@ -120,8 +120,8 @@ def test_data_file_content_changes_every_key(make_experiment, tmp_path):
 def test_tokenizer_identity_not_name_enters_the_key(make_experiment, tmp_path):
     import shutil
 
-    from trainer.tokenizer import load_tokenizer
-    from trainer.config import TokenizerConfig
+    from trainer.data.tokenizer import load_tokenizer
+    from trainer.core.config import TokenizerConfig
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:tiny"))
     same = tmp_path / "tok_copy"
@@ -162,7 +162,7 @@ def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
     rejects = sum(outputs[f"{s}/train"].manifest["counts"]["rejects"] for s in STAGES)
     assert rows_in == len(rows) == outputs["packed/train"].manifest["counts"]["rows_out"] + rejects
     assert rejects == 5
-    from trainer.prepare import read_rejects
+    from trainer.data.prepare import read_rejects
 
     raw_rejects = read_rejects(outputs["raw/train"]).to_pylist()
     assert [r["row_id"] for r in raw_rejects] == [30, 34]
@@ -175,7 +175,7 @@ def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
 # -- files edited in place, in one long-lived process (defect 7) ---------------------------------
 
 def templated_texts(output) -> list[str]:
-    from trainer.arrow_io import read_table
+    from trainer.core.arrow_io import read_table
 
     return read_table(output.path / "rows.arrow").column("text").to_pylist()
 
@@ -186,8 +186,8 @@ def chat_rows() -> list[dict]:
 
 def fresh_identity(exp) -> str:
     """The identity of the set-up tokenizer loaded from the files as they are now (no cache)."""
-    from trainer.templating import setup_template
-    from trainer.tokenizer import load_tokenizer, tokenizer_identity
+    from trainer.data.templating import setup_template
+    from trainer.data.tokenizer import load_tokenizer, tokenizer_identity
 
     tok = load_tokenizer(exp.tokenizer, exp.base_dir)
     setup_template(tok, exp.data.template, exp.base_dir)
@@ -196,7 +196,7 @@ def fresh_identity(exp) -> str:
 
 def remembered_identity(exp) -> str:
     """The identity the store remembers for the tokenizer files as they are now."""
-    from trainer.prepare import _tokenizer_source_digest
+    from trainer.data.prepare import _tokenizer_source_digest
 
     return (Path(exp.store_root) / "tokenizer" / ".identity" / _tokenizer_source_digest(exp).digest).read_text()
 
@@ -221,7 +221,7 @@ def test_template_file_edited_in_place_is_a_new_tokenizer(make_experiment, tmp_p
 
 
 def test_local_tokenizer_directory_edited_in_place(make_experiment, tmp_path):
-    from trainer.tokenizer import TINY_TOKENIZER_DIR
+    from trainer.data.tokenizer import TINY_TOKENIZER_DIR
 
     tok_dir = tmp_path / "tok"
     shutil.copytree(TINY_TOKENIZER_DIR, tok_dir)
@@ -240,7 +240,7 @@ def test_local_tokenizer_directory_edited_in_place(make_experiment, tmp_path):
 
 
 def test_shipped_template_by_name_is_digested_by_content(make_experiment, tmp_path, monkeypatch):
-    from trainer import tokenizer as tokenizer_module
+    from trainer.data import tokenizer as tokenizer_module
 
     # A copy of the shipped templates stands for a new release of them under the same names.
     shipped = tmp_path / "templates"
@@ -259,7 +259,7 @@ def test_shipped_template_by_name_is_digested_by_content(make_experiment, tmp_pa
 
 
 def test_template_edited_between_keys_and_build_renders_with_the_keyed_tokenizer(make_experiment, tmp_path):
-    from trainer.arrow_io import read_table
+    from trainer.core.arrow_io import read_table
 
     template = tmp_path / "chat.jinja"
     template.write_text(ZEPHYR)
@@ -279,7 +279,7 @@ def test_template_edited_between_keys_and_build_renders_with_the_keyed_tokenizer
 @pytest.fixture
 def library_version(monkeypatch):
     """Set a library's __version__ as an upgrade would; the set-up digest is recomputed around it."""
-    from trainer.prepare import _setup_code_digest
+    from trainer.data.prepare import _setup_code_digest
 
     def set_version(module, version):
         monkeypatch.setattr(module, "__version__", version)
@@ -305,7 +305,7 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
     import sys
     import uuid
 
-    from trainer.formats import load_formatting_func
+    from trainer.data.formats import load_formatting_func
 
     name = f"fmt_{uuid.uuid4().hex[:12]}"
     module = tmp_path / "funcs" / f"{name}.py"

@@ -13,7 +13,7 @@ import dagster as dg
 import pytest
 import yaml
 
-from trainer.arrow_io import read_shards
+from trainer.core.arrow_io import read_shards
 
 from .conftest import small_rows, write_jsonl
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from tests.train_helpers import make_shards, pack_rows, random_documents, write_shards
 
-from trainer.schemas import IGNORE_INDEX
-from trainer.collate import (
+from trainer.core.schemas import IGNORE_INDEX
+from trainer.training.collate import (
     NoTrainableTokensError,
     PackedCollator,
     PackedDataset,

@@ -11,10 +11,10 @@ from assets.data import data_asset_key, tokenizer_asset_key, raw_files_key
 from assets.training import adapter_asset_key
 from pipelines.definitions import build_definitions
 from pipelines.schedules import retrain_decision
-from trainer.arrow_io import read_shards
-from trainer.config import ConfigError
-from trainer.launch import raw_version
-from trainer.prepare import DataPipeline
+from trainer.core.arrow_io import read_shards
+from trainer.core.config import ConfigError
+from trainer.training.launch import raw_version
+from trainer.data.prepare import DataPipeline
 
 from .conftest import small_rows, write_jsonl
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer import default_data as dd
+from trainer.data import default_data as dd
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK_DIR = ROOT / "trainer" / "resources" / "tiny_tokenizer"
@@ -41,7 +41,7 @@ def test_deterministic():
 
 
 def test_deterministic_across_processes():
-    code = ("import json; from trainer import default_data as d; "
+    code = ("import json; from trainer.data import default_data as d; "
             "print(json.dumps(d.generate('train', 50, seed=1)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True, env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout

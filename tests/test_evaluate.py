@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import TokenizerConfig
-from trainer.evaluate import generate, stop_tokens_and_strings
-from trainer.tokenizer import load_tokenizer
+from trainer.core.config import TokenizerConfig
+from trainer.training.evaluate import generate, stop_tokens_and_strings
+from trainer.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_generation_is_cut_at_a_multi_token_stop_string(tok, model):
 def test_merged_generation_config_stops_at_a_multi_token_end_of_turn(tok, model, tmp_path):
     from transformers import GenerationConfig
 
-    from trainer.merge import _generation_config
+    from trainer.training.merge import _generation_config
 
     config = _generation_config(model, tok, "<|im_end|>")
     assert config.eos_token_id == [tok.eos_token_id] and config.stop_strings == ["<|im_end|>"]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import DataConfig, FieldNames, TemplateConfig, TokenizerConfig
-from trainer.formats import Example, RowError, detect_format, load_formatting_func, normalize
-from trainer.templating import setup_template, template_rows
-from trainer.tokenization import tokenize_rows
-from trainer.tokenizer import load_tokenizer
+from trainer.core.config import DataConfig, FieldNames, TemplateConfig, TokenizerConfig
+from trainer.data.formats import Example, RowError, detect_format, load_formatting_func, normalize
+from trainer.data.templating import setup_template, template_rows
+from trainer.data.tokenization import tokenize_rows
+from trainer.data.tokenizer import load_tokenizer
 
 F = FieldNames()
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

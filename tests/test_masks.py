@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.formats import RowError, normalize
-from trainer.templating import generation_prompt, render, setup_template, template_rows
-from trainer.tokenization import tokenize_rows
-from trainer.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
+from trainer.data.formats import RowError, normalize
+from trainer.data.templating import generation_prompt, render, setup_template, template_rows
+from trainer.data.tokenization import tokenize_rows
+from trainer.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
 
 IGNORE = -100
 

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trainer.packing import PackResult, length_histogram, pack, plot_length_histogram
-from trainer.schemas import IGNORE_INDEX
+from trainer.data.packing import PackResult, length_histogram, pack, plot_length_histogram
+from trainer.core.schemas import IGNORE_INDEX
 
 LIST_I32 = pa.list_(pa.int32())
 MODES = [("truncate", "keep_start"), ("truncate", "keep_end"), ("split", "keep_start"), ("drop", "keep_start")]

@@ -11,8 +11,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from trainer.config import EvalConfig, SourceConfig
-from trainer.sources import SourceError, build_raw_table, holdout_mask, source_fingerprint
+from trainer.core.config import EvalConfig, SourceConfig
+from trainer.data.sources import SourceError, build_raw_table, holdout_mask, source_fingerprint
 
 ROWS = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": f" {i + 1}"} for i in range(6)]
 
@@ -76,7 +76,7 @@ def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
     assert set(train.column("row_id").to_pylist()) | held_ids == set(range(100))
     assert held_ids == set(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())
     # The raw key names only fraction and seed: another process must hold out the same rows.
-    code = "from trainer.sources import holdout_mask; print(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())"
+    code = "from trainer.data.sources import holdout_mask; print(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "7"})
     assert set(json.loads(out.stdout)) == held_ids

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.store import Store, content_key
+from trainer.core.store import Store, content_key
 
 
 def test_key_depends_on_inputs_params_and_code_version():
@@ -55,7 +55,7 @@ def test_sigkill_mid_build_leaves_no_complete_output(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from trainer.store import Store
+        from trainer.core.store import Store
         def build(tmp):
             (tmp / "half.arrow").write_bytes(b"partial")
             Path({str(tmp_path / 'started')!r}).write_text("1")

@@ -18,11 +18,11 @@ import pytest
 
 from tests.sentencepiece import FAMILIES, build
 from tests.test_masks import CONVERSATION
-from trainer.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.formats import normalize
-from trainer.templating import generation_prompt, setup_template, template_rows
-from trainer.tokenization import tokenize_rows
-from trainer.tokenizer import TEMPLATES_DIR, load_tokenizer
+from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
+from trainer.data.formats import normalize
+from trainer.data.templating import generation_prompt, setup_template, template_rows
+from trainer.data.tokenization import tokenize_rows
+from trainer.data.tokenizer import TEMPLATES_DIR, load_tokenizer
 
 IGNORE = -100
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"
@@ -190,7 +190,7 @@ def test_end_of_turn_after_whitespace_is_trained(base_tokenizers):
 def test_literal_markers_are_trained_as_text_and_reported(base_tokenizers, caplog):
     """Qwen's <|im_end|> is ordinary text for the Llama-3 tokenizer: still trained (as several
     tokens), and the set-up says so once and names the setting."""
-    with caplog.at_level(logging.WARNING, logger="trainer.templating"):
+    with caplog.at_level(logging.WARNING, logger="trainer.data.templating"):
         tok, setup = set_up(base_tokenizers, "builtin:llama3", "qwen2_5")
     assert setup.markers_not_special == ["<|im_start|>", "<|im_end|>"]
     assert sum("add_markers" in r.getMessage() for r in caplog.records) == 1

@@ -14,10 +14,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trainer.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.templating import TEMPLATED_SCHEMA, load_template_setup, save_tokenizer, setup_template, template_rows
-from trainer.tokenization import tokenize_rows
-from trainer.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, tokenizer_identity
+from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
+from trainer.data.templating import TEMPLATED_SCHEMA, load_template_setup, save_tokenizer, setup_template, template_rows
+from trainer.data.tokenization import tokenize_rows
+from trainer.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, tokenizer_identity
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_identity_same_content_same_id_and_changes_with_content():
 def test_identity_is_the_same_in_another_process():
     # Identities key the store across processes (Dagster runs each step in its own): nothing
     # process-specific (hash seed, object ids, load order) may enter them.
-    code = ("from trainer.config import TokenizerConfig; from trainer.tokenizer import load_tokenizer, "
+    code = ("from trainer.core.config import TokenizerConfig; from trainer.data.tokenizer import load_tokenizer, "
             f"tokenizer_identity; print(tokenizer_identity(load_tokenizer(TokenizerConfig(path={SMALL!r}))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}, cwd=REPO)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.train_helpers import lora_run
-from trainer.config import experiment_from_dict
-from trainer.tracking import default_tracking_uri, flatten, resolve_tracking
+from trainer.core.config import experiment_from_dict
+from trainer.training.tracking import default_tracking_uri, flatten, resolve_tracking
 
 
 def test_flatten_nested_params():

@@ -29,8 +29,8 @@ from tests.train_helpers import (
     train_env,
     write_shards,
 )
-from trainer.collate import NoTrainableTokensError, steps_per_epoch
-from trainer.train import base_vocab_size, last_checkpoint, partial_dir, run_training
+from trainer.training.collate import NoTrainableTokensError, steps_per_epoch
+from trainer.training.train import base_vocab_size, last_checkpoint, partial_dir, run_training
 
 # --------------------------------------------------------------------------------------------
 
@@ -73,7 +73,7 @@ def test_batch_without_trainable_tokens_is_an_error(tmp_path):
 def test_wrapped_shards_train_at_any_batch_size(tmp_path):
     """Wrapped packing cuts documents anywhere; a row holding only untrained text is never written,
     so no micro-batch (batch size 1 here) comes without a trainable token."""
-    from trainer.packing import pack
+    from trainer.data.packing import pack
 
     docs = [([5, 6, 7], [-100, 6, -100]), ([8, 9, 10, 11], [-100, 9, -100, -100])] * 4
     table = pa.table({"row_id": list(range(len(docs))), "input_ids": [d[0] for d in docs],
@@ -110,7 +110,7 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     assert on_disk["train_loss"] == pytest.approx(sum(v for _, v in step_losses) / 4, rel=1e-6)
     assert on_disk["global_step"] == 4 and on_disk["new_token_ids"] == [30, 31]
     # Every trainable label of the shards was trained on once (one epoch).
-    from trainer.collate import PackedDataset
+    from trainer.training.collate import PackedDataset
 
     shards = PackedDataset(spec["train_shards"])
     assert on_disk["trainable_tokens"] == sum(int((shards[i]["labels"] != -100).sum()) for i in range(len(shards)))
@@ -148,7 +148,7 @@ def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
     and the merged model carries them."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from trainer.merge import merge_adapter
+    from trainer.training.merge import merge_adapter
 
     torch.manual_seed(0)
     padded = 48  # the tokenizer has 32 tokens; "<|im_start|>" and "<|im_end|>" are ids 30 and 31
@@ -256,7 +256,7 @@ def test_base_vocab_size_strips_trailing_added_tokens(tmp_path):
 
 def _launch(spec_path: Path, log_path: Path, extra: list[str] | None = None,
             env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", *(extra or ["trainer.train"]), str(spec_path)]
+    cmd = [sys.executable, "-m", *(extra or ["trainer.training.train"]), str(spec_path)]
     return subprocess.Popen(cmd, cwd=str(REPO), env=train_env(env), stdout=open(log_path, "w"),
                             stderr=subprocess.STDOUT)
 
@@ -367,7 +367,7 @@ def _kill_in_finalize(at: str):
 
 @pytest.mark.parametrize("at", ["before_cleanup", "after_cleanup"])
 def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypatch, at):
-    import trainer.train as train_module
+    import trainer.training.train as train_module
 
     spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
     out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
@@ -401,7 +401,7 @@ def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypat
 # saved and logged, the summary not yet written.
 @pytest.mark.parametrize("at", ["model_card", "_write_summary"])
 def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, at):
-    import trainer.train as train_module
+    import trainer.training.train as train_module
 
     spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
     out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
@@ -437,7 +437,7 @@ def _free_port() -> int:
 
 
 def _seq_lengths(directory: str) -> list[list[int]]:
-    from trainer.collate import PackedDataset
+    from trainer.training.collate import PackedDataset
 
     ds = PackedDataset(directory)
     return [ds[i]["seq_lengths"].tolist() for i in range(len(ds))]
@@ -457,12 +457,12 @@ def test_two_processes_equal_one(tmp_path):
                                    "learning_rate": 1e-2, "lr_scheduler_type": "linear", "num_train_epochs": 1,
                                    "eval_strategy": "steps", "eval_steps": 2},
                          tags={"data_version": "dv", "adapter_version": "ad-2"})
-        # On a machine without a GPU, --multi_gpu runs torchrun and trainer.train joins the processes over
+        # On a machine without a GPU, --multi_gpu runs torchrun and trainer.training.train joins the processes over
         # gloo (`--cpu` would start a single process).
         extra = ["accelerate.commands.launch", "--multi_gpu" if n > 1 else "--cpu", "--num_processes", str(n),
                  "--num_machines", "1",
                  "--main_process_port", str(_free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-                 "-m", "trainer.train"]
+                 "-m", "trainer.training.train"]
         env, messages_path = pipes_env(d / "pipes")  # launched as Dagster would, through Pipes
         proc = _launch(d / "spec.json", d / "log.txt", extra, env)
         assert proc.wait(timeout=300) == 0, (d / "log.txt").read_text()

@@ -9,8 +9,8 @@ from assets.data import data_asset_key
 from assets.training import GPU_TAG, adapter_asset_key, merged_asset_key
 from pipelines.cli import materialize_experiment
 from pipelines.definitions import build_definitions, train_job_name
-from trainer.evaluate import exact_match, generate, load_held_out
-from trainer.launch import plan_adapter, plan_merge
+from trainer.training.evaluate import exact_match, generate, load_held_out
+from trainer.training.launch import plan_adapter, plan_merge
 
 from .conftest import small_rows
 
@@ -67,7 +67,7 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     # UI and MLflow show is that of those answers.
     from peft import PeftModel
 
-    from trainer.models import load_model
+    from trainer.training.models import load_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()

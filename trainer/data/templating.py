@@ -6,7 +6,7 @@ conversation is rendered once with placeholder contents, which shows the templat
 segment, so each content is found where the template put it, never by searching (a user turn
 that repeats an earlier answer is no false match). Each trained assistant turn runs from its
 content through the end-of-turn text the template writes after it. Working on characters (not
-token ids) is what survives context-dependent tokenization; `trainer.tokenization` then cuts the
+token ids) is what survives context-dependent tokenization; `trainer.data.tokenization` then cuts the
 text at span boundaries.
 """
 
@@ -24,9 +24,9 @@ import pyarrow as pa
 from tokenizers import AddedToken
 from tqdm.auto import tqdm
 
-from trainer.config import DataConfig, TemplateConfig
-from trainer.formats import Example, RowError, load_formatting_func, normalize
-from trainer.tokenizer import TEMPLATES_DIR, read_template, resolve_template_source
+from trainer.core.config import DataConfig, TemplateConfig
+from trainer.data.formats import Example, RowError, load_formatting_func, normalize
+from trainer.data.tokenizer import TEMPLATES_DIR, read_template, resolve_template_source
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Plans for the training stages: adapter and merged-model keys, the run spec, the launch command.
 
-Nothing here trains: `trainer.train` does, in its own process (so a crash cannot take the
-orchestrator with it), and `trainer.merge` merges. This module decides *what* to train, where
+Nothing here trains: `trainer.training.train` does, in its own process (so a crash cannot take the
+orchestrator with it), and `trainer.training.merge` merges. This module decides *what* to train, where
 the result goes, and whether it already exists.
 """
 
@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import keys
-from .config import Experiment
-from .prepare import DataPipeline
-from .schemas import TRAINING_SUMMARY
-from .store import StageOutput, content_key, file_digest
+from trainer.core import keys
+from trainer.core.config import Experiment
+from trainer.data.prepare import DataPipeline
+from trainer.core.schemas import TRAINING_SUMMARY
+from trainer.core.store import StageOutput, content_key, file_digest
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
@@ -54,12 +54,12 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
                  tags: dict[str, str] | None = None) -> AdapterPlan:
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
     them, from running the data stages (every one a cache hit once prepared)."""
-    from .models import builtin_model_path, resolve_base_model
+    from trainer.training.models import builtin_model_path, resolve_base_model
 
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
     outputs = data if data is not None else pipeline.run()
-    from .templating import load_template_setup
+    from trainer.data.templating import load_template_setup
 
     tokenizer = outputs["tokenizer"].manifest
     setup = load_template_setup(outputs["tokenizer"].path)
@@ -98,20 +98,20 @@ def raw_version(pipeline: DataPipeline) -> str:
 
 
 def training_command(exp: Experiment, spec_path: Path) -> list[str]:
-    """`python -m trainer.train SPEC`, or under `accelerate launch` for several processes."""
+    """`python -m trainer.training.train SPEC`, or under `accelerate launch` for several processes."""
     n = exp.training.num_processes
     if n <= 1:
-        return [sys.executable, "-m", "trainer.train", str(spec_path)]
-    # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA trainer.train joins
+        return [sys.executable, "-m", "trainer.training.train", str(spec_path)]
+    # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA trainer.training.train joins
     # the processes over gloo. (--cpu would start a single process without an MPI hostfile.)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return command + ["-m", "trainer.train", str(spec_path)]
+    return command + ["-m", "trainer.training.train", str(spec_path)]
 
 
 @dataclass
 class MergePlan:
-    """Merging an adapter and scoring the merged model, done by `python -m trainer.merge SPEC`."""
+    """Merging an adapter and scoring the merged model, done by `python -m trainer.training.merge SPEC`."""
 
     key: str
     output_dir: Path
@@ -143,7 +143,7 @@ def plan_merge(exp: Experiment, adapter: AdapterPlan) -> MergePlan:
 
 
 def merge_command(plan: MergePlan) -> list[str]:
-    return [sys.executable, "-m", "trainer.merge", str(plan.spec_path)]
+    return [sys.executable, "-m", "trainer.training.merge", str(plan.spec_path)]
 
 
 def write_spec(directory: Path, name: str, spec: dict[str, Any]) -> Path:

@@ -1,6 +1,6 @@
-"""Training entry point: `python -m trainer.train SPEC.json`, also under
-`accelerate launch --multi_gpu --num_processes N -m trainer.train SPEC.json` (or `torchrun
---nproc_per_node N -m trainer.train SPEC.json`). On a machine without a GPU the same command runs
+"""Training entry point: `python -m trainer.training.train SPEC.json`, also under
+`accelerate launch --multi_gpu --num_processes N -m trainer.training.train SPEC.json` (or `torchrun
+--nproc_per_node N -m trainer.training.train SPEC.json`). On a machine without a GPU the same command runs
 N CPU processes over gloo. Note: `accelerate launch --cpu --num_processes N` starts ONE process
 (accelerate's simple launcher; it needs an MPI hostfile for more).
 
@@ -42,10 +42,10 @@ the existing summary). `output_dir + ".lock"` keeps a second concurrent
 training of the same output out.
 
 Batches: packed rows with restarting position_ids and a block-diagonal 4-D mask (see
-`trainer.collate`); a batch without any trainable token raises `NoTrainableTokensError` naming its
+`trainer.training.collate`); a batch without any trainable token raises `NoTrainableTokensError` naming its
 dataset rows, and a non-finite loss raises `FloatingPointError` (Trainer would otherwise quietly
 replace it). MLflow (rank 0): `experiment.tracking.mlflow_tracking_uri`, else
-`sqlite:///<store>/mlflow.db` with artifacts in `<store>/mlartifacts` (see `trainer.tracking`).
+`sqlite:///<store>/mlflow.db` with artifacts in `<store>/mlartifacts` (see `trainer.training.tracking`).
 """
 
 from __future__ import annotations
@@ -63,17 +63,17 @@ from typing import Any
 
 import torch
 
-from .collate import (
+from trainer.training.collate import (
     NoTrainableTokensError,  # noqa: F401  (re-exported: the error a bad batch raises)
     PackedCollator,
     PackedDataset,
     model_inputs,
     steps_per_epoch,
 )
-from .config import Experiment, experiment_from_dict
-from .schemas import IGNORE_INDEX, TRAINING_SUMMARY
-from .templating import load_template_setup
-from .models import embedding_rows, load_model, resolve_base_model
+from trainer.core.config import Experiment, experiment_from_dict
+from trainer.core.schemas import IGNORE_INDEX, TRAINING_SUMMARY
+from trainer.data.templating import load_template_setup
+from trainer.training.models import embedding_rows, load_model, resolve_base_model
 
 log = logging.getLogger("sftdag.train")
 
@@ -210,7 +210,7 @@ class Reporter:
 
 def _open_mlflow(experiment: Experiment, spec: dict, work: Path, reporter: Reporter):
     try:
-        from .tracking import MlflowRun, flatten, resolve_tracking
+        from trainer.training.tracking import MlflowRun, flatten, resolve_tracking
     except ImportError:  # pragma: no cover
         return None
     try:
@@ -256,7 +256,7 @@ def distributed_generate(model, tokenizer, prompts: list[str], max_new_tokens: i
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    from .evaluate import generate
+    from trainer.training.evaluate import generate
 
     state = PartialState()
     if state.num_processes == 1:
@@ -526,7 +526,7 @@ def build_model(experiment: Experiment, tokenizer, base_path: str, added_tokens:
         extra["device_map"] = {"": device}
     model = load_model(base_path, experiment.model, None, **extra)
     base_rows = embedding_rows(model)
-    from .models import resize_for_tokenizer
+    from trainer.training.models import resize_for_tokenizer
 
     added = resize_for_tokenizer(model, tokenizer)
     # The new tokens are those the set-up added, wherever their rows are: a base model whose
@@ -611,7 +611,7 @@ def model_card(experiment: Experiment, spec: dict, summary: dict, base_path: str
     lines = [
         f"# {experiment.name}: {'adapter' if tc.mode != 'full' else 'model'} ({tc.mode})",
         "",
-        "Trained by sftdag (`python -m trainer.train`).",
+        "Trained by sftdag (`python -m trainer.training.train`).",
         "",
         "## Base model and data",
         f"- base model: `{experiment.model.base}` (loaded from `{base_path}`)",
@@ -707,7 +707,7 @@ def _end_mlflow_run_of(work: Path, experiment: Experiment, reporter: "Reporter")
     if not run_id_path.exists():
         return
     try:
-        from .tracking import MlflowRun, resolve_tracking
+        from trainer.training.tracking import MlflowRun, resolve_tracking
 
         uri, name, artifact_location = resolve_tracking(experiment)
         run = MlflowRun(uri, name, artifact_location, run_id=run_id_path.read_text().strip())
@@ -812,7 +812,7 @@ def _acquire_lock(output_dir: Path):
 def _run_locked(spec: dict, experiment: Experiment, output_dir: Path, work: Path, state, reporter: Reporter) -> dict:
     from transformers import AutoTokenizer, set_seed
 
-    from .evaluate import exact_match, load_held_out
+    from trainer.training.evaluate import exact_match, load_held_out
 
     tc = experiment.training
     tags = {str(k): str(v) for k, v in (spec.get("tags") or {}).items()}
@@ -1029,7 +1029,7 @@ def is_finished_partial(work: Path) -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m trainer.train SPEC.json   (or: accelerate launch -m trainer.train SPEC.json)",
+        print("usage: python -m trainer.training.train SPEC.json   (or: accelerate launch -m trainer.training.train SPEC.json)",
               file=sys.stderr)
         return 2
     rank = os.environ.get("RANK", "0")

@@ -9,7 +9,7 @@ so changing them never rebuilds or retrains anything.
 | stage | params |
 | --- | --- |
 | raw | source fingerprint (file contents), split, hold-out settings when carved from the source |
-| tokenizer | its identity (content, chat template, library versions: `trainer.tokenizer.tokenizer_identity`) |
+| tokenizer | its identity (content, chat template, library versions: `trainer.data.tokenizer.tokenizer_identity`) |
 | templated | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .config import Experiment
+from trainer.core.config import Experiment
 
 # Training settings that change what is measured or reported, never the trained weights.
 TRAINING_REPORTING = (

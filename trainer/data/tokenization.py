@@ -20,7 +20,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
-from .schemas import IGNORE_INDEX
+from trainer.core.schemas import IGNORE_INDEX
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .schemas import IGNORE_INDEX
+from trainer.core.schemas import IGNORE_INDEX
 
 
 NON_MODEL_KEYS = ("row_index", "row_length")
@@ -103,7 +103,7 @@ class PackedDataset(torch.utils.data.Dataset):
 
 def _shard_paths(directory: Path) -> list[Path]:
     try:
-        from .arrow_io import shard_paths
+        from trainer.core.arrow_io import shard_paths
 
         return list(shard_paths(directory))
     except ImportError:  # pragma: no cover - arrow_io ships with the package

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .config import ModelConfig
+from trainer.core.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

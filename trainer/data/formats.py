@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Optional, Union
 
-from trainer.config import DataConfig, FieldNames
+from trainer.core.config import DataConfig, FieldNames
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -32,7 +32,7 @@ from typing import Optional
 import numpy as np
 import pyarrow as pa
 
-from .schemas import IGNORE_INDEX
+from trainer.core.schemas import IGNORE_INDEX
 
 STRATEGIES = ("bfd", "wrapped", "none")
 OVERLONG = ("truncate", "split", "drop")

@@ -18,8 +18,8 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from .config import EvalConfig, SourceConfig
-from .store import file_digest
+from trainer.core.config import EvalConfig, SourceConfig
+from trainer.core.store import file_digest
 
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()),
@@ -71,7 +71,7 @@ def source_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, 
                 "file_format": source.file_format}
     if source.hub:
         return {"hub": source.hub, "config": source.hub_config, "split": source.split, "revision": source.revision}
-    from . import default_data
+    from trainer.data import default_data
 
     code = hashlib.sha256(inspect.getsource(default_data).encode()).hexdigest()[:16]
     return {"builtin": source.builtin, "split": source.split, "rows": source.rows, "seed": source.seed,
@@ -141,7 +141,7 @@ def iter_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[s
     elif source.hub:
         yield from _hub_records(source)
     else:
-        from . import default_data
+        from trainer.data import default_data
 
         if source.builtin != "default":
             raise SourceError(f"data.source.builtin: unknown builtin dataset {source.builtin!r} (known: 'default')")

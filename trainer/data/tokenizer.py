@@ -16,12 +16,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-from trainer.config import TokenizerConfig
+from trainer.core.config import TokenizerConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = Path(__file__).resolve().parent.parent / "resources"
 TINY_TOKENIZER_DIR = RESOURCES / "tiny_tokenizer"
 TEMPLATES_DIR = RESOURCES / "templates"
 

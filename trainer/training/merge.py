@@ -32,7 +32,7 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
     standalone model at `out_dir`. Returns `out_dir`; an existing `out_dir` is left as is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .models import resize_for_tokenizer
+    from trainer.training.models import resize_for_tokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.exists():
@@ -86,7 +86,7 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
 def _generation_config(model, tokenizer, eot_token: str | None):
     from transformers import GenerationConfig
 
-    from .evaluate import stop_tokens_and_strings
+    from trainer.training.evaluate import stop_tokens_and_strings
 
     # An end-of-turn text that is several tokens (a marker the tokenizer lacks) is a stop string.
     eos, stop_strings = stop_tokens_and_strings(tokenizer, [eot_token] if eot_token else [])
@@ -111,7 +111,7 @@ def merge_and_score(spec: dict[str, Any]) -> dict[str, Any]:
     if not score_path.is_file():
         result = dict(spec["versions"])
         if spec.get("held_out"):
-            from .evaluate import score_model
+            from trainer.training.evaluate import score_model
 
             result["accuracy_merged"], result["scored_rows"] = score_model(
                 spec["output_dir"], spec["held_out"], [spec["eot_token"]] if spec["eot_token"] else [],
@@ -124,12 +124,12 @@ def merge_and_score(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m trainer.merge SPEC.json`: its own process, so the orchestrator never loads a model."""
+    """`python -m trainer.training.merge SPEC.json`: its own process, so the orchestrator never loads a model."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
-        print("usage: python -m trainer.merge SPEC.json", file=sys.stderr)
+        print("usage: python -m trainer.training.merge SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     spec = json.loads(Path(argv[0]).read_text())

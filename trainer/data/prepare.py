@@ -28,12 +28,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 
-from .arrow_io import read_table, write_shards, write_table
-from .config import Experiment, SourceConfig
-from . import keys
-from .schemas import IGNORE_INDEX
-from .sources import build_raw_table, source_fingerprint
-from .store import Store, StageOutput, content_key, file_digest
+from trainer.core.arrow_io import read_table, write_shards, write_table
+from trainer.core.config import Experiment, SourceConfig
+from trainer.core import keys
+from trainer.core.schemas import IGNORE_INDEX
+from trainer.data.sources import build_raw_table, source_fingerprint
+from trainer.core.store import Store, StageOutput, content_key, file_digest
 
 REJECTS_SCHEMA = pa.schema([("row_id", pa.int64()), ("stage", pa.string()), ("reason", pa.string())])
 SPLITS = ("train", "eval")
@@ -79,8 +79,8 @@ def _load_tokenizer_bundle(exp: Experiment) -> TokenizerBundle:
     The source digest is taken before and after loading: only when both agree were the files
     read the files digested, so only then may the identity be remembered under that digest.
     """
-    from .templating import setup_template
-    from .tokenizer import load_tokenizer, tokenizer_identity
+    from trainer.data.templating import setup_template
+    from trainer.data.tokenizer import load_tokenizer, tokenizer_identity
 
     settings = json.dumps({"tokenizer": dataclasses.asdict(exp.tokenizer),
                            "template": dataclasses.asdict(exp.data.template)}, sort_keys=True)
@@ -133,7 +133,7 @@ def _setup_code_digest() -> str:
     versions (they change what a tokenizer does with the same files). Taken once per process:
     code edited after it was imported is not the code that runs."""
     here = Path(__file__).resolve().parent
-    files = [here / "templating.py", here / "tokenizer.py", here / "resources" / "templates" / "chatml.jinja"]
+    files = [here / "templating.py", here / "tokenizer.py", here.parent / "resources" / "templates" / "chatml.jinja"]
     payload = {"files": [[p.name, file_digest(p)] for p in files],
                "transformers": _library_version("transformers"), "tokenizers": _library_version("tokenizers")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -142,7 +142,7 @@ def _setup_code_digest() -> str:
 def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
     """Digest of everything a set-up tokenizer is made from: its files, the template file (a path
     or a shipped template's name), the template settings, the set-up code and library versions."""
-    from . import tokenizer as tokenizer_module
+    from trainer.data import tokenizer as tokenizer_module
 
     path = exp.tokenizer.path
     complete = True
@@ -178,7 +178,7 @@ def _module_name(dotted: str) -> str:
 
 def _formatting_modules(dotted: str) -> list[types.ModuleType]:
     """The module the formatting function is defined in, then the one the setting names."""
-    from .formats import load_formatting_func
+    from trainer.data.formats import load_formatting_func
 
     func = load_formatting_func(dotted)
     named = sys.modules.get(_module_name(dotted))
@@ -212,7 +212,7 @@ def _formatting_func_identity(dotted: str | None, *, reload: bool = True) -> str
     executed it is reloaded (reload=False: that is an error instead)."""
     if not dotted:
         return None
-    from .formats import load_formatting_func
+    from trainer.data.formats import load_formatting_func
 
     with _MODULES_LOCK:
         for _ in range(_LOAD_ATTEMPTS):
@@ -256,7 +256,7 @@ def stored_tokenizer(path: str) -> tuple[Any, Any]:
     """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
     from transformers import AutoTokenizer
 
-    from .templating import load_template_setup
+    from trainer.data.templating import load_template_setup
 
     return AutoTokenizer.from_pretrained(path), load_template_setup(path)
 
@@ -314,7 +314,7 @@ class DataPipeline:
 
     def tokenizer_output(self) -> StageOutput:
         """The tokenizer with its chat template set up, saved once under its identity."""
-        from .templating import save_tokenizer
+        from trainer.data.templating import save_tokenizer
 
         def build(tmp: Path) -> dict[str, Any]:
             bundle = self.tokenizer_bundle
@@ -341,7 +341,7 @@ class DataPipeline:
         return self.data.source, self.data.eval.source is None and self.data.eval.fraction > 0
 
     # -- keys --------------------------------------------------------------------------------
-    # A stage's key: its inputs' keys and its own parameters (`trainer.keys`), computed once.
+    # A stage's key: its inputs' keys and its own parameters (`trainer.core.keys`), computed once.
     # Given the upstream keys (a Dagster asset has its inputs), nothing upstream is recomputed;
     # without them, they are computed here (the source files hashed once per pipeline).
     def raw_key(self, split: str) -> str:
@@ -416,8 +416,8 @@ class DataPipeline:
         tokenizer = tokenizer or self.tokenizer_output()
 
         def build(tmp: Path) -> dict[str, Any]:
-            from .formats import RowError, load_formatting_func, normalize
-            from .templating import generation_prompt, template_rows
+            from trainer.data.formats import RowError, load_formatting_func, normalize
+            from trainer.data.templating import generation_prompt, template_rows
 
             func = load_formatting_func(self.data.formatting_func) if self.data.formatting_func else None
             tok, setup = self._tokenizer_of(tokenizer)
@@ -464,7 +464,7 @@ class DataPipeline:
         tokenizer = tokenizer or self.tokenizer_output()
 
         def build(tmp: Path) -> dict[str, Any]:
-            from .tokenization import tokenize_rows
+            from trainer.data.tokenization import tokenize_rows
 
             table_in = read_table(templated.path / "rows.arrow")
             table, rejects = tokenize_rows(table_in, self._tokenizer_of(tokenizer)[0], progress=self.progress)
@@ -484,7 +484,7 @@ class DataPipeline:
         strategy = keys.packing_strategy(self.exp, split)
 
         def build(tmp: Path) -> dict[str, Any]:
-            from .packing import length_histogram, pack
+            from trainer.data.packing import length_histogram, pack
 
             table_in = read_table(tokenized.path / "rows.arrow")
             result = pack(table_in, d.max_length, strategy=strategy, overlong=d.overlong,
