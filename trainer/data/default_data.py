@@ -137,6 +137,33 @@ def solve(task: str, question: str) -> str:
     raise ValueError(f"unknown task {task!r}")
 
 
+# The start of each task's question, for telling the task from the question alone.
+QUESTION_PREFIXES = {"add": "What is ", "convert": "Convert ", "reverse": "Reverse the letters: ",
+                     "upper": "Uppercase: "}
+
+
+def question_task(question: str) -> str:
+    for task, prefix in QUESTION_PREFIXES.items():
+        if question.startswith(prefix):
+            return task
+    raise ValueError(f"not a question of the default tasks: {question!r}")
+
+
+def final_question(prompt: str | list[dict]) -> str:
+    """The question a prompt asks last: a prompt string without its "\nAnswer:" cue, or the
+    content of a conversation's last user turn."""
+    if isinstance(prompt, str):
+        return prompt.removesuffix("\nAnswer:")
+    return [m["content"] for m in prompt if m["role"] == "user"][-1]
+
+
+def verify(record: dict, text: str) -> bool:
+    """Verifier for the generation loop (`verifier: trainer.data.default_data:verify`): whether
+    `text` is the answer to the last question of the record's `prompt`, recomputed by `solve`."""
+    question = final_question(record["prompt"])
+    return text.strip() == solve(question_task(question), question)
+
+
 def _problem(rng: random.Random, split: str) -> tuple[str, str, str]:
     """A random (task, question, answer) whose problem belongs to `split`."""
     task = rng.choices(TASKS, weights=[TASK_WEIGHTS[t] for t in TASKS])[0]
