@@ -220,14 +220,14 @@ def _answer_regex(options: Any, where: str) -> Filter:
     return _per_sample("answer_regex", reject_reason)
 
 
-def _verifier(options: Any, where: str, base_dir: Path) -> Filter:
-    fn = _load_function(options, where, base_dir, "(sample, text) -> bool")
+def _verifier(dotted: Any, where: str, base_dir: Path) -> Filter:
+    fn = _load_function(dotted, where, base_dir, "(sample, text) -> bool")
 
     def reject_reason(s: dict) -> str | None:
         verdict = fn(s, s["text"])
         if not isinstance(verdict, bool):
-            raise ValueError(f"{where} {options}: returned {verdict!r} for prompt_id {s['prompt_id']!r}, expected bool")
-        return None if verdict else f"{options} returned False"
+            raise ValueError(f"{where} {dotted}: returned {verdict!r} for prompt_id {s['prompt_id']!r}, expected bool")
+        return None if verdict else f"{dotted} returned False"
 
     return _per_sample("verifier", reject_reason)
 
@@ -345,11 +345,11 @@ def _load_function(dotted: Any, where: str, base_dir: Path, contract: str) -> Ca
 def _resolve(dotted: str, base_dir: Path) -> Any:
     """An importable module's attribute, else (`module:attr` form) the attribute of the file
     `<base_dir>/<module path>.py`."""
-    module, colon, attr = dotted.partition(":")
-    beside = Path(base_dir).joinpath(*module.split(".")).with_suffix(".py")
     try:
         return pkgutil.resolve_name(dotted)
     except ModuleNotFoundError:
+        module, colon, attr = dotted.partition(":")
+        beside = Path(base_dir, *module.split(".")).with_suffix(".py")
         if not colon or not beside.is_file():
             raise
     spec = importlib.util.spec_from_file_location(module, beside)
