@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-import trainer.loop.iterative as iterative
 from tests.train_helpers import REPO, TINY, make_tokenizer
 from trainer.core.schemas import IGNORE_INDEX
+from trainer.loop import iterative
 from trainer.loop.iterative import IterativeSFTTrainer
 
 
@@ -103,7 +103,8 @@ def test_loss_is_the_mean_over_label_tokens_and_padding_is_masked_by_length(eos_
 
 def test_attention_mask_zeros_are_not_trained_without_labels(tok):
     rows = [ids(tok, "<s> what is one plus two")]
-    seq, = IterativeSFTTrainer(tiny_model(tok), tok).prepare_sequences(input_ids=rows, attention_mask=[[1, 1, 1, 1, 0, 0]])
+    trainer = IterativeSFTTrainer(tiny_model(tok), tok)
+    seq, = trainer.prepare_sequences(input_ids=rows, attention_mask=[[1, 1, 1, 1, 0, 0]])
     assert seq.labels.tolist() == rows[0][:4] + [IGNORE_INDEX, IGNORE_INDEX]
 
 
@@ -274,11 +275,15 @@ def test_step_leaves_the_model_in_its_mode(tok):
     ({"input_ids": [[2, 5, 6], [2, 5]], "labels": [[2, 5, 6], [2, 5, 6]]}, r"row 1: labels has shape \(3,\)"),
     ({"input_ids": [[2, 5], [2, 999]]}, r"row 1: input_ids outside the model's vocabulary"),
     ({"input_ids": [[2, 5], [2, 6]], "labels": [[-100, 5], [-100, -100]]}, "row 1: no token to train$"),
-    ({"texts": "<s> a b"}, "texts: a list of strings, not one string"),
 ])
 def test_user_mistakes_give_one_clear_error(tok, kwargs, message):
     with pytest.raises(ValueError, match=message):
         IterativeSFTTrainer(tiny_model(tok), tok).step(**kwargs)
+
+
+def test_one_string_instead_of_a_list_is_refused(tok):
+    with pytest.raises(TypeError, match="texts: a list of strings, not one string"):
+        IterativeSFTTrainer(tiny_model(tok), tok).step(texts="<s> a b")
 
 
 def test_module_example_runs(monkeypatch):

@@ -198,15 +198,18 @@ class IterativeSFTTrainer:
                 raise ValueError(f"row {i}: input_ids must be a non-empty 1-D sequence (got shape {tuple(ids.shape)})")
             if int(ids.min()) < 0 or int(ids.max()) >= vocab:
                 raise ValueError(f"row {i}: input_ids outside the model's vocabulary (0..{vocab - 1})")
-            mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask[i], dtype=torch.long)
+            mask = (torch.ones_like(ids) if attention_mask is None
+                    else torch.as_tensor(attention_mask[i], dtype=torch.long))
             if mask.shape != ids.shape:
                 raise ValueError(f"row {i}: attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
-            lab = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else torch.as_tensor(labels[i], dtype=torch.long)
+            lab = (ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None
+                   else torch.as_tensor(labels[i], dtype=torch.long))
             if lab.shape != ids.shape:
                 raise ValueError(f"row {i}: labels has shape {tuple(lab.shape)}, input_ids {tuple(ids.shape)}")
             trained = lab[lab != IGNORE_INDEX]
             if trained.numel() and (int(trained.min()) < 0 or int(trained.max()) >= vocab):
-                raise ValueError(f"row {i}: labels outside the model's vocabulary (0..{vocab - 1}) and not {IGNORE_INDEX}")
+                raise ValueError(f"row {i}: labels outside the model's vocabulary (0..{vocab - 1}) "
+                                 f"and not {IGNORE_INDEX}")
             rows.append(TrainingSequence(ids, mask, lab))
         return rows
 
@@ -214,7 +217,7 @@ class IterativeSFTTrainer:
         for name, column in (("texts", texts), ("texts_labels", texts_labels), ("prompts", prompts),
                              ("completions", completions)):
             if isinstance(column, str):
-                raise ValueError(f"{name}: a list of strings, not one string")
+                raise TypeError(f"{name}: a list of strings, not one string")
         if prompts is not None:
             if completions is None or len(completions) != len(prompts):
                 raise ValueError(f"completions: {'missing' if completions is None else len(completions)} "
