@@ -34,13 +34,19 @@ def materialize_experiment(exp, through: str, instance=None):
     from assets.training import GPU_TAG, merged_asset_key
 
     from .definitions import build_definitions, resources
+    from .liveness import fail_dead_runs, process_tags
 
+    instance = instance or dg.DagsterInstance.get()
+    # A killed earlier run would stay in progress and hold its concurrency slot (the GPU) for good.
+    for run_id in fail_dead_runs(instance):
+        print(f"sftdag: run {run_id} was in progress but its process is gone; ended it", file=sys.stderr)
     defs = build_definitions([exp])
     target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
     selection = dg.AssetSelection.assets(target).upstream().materializable()
     tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
-    result = dg.materialize(list(defs.assets), selection=selection, instance=instance or dg.DagsterInstance.get(),
-                            resources=resources(), tags=tags, raise_on_error=False)
+    # The run executes in this process: its tags name it, so a later command can tell it died.
+    result = dg.materialize(list(defs.assets), selection=selection, instance=instance, resources=resources(),
+                            tags={**tags, **process_tags()}, raise_on_error=False)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
         detail = failures[0].message if failures else "see the run's logs"

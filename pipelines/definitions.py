@@ -9,6 +9,7 @@ from assets.training import GPU_TAG, build_training_assets, merged_asset_key
 from trainer.core.config import ConfigError, Experiment
 
 from .experiments import load_experiments
+from .liveness import dead_run_sensor
 from .schedules import build_retrain_schedule
 
 
@@ -46,7 +47,8 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
         jobs.append(job)
         if exp.schedule.cron:
             schedules.append(build_retrain_schedule(exp, job))
-    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, resources=resources())
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=[dead_run_sensor],
+                          resources=resources())
 
 
 def resources() -> dict:
