@@ -11,7 +11,8 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
+# stop_tokens_and_strings lives with the sampler and stays importable from here.
+from trainer.loop.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: F401
 
 
 def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -33,81 +34,15 @@ def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
     return rows
 
 
-def stop_tokens_and_strings(tokenizer, stop_tokens: Iterable[str | int] = ()) -> tuple[list[int], list[str]]:
-    """eos id(s) of the tokenizer plus the given stops: ids, and single-token strings as ids; a
-    stop that is several tokens of this tokenizer (an end-of-turn marker written as text, such as
-    "<|im_end|>" for a tokenizer without it) is a stop string."""
-    ids: list[int] = []
-    strings: list[str] = []
-    eos = tokenizer.eos_token_id
-    if isinstance(eos, int):
-        ids.append(eos)
-    elif eos:
-        ids.extend(int(e) for e in eos)
-    for tok in stop_tokens:
-        if tok is None or tok == "":
-            continue
-        if isinstance(tok, int):
-            ids.append(tok)
-            continue
-        enc = tokenizer(tok, add_special_tokens=False)["input_ids"]
-        if len(enc) == 1:
-            ids.append(int(enc[0]))
-        else:
-            strings.append(tok)
-    return sorted(set(ids)), strings
-
-
-@torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
              stop_tokens: Iterable[str | int] = ()) -> list[str]:
-    """Greedy, left-padded, batched generation; returns the decoded completions (special tokens
-    dropped), cut at the first stop (eos or the template's end-of-turn text)."""
-    if not prompts:
-        return []
-    stops, stop_strings = stop_tokens_and_strings(tokenizer, stop_tokens)
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = stops[0] if stops else 0
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = []
-    extra = {"stop_strings": stop_strings, "tokenizer": tokenizer} if stop_strings else {}
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start:start + batch_size])
-            encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in chunk]
-            width = max(len(e) for e in encoded)
-            if width == 0:
-                raise ValueError("generate: empty prompt")
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for i, e in enumerate(encoded):
-                if e:
-                    ids[i, width - len(e):] = torch.tensor(e, dtype=torch.long)
-                    mask[i, width - len(e):] = 1
-            out = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, eos_token_id=stops or None, pad_token_id=pad_id,
-                temperature=None, top_p=None, top_k=None, **extra,
-            )
-            for row in out[:, width:].tolist():
-                cut = len(row)
-                for i, t in enumerate(row):
-                    if t in stops:
-                        cut = i
-                        break
-                text = tokenizer.decode(row[:cut], skip_special_tokens=True)
-                for s in stop_strings:  # new ids decoded, then cut at the first stop string
-                    j = text.find(s)
-                    if j >= 0:
-                        text = text[:j]
-                outputs.append(text)
-    finally:
-        if was_training:
-            model.train()
-    return outputs
+    """Greedy, left-padded, batched generation (`trainer.loop.generate.sample`, one sample per
+    prompt); returns the decoded completions (special tokens dropped), cut at the first stop (eos
+    or the template's end-of-turn text)."""
+    settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    records = sample(model, tokenizer, [{"prompt_id": i, "prompt": p} for i, p in enumerate(prompts)], settings,
+                     stop_tokens)
+    return [r.text for r in records]
 
 
 def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
@@ -117,13 +52,6 @@ def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
         return 0.0
     hits = sum(g.strip() == r.strip() for g, r in zip(generations, references))
     return hits / len(references)
-
-
-def _device_of(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
 
 
 def score_model(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,

@@ -1,0 +1,378 @@
+"""Sampling completions for the generate → filter → train loop, and greedy decoding for evaluation.
+
+`sample` runs transformers' `generate`: batched, left padded with an attention mask, KV cache,
+`samples_per_prompt` sequences per prompt, prompts sorted by length (each prompt is copied once
+per sample before prefill, so padding would cost that many times over). It stops at the tokenizer's
+eos and the given stops: a stop that is one token is a stop id, a longer one (an end-of-turn
+marker the tokenizer lacks, such as "<|im_end|>" spelled in pieces) a stop string. Only the new
+token ids are decoded; the text ends before the first stop. Temperature 0 is greedy decoding and
+needs `samples_per_prompt` 1 (more greedy samples would only repeat the first).
+
+What is reproducible: each sample draws its tokens from its own random generator, seeded by
+`sample_seed(settings.seed, prompt_id, sample_index)`. A sample therefore does not depend on which
+prompts share its batch, the batch size, the prompt order, the shard size or whether the run was
+resumed, given the same model weights, device type and library versions. Prompts padded to
+different widths give slightly different floating-point sums, so a draw that falls on a near tie
+can still come out differently.
+
+`generate_to_shards` writes the samples of `prompts_per_shard` prompts at a time to
+`samples-00000.arrow`, ... (temporary file, then rename) and `manifest.json` last; a killed run,
+started again, generates only the prompts whose shard is missing. torch and transformers are
+imported only to generate, so the orchestrator can read samples (`read_samples`) without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from trainer.core.arrow_io import read_table, write_table
+
+END_OF_TURN = "end_of_turn"
+LENGTH = "length"
+
+SHARD_GLOB = "samples-*.arrow"
+PLAN = "plan.json"
+MANIFEST = "manifest.json"
+
+SAMPLES_SCHEMA = pa.schema([
+    ("prompt_id", pa.string()),
+    ("sample_index", pa.int32()),
+    ("text", pa.string()),
+    ("token_count", pa.int32()),
+    ("stop_reason", pa.string()),
+    ("round", pa.int64()),
+    ("generator_version", pa.string()),
+    ("seed", pa.int64()),
+])
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    samples_per_prompt: int = 1
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    seed: int = 0
+    batch_size: int = 16  # prompts per `generate` call, each run as samples_per_prompt sequences
+
+    def __post_init__(self):
+        for name in ("samples_per_prompt", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"sampling {name}: must be at least 1, got {getattr(self, name)}")
+        if self.temperature < 0:
+            raise ValueError(f"sampling temperature: must be >= 0, got {self.temperature}")
+        if self.temperature == 0 and self.samples_per_prompt > 1:
+            raise ValueError("sampling temperature: 0 (greedy) repeats one sample; set samples_per_prompt to 1 "
+                             "or sample with temperature > 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling top_p: must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    prompt_id: str
+    sample_index: int
+    text: str  # the new tokens decoded (special tokens dropped), ending before the first stop
+    token_count: int  # ids the model generated for this sample, its stop token(s) included
+    stop_reason: str  # END_OF_TURN or LENGTH (max_new_tokens reached without a stop)
+    seed: int  # settings.seed; the sample's own generator is seeded by sample_seed(...)
+
+
+def stop_tokens_and_strings(tokenizer, stop_tokens: Iterable[str | int] = ()) -> tuple[list[int], list[str]]:
+    """eos id(s) of the tokenizer plus the given stops: ids, and single-token strings as ids; a
+    stop that is several tokens of this tokenizer (an end-of-turn marker written as text, such as
+    "<|im_end|>" for a tokenizer without it) is a stop string."""
+    ids: list[int] = []
+    strings: list[str] = []
+    eos = tokenizer.eos_token_id
+    if isinstance(eos, int):
+        ids.append(eos)
+    elif eos:
+        ids.extend(int(e) for e in eos)
+    for tok in stop_tokens:
+        if tok is None or tok == "":
+            continue
+        if isinstance(tok, int):
+            ids.append(tok)
+            continue
+        enc = tokenizer(tok, add_special_tokens=False)["input_ids"]
+        if len(enc) == 1:
+            ids.append(int(enc[0]))
+        else:
+            strings.append(tok)
+    return sorted(set(ids)), strings
+
+
+def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:
+    digest = hashlib.sha256(json.dumps([seed, prompt_id, sample_index]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSettings,
+           stop_tokens: Iterable[str | int] = (),
+           on_prompts_done: Callable[[int], None] | None = None) -> list[SampleRecord]:
+    """Samples for `prompts` (`{"prompt_id": str | int, "prompt": str}`, the prompt exactly as
+    generation sees it: template and bos included, so it is tokenized without special tokens), in
+    prompt order then sample order. `on_prompts_done(n)` is called after each batch of n prompts."""
+    import torch
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    items = _checked_prompts(prompts)
+    if not items:
+        return []
+    encoded = tokenizer([text for _, text in items], add_special_tokens=False)["input_ids"]
+    for (prompt_id, _), ids in zip(items, encoded):
+        if not ids:
+            raise ValueError(f"prompt {prompt_id!r}: tokenizes to no tokens")
+    stops, stop_strings = stop_tokens_and_strings(tokenizer, stop_tokens)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = stops[0] if stops else 0
+    n = settings.samples_per_prompt
+    # Greedy steps: a sampled token is drawn by `_sampler` (transformers' do_sample would add its
+    # default top-k and draw from the global generator). Each prompt is repeated n times here, as
+    # num_return_sequences would (which greedy decoding refuses).
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
+                              use_cache=True, eos_token_id=stops or None, pad_token_id=pad_id)
+    stop_criteria = _stop_criteria(tokenizer, stops, stop_strings)
+    device = _device_of(model)
+    # Longest first: similar lengths share a batch, and an out-of-memory shows in the first one.
+    order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
+    records: dict[int, list[SampleRecord]] = {}
+    with _generating(model), torch.no_grad():
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
+                mask[row, width - len(encoded[i]):] = 1
+            recorder = _StopRecorder(stop_criteria, width)
+            out = model.generate(
+                input_ids=ids.repeat_interleave(n, dim=0).to(device),
+                attention_mask=mask.repeat_interleave(n, dim=0).to(device), generation_config=config,
+                logits_processor=_sampler(settings, [items[i][0] for i in batch], device),
+                stopping_criteria=StoppingCriteriaList([recorder]),
+            )
+            stopped_at = recorder.stopped_at.tolist()
+            for row, new_ids in enumerate(out[:, width:].tolist()):
+                i = batch[row // n]
+                records.setdefault(i, []).append(_record(
+                    items[i][0], row % n, new_ids, stopped_at[row], stops, stop_strings, tokenizer, settings.seed))
+            if on_prompts_done is not None:
+                on_prompts_done(len(batch))
+    return [r for i in range(len(items)) for r in records[i]]
+
+
+def generate_to_shards(out_dir: str | Path, model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSettings,
+                       stop_tokens: Sequence[str | int] = (), *, round_index: int, generator_version: str,
+                       prompts_per_shard: int = 256) -> dict:
+    """`sample` over `prompts`, `prompts_per_shard` prompts per Arrow shard (SAMPLES_SCHEMA), in
+    `out_dir`; returns the manifest. Started again on the same directory, it generates only the
+    shards that are missing; a directory that holds another generation (other prompts, settings,
+    stops, round or generator) is refused. One writer per directory."""
+    if prompts_per_shard < 1:
+        raise ValueError(f"prompts_per_shard: must be at least 1, got {prompts_per_shard}")
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    items = _checked_prompts(prompts)
+    plan = {"round": round_index, "generator_version": generator_version, "settings": asdict(settings),
+            "stop_tokens": list(stop_tokens), "prompts_per_shard": prompts_per_shard,
+            "prompts": len(items), "prompts_sha256": hashlib.sha256(json.dumps(items).encode()).hexdigest()}
+    out.mkdir(parents=True, exist_ok=True)
+    _check_or_write_plan(out, plan)
+    if (out / MANIFEST).exists():
+        return json.loads((out / MANIFEST).read_text())
+    shards = [prompts[start:start + prompts_per_shard] for start in range(0, len(items), prompts_per_shard)]
+    missing = [k for k in range(len(shards)) if not (out / _shard_name(k)).exists()]
+    done = len(items) - sum(len(shards[k]) for k in missing)
+    with tqdm(total=len(items), initial=done, unit="prompt", desc=f"round {round_index} samples",
+              disable=None) as bar:
+        for k in missing:
+            records = sample(model, tokenizer, shards[k], settings, stop_tokens, on_prompts_done=bar.update)
+            with _atomic(out / _shard_name(k)) as tmp:
+                write_table(tmp, _samples_table(records, round_index, generator_version))
+    table = read_samples(out)
+    reasons = {r["values"]: r["counts"] for r in pc.value_counts(table["stop_reason"]).to_pylist()}
+    manifest = {**plan, "samples": table.num_rows, "shards": [_shard_name(k) for k in range(len(shards))],
+                "stop_reasons": {END_OF_TURN: reasons.get(END_OF_TURN, 0), LENGTH: reasons.get(LENGTH, 0)},
+                "tokens": int(pc.sum(table["token_count"]).as_py() or 0)}
+    with _atomic(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_samples(out_dir: str | Path) -> pa.Table:
+    """Every sample shard in `out_dir`, in prompt order."""
+    paths = sorted(Path(out_dir).glob(SHARD_GLOB))
+    if not paths:
+        return SAMPLES_SCHEMA.empty_table()
+    return pa.concat_tables([read_table(p) for p in paths])
+
+
+def _checked_prompts(prompts: Sequence[Mapping]) -> list[tuple[str, str]]:
+    items: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for row, p in enumerate(prompts):
+        if not isinstance(p, Mapping) or not isinstance(p.get("prompt"), str) or not p["prompt"]:
+            raise ValueError(f"prompts[{row}]: expected {{\"prompt_id\": str | int, \"prompt\": non-empty str}}")
+        pid = p.get("prompt_id")
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise ValueError(f"prompts[{row}]: prompt_id must be a str or int, got {pid!r}")
+        pid = str(pid)
+        if pid in seen:
+            raise ValueError(f"prompts[{row}]: prompt_id {pid!r} already used by prompts[{seen[pid]}]")
+        seen[pid] = row
+        items.append((pid, p["prompt"]))
+    return items
+
+
+def _record(prompt_id: str, sample_index: int, new_ids: list[int], stopped_at: int, stops: list[int],
+            stop_strings: list[str], tokenizer, seed: int) -> SampleRecord:
+    # A row stopped at step k holds padding after its k-th new token; one never stopped ran to
+    # max_new_tokens (the batch ends only when every row has stopped).
+    ids = new_ids[:stopped_at] if stopped_at else new_ids
+    text = tokenizer.decode(ids[:-1] if stopped_at and ids[-1] in stops else ids, skip_special_tokens=True)
+    cut = min((j for j in (text.find(s) for s in stop_strings) if j >= 0), default=len(text))
+    return SampleRecord(prompt_id, sample_index, text[:cut], len(ids), END_OF_TURN if stopped_at else LENGTH, seed)
+
+
+def _stop_criteria(tokenizer, stops: list[int], stop_strings: list[str]):
+    from transformers import EosTokenCriteria, StoppingCriteriaList, StopStringCriteria
+
+    criteria = [EosTokenCriteria(eos_token_id=stops)] if stops else []
+    if stop_strings:
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    return StoppingCriteriaList(criteria)
+
+
+class _StopRecorder:
+    """A stopping criterion (transformers calls it like one): the stop ids and strings, remembering
+    after how many new tokens each row first stopped (0: not stopped), which `generate`'s output
+    does not say."""
+
+    def __init__(self, criteria, prompt_width: int):
+        self.criteria = criteria
+        self.prompt_width = prompt_width
+        self.stopped_at = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = self.criteria(input_ids, scores, **kwargs)
+        if self.stopped_at is None:
+            self.stopped_at = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+        first = done & (self.stopped_at == 0)
+        self.stopped_at[first] = input_ids.shape[1] - self.prompt_width
+        return done
+
+
+class _SeededDraw:
+    """A logits processor (transformers calls it like one) that draws each row's next token from
+    that sample's own generator and leaves only the drawn token finite, so the greedy step takes
+    it. transformers' own sampling draws the whole batch from the global generator, which would
+    tie a sample to its batch-mates."""
+
+    def __init__(self, seeds: list[int], device):
+        import torch
+
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probs = scores.softmax(dim=-1)
+        drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
+
+
+def _sampler(settings: SamplingSettings, prompt_ids: list[str], device):
+    """Temperature and top-p (transformers' warpers), then one draw per row; nothing for greedy
+    decoding."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    if settings.temperature == 0:
+        return LogitsProcessorList()
+    warpers = [TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1 else []
+    if settings.top_p < 1:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+    seeds = [sample_seed(settings.seed, pid, s) for pid in prompt_ids for s in range(settings.samples_per_prompt)]
+    return LogitsProcessorList([*warpers, _SeededDraw(seeds, device)])
+
+
+@contextmanager
+def _generating(model) -> Iterator[None]:
+    """Eval mode, and only our GenerationConfig: transformers fills every setting a passed config
+    leaves unset from the model's own `generation_config` (a merged model's stop strings, a hub
+    model's sampling defaults, suppressed tokens), so that is blank while we generate. A PEFT
+    model copies its own onto the base model in `generate`, so both are set aside."""
+    from transformers import GenerationConfig
+
+    holders = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    own = [h.generation_config for h in holders]
+    was_training = model.training
+    model.eval()
+    for h in holders:
+        h.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for h, config in zip(holders, own):
+            h.generation_config = config
+        if was_training:
+            model.train()
+
+
+def _device_of(model):
+    import torch
+
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def _samples_table(records: list[SampleRecord], round_index: int, generator_version: str) -> pa.Table:
+    columns = {name: [getattr(r, name) for r in records]
+               for name in ("prompt_id", "sample_index", "text", "token_count", "stop_reason", "seed")}
+    columns["round"] = [round_index] * len(records)
+    columns["generator_version"] = [generator_version] * len(records)
+    return pa.table(columns, schema=SAMPLES_SCHEMA)
+
+
+def _shard_name(index: int) -> str:
+    return f"samples-{index:05d}.arrow"
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path to write `path`'s content to, renamed to `path` once written. A kill
+    mid-write leaves only the `.partial` file, which no glob matches and the next write of the
+    same file replaces."""
+    tmp = path.with_name(f".{path.name}.partial")
+    yield tmp
+    os.replace(tmp, path)
+
+
+def _check_or_write_plan(out: Path, plan: dict) -> None:
+    path = out / PLAN
+    if path.exists():
+        held = json.loads(path.read_text())
+        differing = sorted(k for k in set(held) | set(plan) if held.get(k) != json.loads(json.dumps(plan)).get(k))
+        if differing:
+            raise ValueError(f"{out}: holds samples of another generation (differs in {', '.join(differing)}); "
+                             "generate into a new directory")
+        return
+    with _atomic(path) as tmp:
+        tmp.write_text(json.dumps(plan, indent=1))
