@@ -13,7 +13,7 @@ import dagster as dg
 from trainer.core.config import Experiment
 from trainer.data.packing import plot_length_histogram
 from trainer.data.prepare import DataPipeline
-from trainer.data.templating import load_template_setup
+from trainer.core.template_setup import load_template_setup
 from trainer.core.store import CODE_VERSIONS, StageOutput
 
 STAGE_ASSETS = {

@@ -6,6 +6,7 @@ import dagster as dg
 from trainer.core.config import Experiment
 from trainer.training.launch import merge_command, plan_adapter, plan_merge, training_command
 from trainer.core.store import CODE_VERSIONS, StageOutput
+from trainer.training.spec import TrainingSummary
 
 from .data import data_asset_key, tokenizer_asset_key
 
@@ -20,18 +21,14 @@ def merged_asset_key(exp: Experiment) -> dg.AssetKey:
     return dg.AssetKey([exp.name, "merged_model"])
 
 
-def _mlflow_metadata(summary: dict) -> dict:
+def _mlflow_metadata(summary: TrainingSummary) -> dict:
     meta = {}
-    if summary.get("mlflow_run_id"):
-        meta["mlflow_run_id"] = dg.MetadataValue.text(summary["mlflow_run_id"])
-    uri = summary.get("mlflow_tracking_uri")
+    if summary.mlflow_run_id:
+        meta["mlflow_run_id"] = dg.MetadataValue.text(summary.mlflow_run_id)
+    uri = summary.mlflow_tracking_uri
     if uri:
         meta["mlflow_tracking_uri"] = dg.MetadataValue.text(uri)
-        if uri.startswith("http") and summary.get("mlflow_experiment_id"):
-            meta["mlflow_run"] = dg.MetadataValue.url(
-                f"{uri.rstrip('/')}/#/experiments/{summary['mlflow_experiment_id']}/runs/{summary['mlflow_run_id']}")
-        else:
-            meta["mlflow_ui"] = dg.MetadataValue.text(f"mlflow ui --backend-store-uri {uri}")
+        meta["mlflow_ui"] = dg.MetadataValue.text(f"mlflow ui --backend-store-uri {uri}")
     return meta
 
 
@@ -52,12 +49,14 @@ def _data(packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dict[st
 
 
 def build_training_assets(exp: Experiment) -> list:
+    group = exp.data_group
+
     @dg.asset(key=adapter_asset_key(exp), ins=_data_ins(exp), group_name=exp.name,
               code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
               description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
                           f"(experiment `{exp.name}`); runs `trainer.training.train` in its own process.")
     def trained_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                        packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.MaterializeResult:
+                        packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.Output:
         plan = plan_adapter(exp, _data(packed, templated, raw, tok), tags={"dagster_run_id": context.run.run_id})
         cache_hit = plan.complete
         if cache_hit:
@@ -73,50 +72,51 @@ def build_training_assets(exp: Experiment) -> list:
             "path": dg.MetadataValue.path(str(plan.output_dir)),
             "cache_hit": dg.MetadataValue.bool(cache_hit),
             "trained_on_data_version": dg.MetadataValue.text(plan.data_version),
-            "raw_version": dg.MetadataValue.text(plan.spec["tags"].get("raw_version", "")),
+            "raw_version": dg.MetadataValue.text(plan.spec.tags["raw_version"]),
             "base_model": dg.MetadataValue.text(plan.base_model),
             **_mlflow_metadata(summary),
         }
         for name in ("global_step", "train_loss", "accuracy_before", "accuracy_after", "trainable_tokens",
                      "train_runtime"):
-            if summary.get(name) is not None:
-                metadata[name] = summary[name]
-        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(plan.key))
+            if getattr(summary, name) is not None:
+                metadata[name] = getattr(summary, name)
+        return dg.Output(plan.output(), metadata=metadata, data_version=dg.DataVersion(plan.key))
 
-    @dg.asset(key=merged_asset_key(exp), deps=[adapter_asset_key(exp)], ins=_data_ins(exp), group_name=exp.name,
-              code_version=CODE_VERSIONS["merged"], kinds={"pytorch", "safetensors"},
+    @dg.asset(key=merged_asset_key(exp), group_name=exp.name, code_version=CODE_VERSIONS["merged"],
+              ins={"adapter": dg.AssetIn(adapter_asset_key(exp)),
+                   "templated": dg.AssetIn(data_asset_key(group, "templated")),
+                   "tok": dg.AssetIn(tokenizer_asset_key(group))},
+              kinds={"pytorch", "safetensors"},
               description="The adapter folded into the base weights: a model `from_pretrained` loads.")
     def merged_model(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                     packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.MaterializeResult:
-        plan = plan_adapter(exp, _data(packed, templated, raw, tok))
-        if not plan.complete:
-            raise dg.Failure(f"adapter {plan.key} is not trained yet: materialize {adapter_asset_key(exp).to_user_string()}")
-        merge = plan_merge(exp, plan)
+                     adapter: StageOutput, templated: dict, tok: StageOutput) -> dg.Output:
+        held_out = templated["eval"].path / "held_out.jsonl" if "eval" in templated else None
+        merge = plan_merge(exp, adapter, tok.path, held_out)
         if not merge.complete:  # merging and scoring load models: their own process
             pipes_subprocess_client.run(command=merge_command(merge), context=context)
             if not merge.complete:
                 raise dg.Failure(f"merging exited without writing {merge.score_path}")
         result = merge.result()
-        summary = plan.summary()
+        summary = TrainingSummary.from_dict(adapter.manifest)
         metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)),
-                    "adapter_version": dg.MetadataValue.text(plan.key), **_mlflow_metadata(summary)}
-        if summary.get("accuracy_before") is not None:
-            metadata["accuracy_base"] = float(summary["accuracy_before"])
+                    "adapter_version": dg.MetadataValue.text(adapter.key), **_mlflow_metadata(summary)}
+        if summary.accuracy_before is not None:
+            metadata["accuracy_base"] = float(summary.accuracy_before)
         if result.get("accuracy_merged") is not None:
             metadata["accuracy_merged"] = float(result["accuracy_merged"])
             metadata["scored_rows"] = int(result["scored_rows"])
             _log_merged_accuracy(summary, result["accuracy_merged"])
-            context.log.info(f"held-out exact match: base {summary.get('accuracy_before')} → merged "
+            context.log.info(f"held-out exact match: base {summary.accuracy_before} → merged "
                              f"{result['accuracy_merged']}")
-        return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(merge.key))
+        return dg.Output(merge.output(), metadata=metadata, data_version=dg.DataVersion(merge.key))
 
     return [trained_adapter, merged_model]
 
 
-def _log_merged_accuracy(summary: dict, accuracy: float) -> None:
-    if not (summary.get("mlflow_run_id") and summary.get("mlflow_tracking_uri")):
+def _log_merged_accuracy(summary: TrainingSummary, accuracy: float) -> None:
+    if not (summary.mlflow_run_id and summary.mlflow_tracking_uri):
         return
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(tracking_uri=summary["mlflow_tracking_uri"]).log_metric(
-        summary["mlflow_run_id"], "accuracy_merged", float(accuracy))
+    MlflowClient(tracking_uri=summary.mlflow_tracking_uri).log_metric(summary.mlflow_run_id, "accuracy_merged",
+                                                                       float(accuracy))

@@ -81,28 +81,31 @@ def cmd_prepare(args) -> dict:
 
 
 def cmd_run(args) -> dict:
-    from trainer.core.config import load_experiment
-    from trainer.training.launch import plan_adapter, plan_merge
-
     import dagster as dg
+
+    from assets.store_io import latest_outputs
+    from assets.training import adapter_asset_key, merged_asset_key
+    from trainer.core.config import load_experiment
+    from trainer.training.spec import TrainingSummary
 
     exp = load_experiment(args.experiment)
     ensure_dagster_home()
     result = materialize_experiment(exp, "model")
-    adapter = plan_adapter(exp, materialized_data(exp, dg.DagsterInstance.get()))
-    merge = plan_merge(exp, adapter)
-    training = adapter.summary()
-    merged = merge.result()  # written by the merged_model asset's process
+    instance = dg.DagsterInstance.get()
+    adapter, merged = latest_outputs(instance, adapter_asset_key(exp)), latest_outputs(instance, merged_asset_key(exp))
+    training = TrainingSummary.from_dict(adapter.manifest)
+    scores = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization.metadata
+    accuracy_merged = scores["accuracy_merged"].value if "accuracy_merged" in scores else None
     return {
         "experiment": exp.name,
-        "adapter_dir": str(adapter.output_dir),
-        "merged_model_dir": str(merge.output_dir),
-        "mlflow_run_id": training.get("mlflow_run_id"),
-        "mlflow_tracking_uri": training.get("mlflow_tracking_uri"),
-        "data_version": adapter.data_version,
-        "accuracy_before": training.get("accuracy_before"),
-        "accuracy_after": merged.get("accuracy_merged", training.get("accuracy_after")),
-        "train_loss": training.get("train_loss"),
+        "adapter_dir": str(adapter.path),
+        "merged_model_dir": str(merged.path),
+        "mlflow_run_id": training.mlflow_run_id,
+        "mlflow_tracking_uri": training.mlflow_tracking_uri,
+        "data_version": training.tags.get("data_version"),
+        "accuracy_before": training.accuracy_before,
+        "accuracy_after": accuracy_merged if accuracy_merged is not None else training.accuracy_after,
+        "train_loss": training.train_loss,
         "dagster_run_id": result.run_id,
     }
 

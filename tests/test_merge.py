@@ -21,14 +21,14 @@ def test_merged_equals_adapter_and_loads_alone(tmp_path_factory):
     spec, summary = lora_run(tmp_path_factory)
     adapter_dir = Path(spec["output_dir"])
     out = tmp_path_factory.mktemp("merge") / "merged"
-    merge_adapter(adapter_dir, summary["base_model_path"], spec["tokenizer_dir"], out, summary["eot_token"])
+    merge_adapter(adapter_dir, summary.base_model_path, spec["tokenizer_dir"], out, summary.eot_token)
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert not (out / "adapter_config.json").exists()
     assert not list(out.parent.glob(".tmp-*"))
 
     tok = AutoTokenizer.from_pretrained(str(out))
     merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    base = AutoModelForCausalLM.from_pretrained(summary["base_model_path"])
+    base = AutoModelForCausalLM.from_pretrained(summary.base_model_path)
     base.resize_token_embeddings(len(tok))
     with_adapter = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     ids = torch.tensor([[2, 30, 5, 6, 31, 30, 7, 8, 9, 31]])
@@ -54,11 +54,11 @@ def test_merged_equals_adapter_and_loads_alone(tmp_path_factory):
     g_merged = generate(merged, tok, prompts, 4, stop_tokens=["<|im_end|>"])
     g_adapter = generate(with_adapter, tok, prompts, 4, stop_tokens=["<|im_end|>"])
     assert g_merged == g_adapter
-    assert exact_match(g_merged, [r["reference"] for r in rows]) == pytest.approx(summary["accuracy_after"])
+    assert exact_match(g_merged, [r["reference"] for r in rows]) == pytest.approx(summary.accuracy_after)
 
     # A second merge into the same place is a no-op.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    merge_adapter(adapter_dir, summary["base_model_path"], spec["tokenizer_dir"], out, "<|im_end|>")
+    merge_adapter(adapter_dir, summary.base_model_path, spec["tokenizer_dir"], out, "<|im_end|>")
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -68,7 +68,7 @@ def test_merge_full_model_copies_it(tmp_path_factory):
 
     spec, summary = full_run(tmp_path_factory)
     out = tmp_path_factory.mktemp("merge_full") / "merged"
-    merge_adapter(spec["output_dir"], summary["base_model_path"], spec["tokenizer_dir"], out, "<|im_end|>")
+    merge_adapter(spec["output_dir"], summary.base_model_path, spec["tokenizer_dir"], out, "<|im_end|>")
     merged = AutoModelForCausalLM.from_pretrained(str(out))
     trained = AutoModelForCausalLM.from_pretrained(spec["output_dir"])
     for (n1, p1), (n2, p2) in zip(merged.named_parameters(), trained.named_parameters()):

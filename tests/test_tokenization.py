@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.data.templating import TEMPLATED_SCHEMA, load_template_setup, save_tokenizer, setup_template, template_rows
+from trainer.core.template_setup import load_template_setup
+from trainer.data.templating import TEMPLATED_SCHEMA, save_tokenizer, setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
 from trainer.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, tokenizer_identity
 

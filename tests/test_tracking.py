@@ -33,9 +33,9 @@ def test_training_run_contents(tmp_path_factory):
 
     spec, summary = lora_run(tmp_path_factory)
     store = Path(spec["experiment"]["store"])
-    assert summary["mlflow_tracking_uri"] == default_tracking_uri(store)
-    client = MlflowClient(summary["mlflow_tracking_uri"])
-    run = client.get_run(summary["mlflow_run_id"])
+    assert summary.mlflow_tracking_uri == default_tracking_uri(store)
+    client = MlflowClient(summary.mlflow_tracking_uri)
+    run = client.get_run(summary.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert client.get_experiment(run.info.experiment_id).name == "t"
 
@@ -58,9 +58,9 @@ def test_training_run_contents(tmp_path_factory):
         assert client.get_metric_history(run.info.run_id, name), name
     trainable = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "trainable_tokens"),
                                          key=lambda m: (m.step, m.timestamp))]
-    assert trainable == sorted(trainable) and trainable[-1] == summary["trainable_tokens"]
-    assert run.data.metrics["accuracy_before"] == summary["accuracy_before"]
-    assert run.data.metrics["accuracy_after"] == summary["accuracy_after"]
+    assert trainable == sorted(trainable) and trainable[-1] == summary.trainable_tokens
+    assert run.data.metrics["accuracy_before"] == summary.accuracy_before
+    assert run.data.metrics["accuracy_after"] == summary.accuracy_after
 
     # Artifacts: sample-generation tables at each evaluation and at the end, the adapter, the summary.
     top = {a.path for a in client.list_artifacts(run.info.run_id)}

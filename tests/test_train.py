@@ -30,7 +30,10 @@ from tests.train_helpers import (
     write_shards,
 )
 from trainer.training.collate import NoTrainableTokensError, steps_per_epoch
-from trainer.training.train import base_vocab_size, last_checkpoint, partial_dir, run_training
+from trainer.training.model_setup import base_vocab_size
+from trainer.training.output import last_checkpoint, partial_dir
+from trainer.training.spec import TrainingSummary
+from trainer.training.train import run_training
 
 # --------------------------------------------------------------------------------------------
 
@@ -48,12 +51,12 @@ def test_steps_per_epoch_matches_trainer(tmp_path, rows, bs, ga, epochs, steps, 
                                                     **extra},
                      model={"init_kwargs": {"attn_implementation": "eager"}} if extra else None)
     summary = run_training(spec)
-    assert summary["steps_per_epoch"] == steps_per_epoch(rows, bs, ga, 1) == steps
-    assert summary["global_step"] == steps * epochs
+    assert summary.steps_per_epoch == steps_per_epoch(rows, bs, ga, 1) == steps
+    assert summary.global_step == steps * epochs
     # The optimizer steps Trainer actually took, as logged one by one (logging_steps 1).
     from mlflow.tracking import MlflowClient
 
-    history = MlflowClient(summary["mlflow_tracking_uri"]).get_metric_history(summary["mlflow_run_id"], "loss")
+    history = MlflowClient(summary.mlflow_tracking_uri).get_metric_history(summary.mlflow_run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps * epochs + 1))
 
 
@@ -83,7 +86,7 @@ def test_wrapped_shards_train_at_any_batch_size(tmp_path):
     write_shards(tmp_path / "train", packed.table, rows_per_shard=2)
     spec = make_spec(tmp_path, training={"per_device_train_batch_size": 1})
     summary = run_training(spec)
-    assert summary["global_step"] == packed.table.num_rows
+    assert summary.global_step == packed.table.num_rows
 
 
 def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
@@ -95,7 +98,7 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
             "training_summary.json"} <= names
     assert not any(n.startswith("checkpoint-") for n in names)
     on_disk = json.loads((out / "training_summary.json").read_text())
-    assert on_disk == summary
+    assert on_disk == summary.to_dict()
     # The MLflow run is closed and holds the same figures.
     from mlflow.tracking import MlflowClient
 
@@ -122,7 +125,7 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(out))
-    base = AutoModelForCausalLM.from_pretrained(summary["base_model_path"])
+    base = AutoModelForCausalLM.from_pretrained(summary.base_model_path)
     assert base.get_input_embeddings().weight.shape[0] == 30 == base_vocab_size(tok, ["<|im_start|>", "<|im_end|>"])
     base.resize_token_embeddings(len(tok))
     before_in = base.get_input_embeddings().weight.detach().clone()
@@ -156,10 +159,10 @@ def test_new_tokens_are_trained_when_the_base_vocabulary_is_padded(tmp_path):
         tmp_path / "base")
     spec = make_spec(tmp_path, rows=16, model={"base": str(tmp_path / "base")})
     summary = run_training(spec)
-    assert summary["new_token_ids"] == [30, 31] and summary["base_vocab_rows"] == padded
+    assert summary.new_token_ids == [30, 31] and summary.base_vocab_rows == padded
 
     merged_dir = merge_adapter(spec["output_dir"], str(tmp_path / "base"), spec["tokenizer_dir"],
-                               tmp_path / "merged", summary["eot_token"])
+                               tmp_path / "merged", summary.eot_token)
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"))
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
     new = torch.zeros(padded, dtype=torch.bool)
@@ -180,13 +183,13 @@ def test_full_fine_tune(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(str(out))
-    base = AutoModelForCausalLM.from_pretrained(summary["base_model_path"])
+    base = AutoModelForCausalLM.from_pretrained(summary.base_model_path)
     assert trained.get_input_embeddings().weight.shape[0] == 32
     w_t = dict(trained.named_parameters())
     w_b = dict(base.named_parameters())
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.equal(w_t[name], w_b[name])
-    assert summary["global_step"] == 2
+    assert summary.global_step == 2
 
 
 @pytest.mark.slow
@@ -202,7 +205,7 @@ def test_continue_training_an_existing_adapter(tmp_path, tmp_path_factory):
     spec = make_spec(tmp_path, rows=4, training={"learning_rate": 0.0, "max_steps": 1,
                                                  "lora": {"init_adapter": str(first)}})
     summary = run_training(spec)
-    assert summary["global_step"] == 1
+    assert summary.global_step == 1
     before = load_file(str(first / "adapter_model.safetensors"))
     after = load_file(str(Path(spec["output_dir"]) / "adapter_model.safetensors"))
     assert before.keys() == after.keys()
@@ -216,7 +219,7 @@ def test_completed_output_is_not_retrained(tmp_path_factory):
     out = Path(spec["output_dir"])
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = run_training(spec)
-    assert again["global_step"] == summary["global_step"]
+    assert again.global_step == summary.global_step
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
 
@@ -295,18 +298,18 @@ def test_resume_after_kill(tmp_path):
     resumed = int(log2.split("resuming from checkpoint-")[1].split()[0])
     assert resumed >= killed_at
     assert f"step {resumed + 1}/{total}" in log2 and "step 1/" not in log2
-    summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["global_step"] == total and summary["resumed_from_step"] == resumed
+    summary = TrainingSummary.read(out)
+    assert summary.global_step == total and summary.resumed_from_step == resumed
     assert out.is_dir() and not work.exists()
     # Token counters continue from the checkpoint: they cover the whole epoch.
-    assert summary["tokens"] == sum(sum(r) for r in _seq_lengths(spec["train_shards"]))
+    assert summary.tokens == sum(sum(r) for r in _seq_lengths(spec["train_shards"]))
 
     # A third run finds the finished output and does not train.
     proc = _launch(spec_path, tmp_path / "run3.log")
     assert proc.wait(timeout=120) == 0
     log3 = (tmp_path / "run3.log").read_text()
     assert "already complete" in log3 and "step 1/" not in log3
-    assert json.loads((out / "training_summary.json").read_text()) == summary
+    assert TrainingSummary.read(out) == summary
 
     # The resumed run ends where an uninterrupted run with the same settings ends (launched the
     # same way, so both use the same kernels and thread count).
@@ -315,8 +318,8 @@ def test_resume_after_kill(tmp_path):
     straight = make_spec(tmp_path / "straight", rows=80, training=RESUME_TRAINING)
     proc = _launch(tmp_path / "straight" / "spec.json", tmp_path / "straight.log")
     assert proc.wait(timeout=300) == 0, (tmp_path / "straight.log").read_text()
-    straight_summary = json.loads((Path(straight["output_dir"]) / "training_summary.json").read_text())
-    assert straight_summary["resumed_from_step"] is None and straight_summary["global_step"] == total
+    straight_summary = TrainingSummary.read(straight["output_dir"])
+    assert straight_summary.resumed_from_step is None and straight_summary.global_step == total
     resumed_w = load_file(str(out / "adapter_model.safetensors"))
     straight_w = load_file(str(Path(straight["output_dir"]) / "adapter_model.safetensors"))
     assert resumed_w.keys() == straight_w.keys()
@@ -328,9 +331,9 @@ def test_resume_after_kill(tmp_path):
         assert torch.equal(resumed_w[k], straight_w[k]), (k, (resumed_w[k] - straight_w[k]).abs().max())
     # The whole-run mean loss: the resumed run adds the logged per-step losses up to the checkpoint
     # to its own session's mean, so only the summation order differs.
-    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-9)
+    assert summary.train_loss == pytest.approx(straight_summary.train_loss, rel=1e-9)
     assert any(straight_w[k].abs().max() > 0 for k in straight_w if "lora_B" in k)  # it trained
-    assert summary["tokens"] == straight_summary["tokens"]
+    assert summary.tokens == straight_summary.tokens
 
 
 class _Killed(BaseException):
@@ -344,15 +347,15 @@ def _files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
 
 
-def _mlflow_runs(summary: dict) -> list:
+def _mlflow_runs(summary: TrainingSummary) -> list:
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(summary["mlflow_tracking_uri"])
-    return client.search_runs([client.get_run(summary["mlflow_run_id"]).info.experiment_id])
+    client = MlflowClient(summary.mlflow_tracking_uri)
+    return client.search_runs([client.get_run(summary.mlflow_run_id).info.experiment_id])
 
 
 def _kill_in_finalize(at: str):
-    """`_finalize` killed before it deletes anything, or after the checkpoints are gone but
+    """`finalize` killed before it deletes anything, or after the checkpoints are gone but
     before the rename."""
     import shutil
 
@@ -371,12 +374,12 @@ def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypat
 
     spec = make_spec(tmp_path, rows=16, training=FINALIZE_TRAINING)
     out, work = Path(spec["output_dir"]), partial_dir(spec["output_dir"])
-    monkeypatch.setattr(train_module, "_finalize", _kill_in_finalize(at))
+    monkeypatch.setattr(train_module, "finalize", _kill_in_finalize(at))
     with pytest.raises(_Killed):
         run_training(spec)
     monkeypatch.undo()
-    summary = json.loads((work / "training_summary.json").read_text())
-    assert summary["global_step"] == 4 and not out.exists()
+    summary = TrainingSummary.read(work)
+    assert summary.global_step == 4 and not out.exists()
     assert (last_checkpoint(work) is not None) == (at == "before_cleanup")
     finished = _files(work)
 
@@ -389,17 +392,17 @@ def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypat
     assert "adapter_model.safetensors" in finished
     # One MLflow run, closed, its figures logged once.
     (run,) = _mlflow_runs(summary)
-    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_id == summary.mlflow_run_id and run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(summary["mlflow_tracking_uri"])
+    client = MlflowClient(summary.mlflow_tracking_uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
     assert len(client.get_metric_history(run.info.run_id, "train_loss")) == 1
 
 
-# model_card: the old order had deleted the checkpoints by then; _write_summary: the model is
-# saved and logged, the summary not yet written.
-@pytest.mark.parametrize("at", ["model_card", "_write_summary"])
+# model_card: the old order had deleted the checkpoints by then; summary: the model is saved and
+# logged, the summary not yet written.
+@pytest.mark.parametrize("at", ["model_card", "summary"])
 def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, monkeypatch, at):
     import trainer.training.train as train_module
 
@@ -409,7 +412,10 @@ def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, mo
     def killed(*args, **kwargs):
         raise _Killed()
 
-    monkeypatch.setattr(train_module, at, killed)
+    if at == "summary":
+        monkeypatch.setattr(TrainingSummary, "write", killed)
+    else:
+        monkeypatch.setattr(train_module, at, killed)
     with pytest.raises(_Killed):
         run_training(spec)
     monkeypatch.undo()
@@ -417,14 +423,14 @@ def test_killed_before_the_summary_resumes_from_the_last_checkpoint(tmp_path, mo
     assert last_checkpoint(work) == work / "checkpoint-4"  # the checkpoints outlive the final save
 
     summary = run_training(spec)
-    assert summary["resumed_from_step"] == 4 and summary["global_step"] == 4  # not from step 0
+    assert summary.resumed_from_step == 4 and summary.global_step == 4  # not from step 0
     assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
     # The resumed session continued the same MLflow run: one run, closed.
     (run,) = _mlflow_runs(summary)
-    assert run.info.run_id == summary["mlflow_run_id"] and run.info.status == "FINISHED"
+    assert run.info.run_id == summary.mlflow_run_id and run.info.status == "FINISHED"
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(summary["mlflow_tracking_uri"])
+    client = MlflowClient(summary.mlflow_tracking_uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
 
 
@@ -466,8 +472,8 @@ def test_two_processes_equal_one(tmp_path):
         env, messages_path = pipes_env(d / "pipes")  # launched as Dagster would, through Pipes
         proc = _launch(d / "spec.json", d / "log.txt", extra, env)
         assert proc.wait(timeout=300) == 0, (d / "log.txt").read_text()
-        summary = json.loads((Path(spec["output_dir"]) / "training_summary.json").read_text())
-        assert summary["world_size"] == n
+        summary = TrainingSummary.read(spec["output_dir"])
+        assert summary.world_size == n
         # Only rank 0 talks to Dagster: one session, progress lines, one materialization.
         messages = read_pipes_messages(messages_path)
         methods = [m["method"] for m in messages]
@@ -477,7 +483,7 @@ def test_two_processes_equal_one(tmp_path):
         (mat,) = [m["params"] for m in messages if m["method"] == "report_asset_materialization"]
         assert mat["data_version"] == "ad-2" and mat["metadata"]["global_step"]["raw_value"] == 4
         assert not [m for m in messages if m["method"] == "closed" and m["params"]]  # no exception
-        assert summary["global_step"] == steps_per_epoch(16, bs, 1, n) == 4
+        assert summary.global_step == steps_per_epoch(16, bs, 1, n) == 4
         results[n] = (summary, load_file(str(Path(spec["output_dir"]) / "adapter_model.safetensors")))
     (s1, w1), (s2, w2) = results[1], results[2]
     assert w1.keys() == w2.keys()
@@ -485,8 +491,8 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=1e-4, msg=k)
     lora_b = [k for k in w1 if "lora_B" in k]
     assert any(w1[k].abs().max() > 0 for k in lora_b)  # it trained
-    assert s1["tokens"] == s2["tokens"] and s1["trainable_tokens"] == s2["trainable_tokens"]
-    assert abs(s1["train_loss"] - s2["train_loss"]) < 1e-4
-    assert abs(s1["eval_loss"] - s2["eval_loss"]) < 1e-3  # float reduction order differs slightly
+    assert s1.tokens == s2.tokens and s1.trainable_tokens == s2.trainable_tokens
+    assert abs(s1.train_loss - s2.train_loss) < 1e-4
+    assert abs(s1.eval_loss - s2.eval_loss) < 1e-3  # float reduction order differs slightly
     # Held-out generation is split over the ranks and gathered in order.
-    assert s1["accuracy_before"] == s2["accuracy_before"] and s1["accuracy_after"] == s2["accuracy_after"]
+    assert s1.accuracy_before == s2.accuracy_before and s1.accuracy_after == s2.accuracy_after

@@ -43,23 +43,23 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     assert meta["trained_on_data_version"].value == packed.tags["dagster/data_version"]
     # The UI shows what the training process measured and recorded.
     summary = plan_adapter(exp).summary()
-    assert meta["accuracy_before"].value == summary["accuracy_before"]
-    assert meta["accuracy_after"].value == summary["accuracy_after"]
-    assert meta["train_loss"].value == summary["train_loss"] and meta["path"].value == summary["output_dir"]
+    assert meta["accuracy_before"].value == summary.accuracy_before
+    assert meta["accuracy_after"].value == summary.accuracy_after
+    assert meta["train_loss"].value == summary.train_loss and meta["path"].value == summary.output_dir
 
     # The MLflow run names the Dagster run and the shard version; its contents read back.
     client = MlflowClient(tracking_uri=meta["mlflow_tracking_uri"].value)
     run = client.get_run(meta["mlflow_run_id"].value)
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["accuracy_after"] == summary["accuracy_after"]
-    assert run.data.metrics["train_loss"] == pytest.approx(summary["train_loss"])
+    assert run.data.metrics["accuracy_after"] == summary.accuracy_after
+    assert run.data.metrics["train_loss"] == pytest.approx(summary.train_loss)
     assert run.data.tags["dagster_run_id"] == result.run_id
     assert run.data.tags["data_version"] == packed.tags["dagster/data_version"]
     assert float(run.data.params["training.learning_rate"]) == 0.01
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][:2] == [1, 2]
 
     plan = plan_adapter(exp)
-    merged_dir = plan_merge(exp, plan).output_dir
+    merged_dir = plan_merge(exp, plan.output(), plan.spec.tokenizer_dir, plan.spec.held_out).output_dir
     merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
     assert merged.metadata["path"].value == str(merged_dir)
     # The merged model on disk, loaded alone, is the trained adapter on its base model: same logits
@@ -67,15 +67,17 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     # UI and MLflow show is that of those answers.
     from peft import PeftModel
 
-    from trainer.training.models import load_model
+    from trainer.training.models import load_model, resize_for_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
-    adapted = PeftModel.from_pretrained(load_model(plan.base_model, exp.model, tokenizer), str(plan.output_dir)).eval()
-    rows = load_held_out(plan.spec["held_out"])[:TINY_TRAINING["accuracy_rows"]]
+    base = load_model(plan.base_model, exp.model)
+    resize_for_tokenizer(base, tokenizer)
+    adapted = PeftModel.from_pretrained(base, str(plan.output_dir)).eval()
+    rows = load_held_out(plan.spec.held_out)[:TINY_TRAINING["accuracy_rows"]]
     assert len(rows) == TINY_TRAINING["accuracy_rows"]
     prompts = [r["prompt"] for r in rows]
-    stops = [plan.summary()["eot_token"], tokenizer.eos_token]
+    stops = [plan.summary().eot_token, tokenizer.eos_token]
     ids = tokenizer(prompts[0], return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         merged_logits, adapter_logits = model(ids).logits, adapted(ids).logits
@@ -87,7 +89,7 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
     assert (base_logits - adapter_logits).abs().max() > 1e-3
     accuracy = exact_match(generations, [r["reference"] for r in rows])
-    assert accuracy == summary["accuracy_after"]
+    assert accuracy == summary.accuracy_after
     assert merged.metadata["accuracy_merged"].value == accuracy
     assert client.get_run(run.info.run_id).data.metrics["accuracy_merged"] == accuracy
 

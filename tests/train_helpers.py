@@ -39,7 +39,7 @@ def make_tokenizer(directory: Path, added: list[str] | None = ADDED) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(directory))
     # What the data stage's template set-up stores beside the tokenizer.
-    from trainer.data.templating import TemplateSetup
+    from trainer.core.template_setup import TemplateSetup
 
     setup = TemplateSetup(chat_template=None, added_tokens=list(added or []), eot_token=added[1] if added else None,
                           pad_token="<pad>")

@@ -5,3 +5,7 @@ IGNORE_INDEX = -100
 
 # Written last by the training process: a finished adapter (or full model) directory has it.
 TRAINING_SUMMARY = "training_summary.json"
+
+# Written into a merged model directory (what was merged, the end-of-turn text) before it is
+# renamed into place: a merged directory has it.
+MERGE_INFO = "sftdag_merge.json"

@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from trainer.core.schemas import MERGE_INFO, TRAINING_SUMMARY
+
 # Bump a stage's version whenever its code changes the bytes it writes: the version is part of
 # every key, so old outputs are never reused by new code (Axolotl's cache key left code out).
 CODE_VERSIONS = {
@@ -34,6 +36,13 @@ CODE_VERSIONS = {
 }
 
 MANIFEST = "manifest.json"
+# The file written last into a stage's output, marking it complete: the data stages write their
+# manifest; training its summary, merging its merge record (both in their own processes).
+COMPLETION_MARKERS = {"adapter": TRAINING_SUMMARY, "merged": MERGE_INFO}
+
+
+def completion_marker(stage: str) -> str:
+    return COMPLETION_MARKERS.get(stage, MANIFEST)
 
 
 def _canonical(obj: Any) -> str:
@@ -72,10 +81,10 @@ class Store:
         return self.root / stage / key
 
     def has(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / MANIFEST).is_file()
+        return (self.path(stage, key) / completion_marker(stage)).is_file()
 
     def manifest(self, stage: str, key: str) -> dict[str, Any]:
-        return json.loads((self.path(stage, key) / MANIFEST).read_text())
+        return json.loads((self.path(stage, key) / completion_marker(stage)).read_text())
 
     def get(self, stage: str, key: str) -> StageOutput:
         return StageOutput(stage, key, self.path(stage, key), self.manifest(stage, key), cache_hit=True)

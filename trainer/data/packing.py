@@ -26,7 +26,6 @@ The output is built with numpy gathers over the flat Arrow buffers, never per to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np

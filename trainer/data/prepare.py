@@ -256,7 +256,7 @@ def stored_tokenizer(path: str) -> tuple[Any, Any]:
     """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
     from transformers import AutoTokenizer
 
-    from trainer.data.templating import load_template_setup
+    from trainer.core.template_setup import load_template_setup
 
     return AutoTokenizer.from_pretrained(path), load_template_setup(path)
 

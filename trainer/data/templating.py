@@ -12,11 +12,9 @@ text at span boundaries.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -25,6 +23,7 @@ from tokenizers import AddedToken
 from tqdm.auto import tqdm
 
 from trainer.core.config import DataConfig, TemplateConfig
+from trainer.core.template_setup import PAD_TOKEN, TemplateSetup
 from trainer.data.formats import Example, RowError, load_formatting_func, normalize
 from trainer.data.tokenizer import TEMPLATES_DIR, read_template, resolve_template_source
 
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
-PAD_TOKEN = "<|pad|>"
 CHATML_TEMPLATE = read_template(TEMPLATES_DIR / "chatml.jinja")
 
 TEMPLATED_SCHEMA = pa.schema(
@@ -47,36 +45,6 @@ TEMPLATED_SCHEMA = pa.schema(
 )
 
 Span = tuple[int, int]
-
-
-@dataclass
-class TemplateSetup:
-    chat_template: Optional[str]
-    added_tokens: list[str] = field(default_factory=list)
-    # True when tokens were added to the vocabulary: the model's embeddings must be resized.
-    embeddings_must_grow: bool = False
-    # The end-of-turn text the template writes right after assistant content ("<|im_end|>",
-    # "</s>", "<end_of_turn>", ...; "" when it writes none). Trained with each assistant turn,
-    # whatever tokens it becomes; one special token or several ordinary ones.
-    eot_token: Optional[str] = None
-    pad_token: str = PAD_TOKEN
-    # Whether raw text / prompt-completion rows start with the bos token string (the tokenizer's
-    # post-processor prepends BOS in normal use, but pieces are tokenized without special tokens).
-    bos_in_text: bool = False
-    # Marker strings the template writes that are not special tokens of the tokenizer: each is
-    # trained as several ordinary tokens (template.add_markers adds them as special tokens).
-    markers_not_special: list[str] = field(default_factory=list)
-    # Whether add_generation_prompt=True renders exactly the training text before an answer
-    # (None: the template could not be probed).
-    generation_prompt_matches_training: Optional[bool] = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TemplateSetup":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _existing_template(tok: Any) -> Optional[str]:
@@ -269,11 +237,7 @@ def save_tokenizer(tok: Any, setup: TemplateSetup, out_dir: Union[str, Path]) ->
     if setup.chat_template is not None:
         tok.chat_template = setup.chat_template
     tok.save_pretrained(str(out))
-    (out / "template_setup.json").write_text(json.dumps(setup.to_dict(), indent=2, ensure_ascii=False))
-
-
-def load_template_setup(tok_dir: Union[str, Path]) -> TemplateSetup:
-    return TemplateSetup.from_dict(json.loads((Path(tok_dir) / "template_setup.json").read_text()))
+    setup.write(out)
 
 
 # ----------------------------------------------------------------------------------------------

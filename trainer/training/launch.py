@@ -8,7 +8,6 @@ the result goes, and whether it already exists.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,9 @@ from trainer.core import keys
 from trainer.core.config import Experiment
 from trainer.data.prepare import DataPipeline
 from trainer.core.schemas import TRAINING_SUMMARY
-from trainer.core.store import StageOutput, content_key, file_digest
+from trainer.core.store import StageOutput, Store, content_key, file_digest
+from trainer.core.template_setup import load_template_setup
+from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary, write_spec
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
@@ -38,7 +39,7 @@ class AdapterPlan:
     key: str
     output_dir: Path
     spec_path: Path
-    spec: dict[str, Any]
+    spec: TrainingSpec
     data_version: str
     base_model: str
 
@@ -46,8 +47,17 @@ class AdapterPlan:
     def complete(self) -> bool:
         return (self.output_dir / TRAINING_SUMMARY).is_file()
 
-    def summary(self) -> dict[str, Any]:
-        return json.loads((self.output_dir / TRAINING_SUMMARY).read_text())
+    def summary(self) -> TrainingSummary:
+        return TrainingSummary.read(self.output_dir)
+
+    def output(self) -> StageOutput:
+        """The finished adapter as a stage output (its manifest: the training summary)."""
+        return Store(self.output_dir.parents[1]).get("adapter", self.key)
+
+
+def held_out_path(data: dict[str, StageOutput]) -> Path | None:
+    """The held-out generation prompts the templated eval split wrote, when there is one."""
+    return data["templated/eval"].path / "held_out.jsonl" if "templated/eval" in data else None
 
 
 def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
@@ -59,8 +69,6 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
     outputs = data if data is not None else pipeline.run()
-    from trainer.data.templating import load_template_setup
-
     tokenizer = outputs["tokenizer"].manifest
     setup = load_template_setup(outputs["tokenizer"].path)
     base_vocab = tokenizer["vocab_size"] - len(setup.added_tokens)
@@ -74,22 +82,15 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     data_version = train_key + (f"+{eval_key}" if eval_key else "")
     params = keys.adapter_params(exp, model_identity(exp, base_model), tokenizer["identity"])
     key = content_key("adapter", inputs=[k for k in (train_key, eval_key) if k], params=params)
-    output_dir = store.path("adapter", key)
-
-    spec = {
-        "experiment": {**exp.to_dict(), "base_dir": exp.base_dir},
-        "train_shards": str(outputs["packed/train"].path),
-        "eval_shards": str(outputs["packed/eval"].path) if eval_key else None,
-        "tokenizer_dir": str(outputs["tokenizer"].path),
-        "base_model": None if builtin else base_model,
-        "held_out": str(outputs["templated/eval"].path / "held_out.jsonl") if eval_key else None,
-        "output_dir": str(output_dir),
-        "tags": {"data_version": data_version, "adapter_version": key, "experiment": exp.name,
-                 "raw_version": "+".join(outputs[f"raw/{split}"].key for split in pipeline.splits()),
-                 "data_group": exp.data_group, **(tags or {})},
-    }
+    raw = "+".join(outputs[f"raw/{split}"].key for split in pipeline.splits())
+    spec = TrainingSpec(
+        experiment=exp, train_shards=outputs["packed/train"].path, tokenizer_dir=outputs["tokenizer"].path,
+        output_dir=store.path("adapter", key), eval_shards=outputs["packed/eval"].path if eval_key else None,
+        held_out=held_out_path(outputs) if eval_key else None, base_model=None if builtin else base_model,
+        tags={"data_version": data_version, "adapter_version": key, "experiment": exp.name, "raw_version": raw,
+              "data_group": exp.data_group, **(tags or {})})
     spec_path = write_spec(store.root / "adapter" / ".specs", key, spec)
-    return AdapterPlan(key, output_dir, spec_path, spec, data_version, base_model)
+    return AdapterPlan(key, spec.output_dir, spec_path, spec, data_version, base_model)
 
 
 def raw_version(pipeline: DataPipeline) -> str:
@@ -125,36 +126,25 @@ class MergePlan:
     def complete(self) -> bool:
         return self.score_path.is_file()
 
+    def output(self) -> StageOutput:
+        return Store(self.output_dir.parents[1]).get("merged", self.key)
 
-def plan_merge(exp: Experiment, adapter: AdapterPlan) -> MergePlan:
+
+def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_out: Path | None) -> MergePlan:
+    """Merge the finished `adapter` (received from its asset) and score the result on `held_out`."""
+    summary = TrainingSummary.from_dict(adapter.manifest)
     key = content_key("merged", inputs=[adapter.key], params=keys.merged_params(exp))
-    store_root = adapter.output_dir.parents[1]
+    store_root = adapter.path.parents[1]
     output_dir = store_root / "merged" / key
     score_key = content_key("score", inputs=[key], params=keys.score_params(exp))
-    summary = adapter.summary()
-    spec = {"adapter_dir": str(adapter.output_dir), "base_model": summary["base_model_path"],
-            "tokenizer_dir": adapter.spec["tokenizer_dir"], "output_dir": str(output_dir),
-            "eot_token": summary["eot_token"], "held_out": adapter.spec.get("held_out"),
-            "accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens,
-            "score_path": str(output_dir.parent / ".scores" / f"{score_key}.json"),
-            "versions": {"adapter_version": adapter.key, "merged_version": key, "score_version": score_key}}
+    spec = MergeSpec(adapter_dir=adapter.path, base_model=summary.base_model_path, tokenizer_dir=Path(tokenizer_dir),
+                     output_dir=output_dir, score_path=output_dir.parent / ".scores" / f"{score_key}.json",
+                     eot_token=summary.eot_token, held_out=held_out, accuracy_rows=exp.training.accuracy_rows,
+                     max_new_tokens=exp.training.max_new_tokens,
+                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score_key})
     spec_path = write_spec(store_root / "merged" / ".specs", score_key, spec)
-    return MergePlan(key, output_dir, Path(spec["score_path"]), spec_path)
+    return MergePlan(key, output_dir, spec.score_path, spec_path)
 
 
 def merge_command(plan: MergePlan) -> list[str]:
     return [sys.executable, "-m", "trainer.training.merge", str(plan.spec_path)]
-
-
-def write_spec(directory: Path, name: str, spec: dict[str, Any]) -> Path:
-    """Atomically (a process of a concurrent materialization may be reading it), and only when
-    its content changed: planning again leaves an unchanged spec untouched."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    text = json.dumps(spec, indent=2)
-    if path.is_file() and path.read_text() == text:
-        return path
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path

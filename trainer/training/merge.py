@@ -17,9 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from trainer.core.schemas import MERGE_INFO
+from trainer.training.spec import MergeSpec
 
-MERGE_INFO = "sftdag_merge.json"
+log = logging.getLogger(__name__)
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -102,25 +103,23 @@ def _generation_config(model, tokenizer, eot_token: str | None):
     return config
 
 
-def merge_and_score(spec: dict[str, Any]) -> dict[str, Any]:
+def merge_and_score(spec: MergeSpec) -> dict[str, Any]:
     """Merge the adapter (once) and score the merged model on the held-out prompts (once per
     score key); the score file is written atomically and returned."""
-    merge_adapter(spec["adapter_dir"], spec["base_model"], spec["tokenizer_dir"], spec["output_dir"],
-                  spec["eot_token"])
-    score_path = Path(spec["score_path"])
-    if not score_path.is_file():
-        result = dict(spec["versions"])
-        if spec.get("held_out"):
+    merge_adapter(spec.adapter_dir, spec.base_model, spec.tokenizer_dir, spec.output_dir, spec.eot_token)
+    if not spec.score_path.is_file():
+        result: dict[str, Any] = dict(spec.versions)
+        if spec.held_out is not None:
             from trainer.training.evaluate import score_model
 
             result["accuracy_merged"], result["scored_rows"] = score_model(
-                spec["output_dir"], spec["held_out"], [spec["eot_token"]] if spec["eot_token"] else [],
-                spec["accuracy_rows"], spec["max_new_tokens"])
-        score_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = score_path.with_name(f".{score_path.name}.{os.getpid()}.tmp")
+                spec.output_dir, spec.held_out, [spec.eot_token] if spec.eot_token else [],
+                spec.accuracy_rows, spec.max_new_tokens)
+        spec.score_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spec.score_path.with_name(f".{spec.score_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, score_path)
-    return json.loads(score_path.read_text())
+        os.replace(tmp, spec.score_path)
+    return json.loads(spec.score_path.read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m trainer.training.merge SPEC.json", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = json.loads(Path(argv[0]).read_text())
+    spec = MergeSpec.load(argv[0])
     pipes = None
     if os.environ.get("DAGSTER_PIPES_CONTEXT"):
         from dagster_pipes import open_dagster_pipes
@@ -141,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = merge_and_score(spec)
         if pipes is not None:
-            pipes.log.info(f"merged into {spec['output_dir']}; score {json.dumps(result)}")
+            pipes.log.info(f"merged into {spec.output_dir}; score {json.dumps(result)}")
     finally:
         if pipes is not None:
             pipes.close()

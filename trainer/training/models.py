@@ -144,16 +144,10 @@ def resize_for_tokenizer(model, tokenizer) -> int:
     return added
 
 
-def load_model(path: str, cfg: ModelConfig, tokenizer=None, **extra_kwargs: Any):
-    """Load a causal LM from `path` with `cfg.init_kwargs` (default attn_implementation sdpa) and
-    resize its embeddings when the tokenizer has more tokens than the model's vocabulary."""
+def load_model(path: str, cfg: ModelConfig, **extra_kwargs: Any):
+    """Load a causal LM from `path` with `cfg.init_kwargs` (default attn_implementation sdpa)."""
     from transformers import AutoModelForCausalLM
 
     kwargs = model_init_kwargs(cfg)
     kwargs.update(extra_kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if tokenizer is not None:
-        resize_for_tokenizer(model, tokenizer)
-        if model.config.pad_token_id is None and tokenizer.pad_token_id is not None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
