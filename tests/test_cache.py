@@ -336,3 +336,27 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
         late.templated("train")
     third = DataPipeline(make_experiment(data={**data, "masking": "all"}), progress=False).run()
     assert all(t.startswith("S: ") for t in templated_texts(third["templated/train"]))
+
+
+# -- keys of stores already written ---------------------------------------------------------------
+
+PINNED_ROWS = [{"prompt": f"What is {i} + {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(8)]
+# Passed in as the tokenizer's key: no tokenizer (and so no library version) enters these keys.
+PINNED_TOKENIZER = "0" * 64
+PINNED_KEYS = {  # [raw, templated, tokenized, packed], written by commit adadc7f
+    "train": ["9e547154d7f133a6109f", "dd02c83ed0704f89acd7", "4c1343f33949c92dd2ca", "71d17dbbe46e9c7080b9"],
+    "eval": ["dabfba2d3e0a990eaabe", "7bee174799fa1e62a052", "93a9ca305bbff4149cce", "e97b60806e9b18ceb79c"],
+}
+
+
+def test_keys_of_existing_stores_do_not_change(make_experiment):
+    """A store filled by earlier code is found by this code: for fixed rows, settings and tokenizer
+    identity, every stage's key is the one written before (a change here orphans every store)."""
+    p = DataPipeline(make_experiment(rows=PINNED_ROWS, data={"eval": {"fraction": 0.25}}), progress=False)
+    got = {}
+    for split in p.splits():
+        raw = p.raw_key(split)
+        templated = p.templated_key(split, raw, PINNED_TOKENIZER)
+        tokenized = p.tokenized_key(split, templated, PINNED_TOKENIZER)
+        got[split] = [raw, templated, tokenized, p.packed_key(split, tokenized)]
+    assert got == PINNED_KEYS
