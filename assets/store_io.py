@@ -28,15 +28,23 @@ class StageStoreIOManager(dg.ConfigurableIOManager):
         })
 
     def load_input(self, context: dg.InputContext) -> Outputs:
-        return latest_outputs(context.instance, context.asset_key)
+        partition = context.asset_partition_key if context.has_asset_partitions else None
+        return latest_outputs(context.instance, context.asset_key, partition)
 
 
-def latest_outputs(instance: dg.DagsterInstance, key: dg.AssetKey) -> Outputs:
-    """The stage outputs of `key`'s latest materialization, opened in the store."""
-    event = instance.get_latest_materialization_event(key)
-    meta = event.asset_materialization.metadata if event and event.asset_materialization else {}
+def latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> dict:
+    """The metadata of `key`'s latest materialization (of `partition`), {} when there is none."""
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=key, asset_partitions=[partition] if partition is not None else None), limit=1).records
+    return dict(records[0].asset_materialization.metadata) if records and records[0].asset_materialization else {}
+
+
+def latest_outputs(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str | None = None) -> Outputs:
+    """The stage outputs of `key`'s latest materialization (of `partition`), opened in the store."""
+    meta = latest_metadata(instance, key, partition)
     if "sftdag/keys" not in meta:
-        raise dg.Failure(f"{key.to_user_string()} has not been materialized yet: materialize it first")
+        what = key.to_user_string() + (f" partition {partition}" if partition is not None else "")
+        raise dg.Failure(f"{what} has not been materialized yet: materialize it first")
     store, stage = Store(meta["sftdag/store"].value), meta["sftdag/stage"].value
     outputs = {}
     for split, stage_key in meta["sftdag/keys"].value.items():

@@ -26,11 +26,13 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def materialize_experiment(exp, through: str, instance=None):
-    """Materialize `exp`'s assets up to `through` ("data" or "model") in `instance`."""
+def materialize_experiment(exp, through: str, instance=None, partition: str | None = None):
+    """Materialize `exp`'s assets up to `through` ("data", "model", or "round": one round of its
+    loop, the partition `partition`) in `instance`."""
     import dagster as dg
 
     from assets.data import data_asset_key
+    from assets.loop import STEPS, loop_tags, round_asset_key
     from assets.training import GPU_TAG, merged_asset_key
 
     from .definitions import build_definitions, resources
@@ -41,12 +43,16 @@ def materialize_experiment(exp, through: str, instance=None):
     for run_id in fail_dead_runs(instance):
         print(f"sftdag: run {run_id} was in progress but its process is gone; ended it", file=sys.stderr)
     defs = build_definitions([exp])
-    target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
-    selection = dg.AssetSelection.assets(target).upstream().materializable()
-    tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
+    if through == "round":
+        selection = dg.AssetSelection.assets(*(round_asset_key(exp, step) for step in STEPS))
+        tags = loop_tags(exp)
+    else:
+        target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
+        selection = dg.AssetSelection.assets(target).upstream().materializable()
+        tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
     # The run executes in this process: its tags name it, so a later command can tell it died.
     result = dg.materialize(list(defs.assets), selection=selection, instance=instance, resources=resources(),
-                            tags={**tags, **process_tags()}, raise_on_error=False)
+                            tags={**tags, **process_tags()}, partition_key=partition, raise_on_error=False)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
         detail = failures[0].message if failures else "see the run's logs"
@@ -110,6 +116,46 @@ def cmd_run(args) -> dict:
     }
 
 
+def cmd_loop(args) -> dict:
+    import dagster as dg
+
+    from trainer.core.config import load_experiment
+
+    exp = load_experiment(args.experiment)
+    ensure_dagster_home()
+    return run_loop(exp, args.rounds, dg.DagsterInstance.get())
+
+
+def run_loop(exp, rounds: int, instance) -> dict:
+    """Rounds of the experiment's loop through Dagster: the SFT model first (cached when done),
+    then rounds until `rounds` more ran or a stop rule fired; a killed round is resumed."""
+    from assets.loop import round_history, rounds_partitions
+    from trainer.loop.settings import loop_config, should_stop
+
+    cfg = loop_config(exp)
+    if cfg.start_model is None:
+        materialize_experiment(exp, "model", instance)
+    partitions = rounds_partitions(exp)
+    stopped_because = None
+    for _ in range(rounds):
+        history = round_history(instance, exp)
+        stopped_because = should_stop(history, cfg)
+        if stopped_because is not None:
+            break
+        partition = str(len(history))
+        if not instance.has_dynamic_partition(partitions.name, partition):
+            instance.add_dynamic_partitions(partitions.name, [partition])
+        materialize_experiment(exp, "round", instance, partition=partition)
+    history = round_history(instance, exp)
+    if stopped_because is None:
+        stopped_because = should_stop(history, cfg) or f"--rounds {rounds} ran"
+    return {"experiment": exp.name, "rounds": [
+        {"round": h["round"], "samples": h["samples"], "accepted": h["accepted"],
+         "acceptance_rate": h["acceptance_rate"], "coverage": h["coverage"], "heldout_pass1": h["heldout_pass1"],
+         "start_pass1": h["start_pass1"], "adapter_dir": h["adapter_dir"]} for h in history],
+        "stopped_because": stopped_because}
+
+
 def cmd_ui(args) -> None:
     ensure_dagster_home()
     env = dict(os.environ)
@@ -129,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("experiment", help="experiment YAML")
     p = sub.add_parser("run", help="materialize everything through the merged model")
     p.add_argument("experiment", help="experiment YAML")
+    p = sub.add_parser("loop", help="run rounds of the experiment's generate → filter → train loop")
+    p.add_argument("experiment", help="experiment YAML with a loop: section")
+    p.add_argument("--rounds", type=int, default=1, help="at most this many rounds now (default 1)")
     p = sub.add_parser("ui", help="start `dagster dev` on 127.0.0.1")
     p.add_argument("experiments", nargs="*", help=f"experiment YAML files or folders (default: ${ENV_VAR} or experiments/)")
     p.add_argument("--port", type=int, default=3000)
@@ -140,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "ui":
             cmd_ui(args)
             return
-        summary = cmd_prepare(args) if args.command == "prepare" else cmd_run(args)
+        summary = {"prepare": cmd_prepare, "run": cmd_run, "loop": cmd_loop}[args.command](args)
     except ConfigError as e:
         raise SystemExit(f"sftdag: {e}") from None
     print(json.dumps(summary, default=str))

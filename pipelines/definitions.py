@@ -4,13 +4,14 @@
 import dagster as dg
 
 from assets.data import build_data_assets, data_asset_key
+from assets.loop import build_loop_assets, loop_tags, rounds_partitions
 from assets.store_io import StageStoreIOManager
 from assets.training import GPU_TAG, build_training_assets, merged_asset_key
 from trainer.core.config import ConfigError, Experiment
 
 from .experiments import load_experiments
 from .liveness import dead_run_sensor
-from .schedules import build_retrain_schedule
+from .schedules import build_loop_automation, build_retrain_schedule
 
 
 def data_groups(experiments: list[Experiment]) -> dict[str, Experiment]:
@@ -28,10 +29,15 @@ def train_job_name(exp: Experiment) -> str:
     return f"{exp.name}_train"
 
 
+def loop_job_name(exp: Experiment) -> str:
+    return f"{exp.name}_loop_round"
+
+
 def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
     assets: list = []
     jobs: list = []
     schedules: list = []
+    sensors: list = [dead_run_sensor]
     for group, exp in data_groups(experiments).items():
         assets += build_data_assets(exp)
         jobs.append(dg.define_asset_job(f"{group}_prepare",
@@ -47,7 +53,17 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
         jobs.append(job)
         if exp.schedule.cron:
             schedules.append(build_retrain_schedule(exp, job))
-    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=[dead_run_sensor],
+        if exp.loop is not None:
+            round_assets = build_loop_assets(exp)
+            assets += round_assets
+            loop_job = dg.define_asset_job(loop_job_name(exp), selection=dg.AssetSelection.assets(*round_assets),
+                                           partitions_def=rounds_partitions(exp), tags=loop_tags(exp),
+                                           description=f"One round of {exp.name}'s generate → filter → train loop")
+            jobs.append(loop_job)
+            automation = build_loop_automation(exp, loop_job)
+            sensors += [a for a in automation if isinstance(a, dg.SensorDefinition)]
+            schedules += [a for a in automation if isinstance(a, dg.ScheduleDefinition)]
+    return dg.Definitions(assets=assets, jobs=jobs, schedules=schedules, sensors=sensors,
                           resources=resources())
 
 

@@ -217,6 +217,9 @@ class Experiment:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # The generate → filter → train loop, as written in the YAML; `trainer.loop.settings.loop_config`
+    # parses and checks it (the loop builds on this schema, not the other way round).
+    loop: Optional[dict[str, Any]] = None
     # Root of the content-addressed store; relative paths resolve against the YAML's folder.
     store: str = ".sftdag/store"
     # Folder of the YAML file, for resolving relative paths (not read from YAML).

@@ -16,6 +16,11 @@ so changing them never rebuilds or retrains anything.
 | adapter | `training` minus `TRAINING_REPORTING`, `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
 | score | held-out rows scored, max new tokens (input: merged) |
+| samples | the round, generation settings, stop texts (inputs: generator model, prompts) |
+| accepted | filters, the code of their verifier/scorer functions, the round's data mode (inputs: samples, prompts, previous accepted) |
+
+A round's training reuses the stages above: its accepted rows are a data source (raw → packed)
+and its adapter is keyed like any adapter, on the starting model.
 """
 
 from __future__ import annotations
@@ -70,3 +75,12 @@ def merged_params(exp: Experiment) -> dict[str, Any]:
 
 def score_params(exp: Experiment) -> dict[str, Any]:
     return {"accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens}
+
+
+def samples_params(round_index: int, generation: dict[str, Any], stop_tokens: list[str]) -> dict[str, Any]:
+    return {"round": round_index, "generation": generation, "stop_tokens": stop_tokens}
+
+
+def accepted_params(filters: list[Any], drop_truncated: bool, filter_code: dict[str, str], data_mode: str
+                    ) -> dict[str, Any]:
+    return {"filters": filters, "drop_truncated": drop_truncated, "filter_code": filter_code, "data": data_mode}

@@ -33,6 +33,8 @@ CODE_VERSIONS = {
     "adapter": "1",
     "merged": "1",
     "score": "1",
+    "samples": "1",
+    "accepted": "1",
 }
 
 MANIFEST = "manifest.json"

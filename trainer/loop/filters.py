@@ -320,7 +320,7 @@ def _load_function(dotted: Any, where: str, base_dir: Path, contract: str) -> Ca
     if not isinstance(dotted, str):
         raise ConfigError(f"{where}: expected 'package.module:function', got {dotted!r}")
     try:
-        fn = _resolve(dotted, base_dir)
+        fn = resolve_function(dotted, base_dir)
     except ModuleNotFoundError as e:
         raise ConfigError(f"{where}: cannot import {dotted!r}: {e}") from None
     except AttributeError as e:
@@ -342,7 +342,7 @@ def _load_function(dotted: Any, where: str, base_dir: Path, contract: str) -> Ca
     return fn
 
 
-def _resolve(dotted: str, base_dir: Path) -> Any:
+def resolve_function(dotted: str, base_dir: Path) -> Any:
     """An importable module's attribute, else (`module:attr` form) the attribute of the file
     `<base_dir>/<module path>.py`."""
     try:

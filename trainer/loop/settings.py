@@ -152,3 +152,11 @@ def _value(history: list[dict], i: int, key: str, rule: str) -> float:
     if value is None:
         raise ValueError(f"history[{i % len(history)}]: no {key!r} (needed by {rule})")
     return value
+
+
+def loop_config(exp) -> LoopConfig:
+    """The parsed `loop:` section of an Experiment (ConfigError naming the key when it is wrong,
+    or when the experiment has none)."""
+    if exp.loop is None:
+        raise ConfigError(f"experiment {exp.name}: no `loop:` section")
+    return parse_loop(exp.loop, Path(exp.base_dir))

@@ -61,9 +61,10 @@ def held_out_path(data: dict[str, StageOutput]) -> Path | None:
 
 
 def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
-                 tags: dict[str, str] | None = None) -> AdapterPlan:
+                 tags: dict[str, str] | None = None, held_out: Path | None = None) -> AdapterPlan:
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
-    them, from running the data stages (every one a cache hit once prepared)."""
+    them, from running the data stages (every one a cache hit once prepared). `held_out`: the
+    prompts to score on when the data has no eval split of its own (a loop round's)."""
     from trainer.training.models import builtin_model_path, resolve_base_model
 
     pipeline = DataPipeline(exp, progress=False)
@@ -86,7 +87,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     spec = TrainingSpec(
         experiment=exp, train_shards=outputs["packed/train"].path, tokenizer_dir=outputs["tokenizer"].path,
         output_dir=store.path("adapter", key), eval_shards=outputs["packed/eval"].path if eval_key else None,
-        held_out=held_out_path(outputs) if eval_key else None, base_model=None if builtin else base_model,
+        held_out=held_out_path(outputs) if eval_key else held_out, base_model=None if builtin else base_model,
         tags={"data_version": data_version, "adapter_version": key, "experiment": exp.name, "raw_version": raw,
               "data_group": exp.data_group, **(tags or {})})
     spec_path = write_spec(store.root / "adapter" / ".specs", key, spec)

@@ -1,0 +1,54 @@
+"""The generate → filter → train loop through a real Dagster instance, on a tiny model."""
+
+import json
+
+import dagster as dg
+import pytest
+
+from assets.loop import round_asset_key, round_history
+from pipelines.cli import run_loop
+from pipelines.schedules import next_round_decision
+
+from .conftest import small_rows
+from .test_training_assets import TINY_MODEL, TINY_TRAINING
+
+# Every sample of a few words is kept, so a random tiny model has something to train on.
+LOOP = {"prompts": {"source": {"builtin": "default", "rows": 6}},
+        "generation": {"samples_per_prompt": 2, "temperature": 1.0, "max_new_tokens": 6, "seed": 3},
+        "filters": [{"length": {"min_tokens": 1}}, "dedup"], "drop_truncated": False,
+        "stop": {"max_rounds": 2}}
+
+
+@pytest.mark.slow
+def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
+    exp = make_experiment(name="tiny_loop", rows=small_rows(60), data={"name": "loop_data", "eval": {"fraction": 0.1}},
+                          model=TINY_MODEL, training=TINY_TRAINING, loop=LOOP)
+    result = run_loop(exp, 3, instance)
+
+    assert [r["round"] for r in result["rounds"]] == [0, 1]
+    assert result["stopped_because"] == "max_rounds 2 reached"
+    history = round_history(instance, exp)
+    for r, h in enumerate(history):
+        assert h["prompts"] == 6 and h["samples"] == 12
+        assert 0 < h["accepted"] <= 12 and h["acceptance_rate"] == pytest.approx(h["accepted"] / 12)
+        samples = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=round_asset_key(exp, "round_samples"), asset_partitions=[str(r)]), limit=1).records[0]
+        assert samples.asset_materialization.metadata["samples"].value == 12
+    # Round 1 generates with round 0's merged model; both train a fresh adapter on the start model.
+    gen1 = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=round_asset_key(exp, "round_samples"), asset_partitions=["1"]), limit=1).records[0]
+    eval0 = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=round_asset_key(exp, "round_eval"), asset_partitions=["0"]), limit=1).records[0]
+    assert gen1.asset_materialization.metadata["generator"].value == eval0.asset_materialization.metadata["path"].value
+    assert history[0]["adapter_dir"] != history[1]["adapter_dir"]
+    # Accepted + rejected = samples, each rejection named.
+    accepted_dir = instance.fetch_materializations(dg.AssetRecordsFilter(
+        asset_key=round_asset_key(exp, "round_accepted"), asset_partitions=["0"]), limit=1).records[0]
+    path = accepted_dir.asset_materialization.metadata["path"].value
+    rejected = [json.loads(line) for line in open(f"{path}/rejected.jsonl")]
+    trained = [json.loads(line) for line in open(f"{path}/train.jsonl")]
+    assert len(rejected) + len(trained) == 12 and all(r["filter"] and r["reason"] for r in rejected)
+
+    # The stop rule fired: no further round is asked for, and the reason says why.
+    decision = next_round_decision(exp, instance)
+    assert decision.round is None and "max_rounds 2 reached" in decision.reason

@@ -1,0 +1,198 @@
+"""One round of the generate → filter → train loop, planned and built in order.
+
+    prompts   the loop's prompt rows, through the data stages (raw → templated, as an eval split:
+              the template's generation prompt for each, and its reference)
+    samples   generation by the round's generator (round 0: the starting model; round r: round
+              r-1's merged model), in its own process (`python -m trainer.loop.sample`)
+    accepted  the samples the filters keep, as training rows (this round's, or all rounds' so far)
+    packed    the accepted rows through the data stages (raw → packed), like any training data
+    adapter   trained on the starting model (fresh, as STaR and ReST-EM do) or continuing the
+              previous round's adapter (`python -m trainer.training.train`)
+    eval      the adapter merged into the starting model and scored on the experiment's held-out
+              prompts (`python -m trainer.training.merge`): the next round's generator
+
+Every output is in the content-addressed store, keyed by its inputs' keys and its own settings
+(`trainer.core.keys`), so a round run again is a cache hit. Nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.core import keys
+from trainer.core.arrow_io import read_table
+from trainer.core.config import EvalConfig, Experiment, FieldNames, SourceConfig
+from trainer.core.store import StageOutput, Store, content_key, file_digest
+from trainer.core.template_setup import load_template_setup
+from trainer.data.formats import RowError, normalize
+from trainer.data.prepare import DataPipeline
+from trainer.loop.filters import build_pipeline, resolve_function
+from trainer.loop.generate import SamplingSettings, read_samples
+from trainer.loop.sample import SamplingSpec
+from trainer.loop.settings import LoopConfig
+from trainer.training.spec import write_spec
+
+ACCEPTED_ROWS = "train.jsonl"  # the round's training rows: a data source like any other
+REJECTED_ROWS = "rejected.jsonl"
+
+
+def prompt_pipeline(exp: Experiment, cfg: LoopConfig, store: Store) -> DataPipeline:
+    """The data stages over the loop's prompts: the prompt source is the eval split, so its
+    templated output holds each row's generation prompt (`held_out.jsonl`)."""
+    data = dataclasses.replace(exp.data, eval=EvalConfig(source=cfg.prompts.source, fraction=0.0, pack=False))
+    return DataPipeline(dataclasses.replace(exp, data=data), store=store, progress=False)
+
+
+def build_prompts(exp: Experiment, cfg: LoopConfig, tokenizer: StageOutput) -> dict[str, StageOutput]:
+    """{"raw": …, "templated": …} of the loop's prompts (cache hits once built)."""
+    pipeline = prompt_pipeline(exp, cfg, Store(exp.store_root))
+    raw = pipeline.raw("eval")
+    return {"raw": raw, "templated": pipeline.templated("eval", raw, tokenizer)}
+
+
+@dataclass
+class SamplesPlan:
+    key: str
+    out_dir: Path
+    spec_path: Path
+
+    @property
+    def complete(self) -> bool:
+        return Store(self.out_dir.parents[1]).has("samples", self.key)
+
+    def output(self) -> StageOutput:
+        return Store(self.out_dir.parents[1]).get("samples", self.key)
+
+
+def plan_samples(exp: Experiment, cfg: LoopConfig, round_index: int, generator: StageOutput,
+                 tokenizer: StageOutput, prompts: StageOutput) -> SamplesPlan:
+    g = cfg.generation
+    settings = SamplingSettings(samples_per_prompt=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
+                                max_new_tokens=g.max_new_tokens, seed=g.seed + round_index)
+    eot = load_template_setup(tokenizer.path).eot_token
+    stops = [eot] if eot else []
+    key = content_key("samples", inputs=[generator.key, prompts.key],
+                      params=keys.samples_params(round_index, dataclasses.asdict(settings), stops))
+    store = Store(exp.store_root)
+    spec = SamplingSpec(model_dir=generator.path, tokenizer_dir=tokenizer.path,
+                        prompts=prompts.path / "held_out.jsonl", settings=settings, stop_tokens=stops,
+                        out_dir=store.path("samples", key), round_index=round_index, generator_version=generator.key)
+    spec_path = write_spec(store.root / "samples" / ".specs", key, spec)
+    return SamplesPlan(key, spec.out_dir, spec_path)
+
+
+def sample_command(plan: SamplesPlan) -> list[str]:
+    return [sys.executable, "-m", "trainer.loop.sample", str(plan.spec_path)]
+
+
+def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, str]:
+    """{dotted path: digest of its source file} of the verifier and scorer functions: editing
+    one filters again."""
+    identity = {}
+    for entry in cfg.filters:
+        if not isinstance(entry, dict):
+            continue
+        for name, options in entry.items():
+            dotted = options if name == "verifier" else (options or {}).get("scorer") if name == "best_k" else None
+            if isinstance(dotted, str):
+                source = inspect.getsourcefile(resolve_function(dotted, Path(base_dir)))
+                identity[dotted] = file_digest(source) if source else "unknown"
+    return identity
+
+
+def _prompt_rows(exp: Experiment, prompts: dict[str, StageOutput]) -> dict[str, dict[str, Any]]:
+    """{prompt id: {"record": the raw row, "reference": …}} of the prompts that were sampled."""
+    raw = read_table(prompts["raw"].path / "rows.arrow")
+    records = dict(zip(map(str, raw.column("row_id").to_pylist()), map(json.loads, raw.column("record").to_pylist())))
+    rows = {}
+    with open(prompts["templated"].path / "held_out.jsonl", encoding="utf-8") as f:
+        for line in f:
+            held = json.loads(line)
+            rows[str(held["row_id"])] = {"record": records[str(held["row_id"])], "reference": held["reference"]}
+    return rows
+
+
+def _asked_and_trained(exp: Experiment, record: dict, answer: str) -> tuple[Any, dict[str, Any]]:
+    """What the prompt asked (a string, or the conversation before its last answer) and the
+    training row that answers it with `answer`."""
+    example = normalize(record, exp.data)
+    if example.kind == "messages":
+        messages = example.messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        asked = messages[:last]
+        return asked, {"messages": asked + [{"role": "assistant", "content": answer}]}
+    if example.kind == "prompt_completion" and isinstance(example.prompt, str):
+        return example.prompt, {"prompt": example.prompt, "completion": answer}
+    raise RowError(f"{example.kind} rows cannot be loop prompts (messages or prompt/completion rows can)")
+
+
+def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: StageOutput,
+                   prompts: dict[str, StageOutput], previous: StageOutput | None) -> StageOutput:
+    """Filter the round's samples; the kept ones become training rows (with the previous
+    rounds' rows when `loop.training.data` is all_rounds). Every sample is kept or rejected
+    with the filter and reason (`rejected.jsonl`)."""
+    all_rounds = cfg.training.data == "all_rounds"
+    inputs = [samples.key, prompts["templated"].key] + ([previous.key] if all_rounds and previous else [])
+    key = content_key("accepted", inputs=inputs, params=keys.accepted_params(
+        cfg.filters, cfg.drop_truncated, filter_code_identity(cfg, exp.base_dir), cfg.training.data))
+
+    def build(tmp: Path) -> dict[str, Any]:
+        started = time.time()
+        rows = _prompt_rows(exp, prompts)
+        batch = []
+        for s in read_samples(samples.path).to_pylist():
+            row = rows[s["prompt_id"]]
+            asked, _ = _asked_and_trained(exp, row["record"], s["text"])
+            batch.append({**s, "prompt": asked, "reference": row["reference"]})
+        result = build_pipeline(cfg.filters, drop_truncated=cfg.drop_truncated, base_dir=Path(exp.base_dir)).run(batch)
+        training_rows = []
+        if all_rounds and previous is not None:
+            with open(previous.path / ACCEPTED_ROWS, encoding="utf-8") as f:
+                training_rows = [json.loads(line) for line in f if line.strip()]
+        training_rows += [_asked_and_trained(exp, rows[s["prompt_id"]]["record"], s["text"])[1]
+                          for s in result.accepted]
+        _write_jsonl(tmp / ACCEPTED_ROWS, training_rows)
+        _write_jsonl(tmp / REJECTED_ROWS, [{"prompt_id": r.sample["prompt_id"], "sample_index": r.sample["sample_index"],
+                                            "text": r.sample["text"], "filter": r.filter, "reason": r.reason}
+                                           for r in result.rejected])
+        return {"round": round_index, "metrics": result.metrics(), "training_rows": len(training_rows),
+                "filter_seconds": round(time.time() - started, 3)}
+
+    return Store(exp.store_root).get_or_build("accepted", key, build)
+
+
+def round_experiment(exp: Experiment, round_index: int, accepted: StageOutput, start_model: Path,
+                     previous_adapter: Path | None) -> Experiment:
+    """The experiment a round trains: the accepted rows as its data (no eval split), the starting
+    model as its base, and (continue mode) the previous round's adapter to continue."""
+    data = dataclasses.replace(
+        exp.data, name=f"{exp.data_group}-loop", format="auto", fields=FieldNames(), formatting_func=None,
+        source=SourceConfig(path=str(accepted.path / ACCEPTED_ROWS)), eval=EvalConfig(source=None, fraction=0.0))
+    lora = dataclasses.replace(exp.training.lora, init_adapter=str(previous_adapter) if previous_adapter else None)
+    tracking = dataclasses.replace(exp.tracking, experiment_name=exp.tracking.experiment_name or f"{exp.name}-loop")
+    return dataclasses.replace(exp, name=f"{exp.name}-round-{round_index}", data=data, tracking=tracking,
+                               model=dataclasses.replace(exp.model, base=str(start_model)),
+                               training=dataclasses.replace(exp.training, lora=lora))
+
+
+def pack_round(round_exp: Experiment, tokenizer: StageOutput) -> dict[str, StageOutput]:
+    """The accepted rows through the data stages: raw → templated → tokenized → packed."""
+    pipeline = DataPipeline(round_exp, progress=False)
+    raw = pipeline.raw("train")
+    templated = pipeline.templated("train", raw, tokenizer)
+    tokenized = pipeline.tokenized("train", templated, tokenizer)
+    return {"tokenizer": tokenizer, "raw/train": raw, "templated/train": templated, "tokenized/train": tokenized,
+            "packed/train": pipeline.packed("train", tokenized)}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

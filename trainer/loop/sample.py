@@ -1,0 +1,93 @@
+"""A round's generation: `python -m trainer.loop.sample SPEC.json`, its own process (through
+Dagster Pipes when launched by an asset), so the orchestrator never loads a model.
+
+It loads the generator (a standalone model directory: the starting model or the previous round's
+merged model), samples every prompt of the round's prompt file and writes the sample shards
+(`trainer.loop.generate.generate_to_shards`): a killed run, started again, generates only what is
+missing. Runs where only torch, transformers and pyarrow are installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from trainer.loop.generate import SamplingSettings, generate_to_shards
+
+log = logging.getLogger("sftdag.sample")
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    model_dir: Path  # a model `from_pretrained` loads alone
+    tokenizer_dir: Path
+    prompts: Path  # JSONL of {"row_id": int, "prompt": generation prompt text, ...} (templated held_out.jsonl)
+    settings: SamplingSettings
+    stop_tokens: list[str]  # the template's end-of-turn text (besides the tokenizer's eos)
+    out_dir: Path
+    round_index: int
+    generator_version: str  # the store key of the generator model
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SamplingSpec":
+        raw = json.loads(Path(path).read_text())
+        return cls(model_dir=Path(raw["model_dir"]), tokenizer_dir=Path(raw["tokenizer_dir"]),
+                   prompts=Path(raw["prompts"]), settings=SamplingSettings(**raw["settings"]),
+                   stop_tokens=list(raw["stop_tokens"]), out_dir=Path(raw["out_dir"]),
+                   round_index=int(raw["round_index"]), generator_version=raw["generator_version"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def read_prompts(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [{"prompt_id": str(r["row_id"]), "prompt": r["prompt"]} for r in rows]
+
+
+def run_sampling(spec: SamplingSpec) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(spec.tokenizer_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(spec.model_dir), dtype="auto")
+    if torch.cuda.is_available():
+        model.to("cuda")
+    prompts = read_prompts(spec.prompts)
+    log.info("round %d: %d prompts x %d samples from %s", spec.round_index, len(prompts),
+             spec.settings.samples_per_prompt, spec.model_dir)
+    return generate_to_shards(spec.out_dir, model, tokenizer, prompts, spec.settings, spec.stop_tokens,
+                              round_index=spec.round_index, generator_version=spec.generator_version)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 1:
+        print("usage: python -m trainer.loop.sample SPEC.json", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    spec = SamplingSpec.load(argv[0])
+    pipes = None
+    if os.environ.get("DAGSTER_PIPES_CONTEXT"):
+        from dagster_pipes import open_dagster_pipes
+
+        pipes = open_dagster_pipes()
+    try:
+        manifest = run_sampling(spec)
+        if pipes is not None:
+            pipes.log.info(f"{manifest['samples']} samples in {spec.out_dir}")
+    finally:
+        if pipes is not None:
+            pipes.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
