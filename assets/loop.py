@@ -124,7 +124,9 @@ def build_loop_assets(exp: Experiment) -> list:
                              "stops the loop before such a round)")
         previous = _previous(context, exp, "round_adapter").path if r > 0 and cfg.training.adapter == "continue" else None
         round_exp = rounds.round_experiment(exp, r, accepted, _start_model(exp, cfg, merged).path, previous)
+        started = time.time()
         data = rounds.pack_round(round_exp, tok)
+        pack_seconds = round(time.time() - started, 2)
         plan = plan_adapter(round_exp, data, tags={"dagster_run_id": context.run.run_id, "round": str(r)},
                             held_out=_held_out(templated))
         if not plan.complete:
@@ -135,7 +137,7 @@ def build_loop_assets(exp: Experiment) -> list:
         return dg.Output(plan.output(), data_version=dg.DataVersion(plan.key), metadata={
             "path": dg.MetadataValue.path(str(plan.output_dir)), "packed_rows": summary.train_rows,
             "tokens_trained": summary.trainable_tokens, "train_loss": summary.train_loss,
-            "train_seconds": round(summary.train_runtime, 2),
+            "train_seconds": round(summary.train_runtime, 2), "pack_seconds": pack_seconds,
             "continued_from": dg.MetadataValue.text(str(previous) if previous else "")})
 
     @dg.asset(key=round_asset_key(exp, "round_eval"), kinds={"pytorch", "safetensors"}, **common,
@@ -149,12 +151,14 @@ def build_loop_assets(exp: Experiment) -> list:
                    adapter: StageOutput, accepted: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
         r = int(context.partition_key)
         merge = plan_merge(exp, adapter, tok.path, _held_out(templated))
+        started = time.time()
         if not merge.complete:
             pipes_subprocess_client.run(command=merge_command(merge), context=context)
             if not merge.complete:
                 raise dg.Failure(f"merging exited without writing {merge.score_path}")
         summary = TrainingSummary.from_dict(adapter.manifest)
         metrics = round_metrics(context.instance, exp, r, accepted, summary, merge.result())
+        metrics["eval_seconds"] = round(time.time() - started, 2)
         context.log.info(f"round {r}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
         _log_to_mlflow(exp, r, metrics)
         out = merge.output()
@@ -174,6 +178,7 @@ def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepte
     """What a round reports (plotted by partition in the UI, logged to MLflow with step = round)."""
     filtered = accepted.manifest["metrics"]
     samples_meta = latest_metadata(instance, round_asset_key(exp, "round_samples"), str(r))
+    adapter_meta = latest_metadata(instance, round_asset_key(exp, "round_adapter"), str(r))
     pass1 = float(score["accuracy_merged"]) if score.get("accuracy_merged") is not None else float("nan")
     history = round_history(instance, exp)[:r]
     metrics: dict[str, float | int] = {
@@ -184,6 +189,8 @@ def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepte
         "tokens_trained": summary.trainable_tokens, HELD_OUT: pass1, "heldout_pass1": pass1,
         "start_pass1": summary.accuracy_before if summary.accuracy_before is not None else float("nan"),
         "generate_seconds": samples_meta["generate_seconds"].value if "generate_seconds" in samples_meta else 0.0,
+        "filter_seconds": accepted.manifest["filter_seconds"],
+        "pack_seconds": adapter_meta["pack_seconds"].value if "pack_seconds" in adapter_meta else 0.0,
         "train_seconds": round(summary.train_runtime, 2),
     }
     metrics["change_vs_round0"] = pass1 - (history[0]["heldout_pass1"] if history else pass1)

@@ -23,6 +23,7 @@ LOOP = {"prompts": {"source": {"builtin": "default", "rows": 6}},
 def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
     exp = make_experiment(name="tiny_loop", rows=small_rows(60), data={"name": "loop_data", "eval": {"fraction": 0.1}},
                           model=TINY_MODEL, training=TINY_TRAINING, loop=LOOP)
+    assert "not materialized yet" in next_round_decision(exp, instance).reason
     result = run_loop(exp, 3, instance)
 
     assert [r["round"] for r in result["rounds"]] == [0, 1]
@@ -52,3 +53,35 @@ def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
     # The stop rule fired: no further round is asked for, and the reason says why.
     decision = next_round_decision(exp, instance)
     assert decision.round is None and "max_rounds 2 reached" in decision.reason
+
+    # Round metrics in MLflow, step = round.
+    from mlflow.tracking import MlflowClient
+
+    from trainer.training.tracking import resolve_tracking
+
+    uri, name, _ = resolve_tracking(exp)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(f"{name}-loop").experiment_id],
+                                filter_string="tags.`sftdag.loop` = 'tiny_loop'")
+    steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "acceptance_rate")]
+    assert steps == [(0, history[0]["acceptance_rate"]), (1, history[1]["acceptance_rate"])]
+
+
+def test_next_round_is_asked_for_until_a_rule_stops_the_loop(make_experiment, instance):
+    """The schedule's and sensor's decision, both ways, on recorded round metrics."""
+    from assets.loop import rounds_partitions
+    from assets.training import merged_asset_key
+
+    exp = make_experiment(name="decide", loop={**LOOP, "stop": {"max_rounds": 5, "min_acceptance": 0.2}})
+    instance.report_runless_asset_event(dg.AssetMaterialization(merged_asset_key(exp)))
+    assert next_round_decision(exp, instance).round == 0
+    partitions = rounds_partitions(exp)
+    for r, rate in enumerate([0.5, 0.1]):
+        instance.add_dynamic_partitions(partitions.name, [str(r)])
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            round_asset_key(exp, "round_eval"), partition=str(r),
+            metadata={"round": r, "acceptance_rate": rate, "heldout_pass1": 0.3, "held_out": 0.3}))
+        decision = next_round_decision(exp, instance)
+        if r == 0:
+            assert decision.round == 1
+    assert decision.round is None and "acceptance 0.1 below floor 0.2" in decision.reason
