@@ -162,7 +162,7 @@ def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
     rejects = sum(outputs[f"{s}/train"].manifest["counts"]["rejects"] for s in STAGES)
     assert rows_in == len(rows) == outputs["packed/train"].manifest["counts"]["rows_out"] + rejects
     assert rejects == 5
-    from trainer.data.prepare import read_rejects
+    from trainer.data.stages import read_rejects
 
     raw_rejects = read_rejects(outputs["raw/train"]).to_pylist()
     assert [r["row_id"] for r in raw_rejects] == [30, 34]
