@@ -58,10 +58,10 @@ def content_key(stage: str, *, inputs: list[str], params: dict[str, Any], code_v
     return hashlib.sha256(_canonical(payload).encode()).hexdigest()[:20]
 
 
-def file_digest(path: str | Path, chunk_size: int = 1 << 20) -> str:
+def file_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 

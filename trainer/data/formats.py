@@ -35,9 +35,6 @@ SHAREGPT_ROLES = {
     "function": "tool",
 }
 
-KINDS = ("text", "messages", "prompt_completion", "tokens")
-
-
 class RowError(ValueError):
     """A malformed record; `reason` is short and human readable (it goes into rejects)."""
 
@@ -51,7 +48,7 @@ Message = dict  # {"role": str, "content": str}
 
 @dataclass
 class Example:
-    kind: str  # one of KINDS
+    kind: str  # "text", "messages", "prompt_completion" or "tokens"
     text: Optional[str] = None
     messages: Optional[list[Message]] = None
     prompt: Optional[Union[str, list[Message]]] = None
@@ -60,12 +57,6 @@ class Example:
     labels: Optional[list[int]] = None
     # Tool definitions passed to the chat template (conversational rows only).
     tools: Optional[list[dict]] = None
-
-    @property
-    def conversational(self) -> bool:
-        return self.kind == "messages" or (
-            self.kind == "prompt_completion" and isinstance(self.prompt, list)
-        )
 
 
 def _type_name(v: Any) -> str:
@@ -205,6 +196,12 @@ def _int_list(value: Any, where: str) -> list[int]:
     return value
 
 
+def _text(value: Any, where: str) -> Example:
+    if not isinstance(value, str):
+        raise RowError(f"{where}: expected string, got {_type_name(value)}")
+    return Example(kind="text", text=value)
+
+
 def _get(record: dict, key: str) -> Any:
     if key not in record or record[key] is None:
         raise RowError(f"missing field '{key}'")
@@ -231,9 +228,7 @@ def normalize(
             raise
         except Exception as e:  # the user's function failed on this record
             raise RowError(f"formatting_func raised {type(e).__name__}: {e}") from None
-        if not isinstance(text, str):
-            raise RowError(f"formatting_func: expected string, got {_type_name(text)}")
-        return Example(kind="text", text=text)
+        return _text(text, "formatting_func")
     if fmt == "auto":
         fmt = detect_format(record, f)
 
@@ -257,10 +252,7 @@ def normalize(
         return Example(kind="prompt_completion", prompt=prompt, completion=completion,
                        tools=_tools(record, f) if isinstance(prompt, list) else None)
     if fmt == "text":
-        text = _get(record, f.text)
-        if not isinstance(text, str):
-            raise RowError(f"{f.text}: expected string, got {_type_name(text)}")
-        return Example(kind="text", text=text)
+        return _text(_get(record, f.text), f.text)
     if fmt == "tokens":
         ids = _int_list(_get(record, f.input_ids), f.input_ids)
         if not ids:

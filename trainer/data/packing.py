@@ -25,7 +25,7 @@ The output is built with numpy gathers over the flat Arrow buffers, never per to
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -45,22 +45,17 @@ class PackResult:
     # input_ids list<int32>, labels list<int32>, seq_lengths list<int32>
     table: pa.Table
     # (row_id, reason), in input row order
-    rejects: list[tuple[int, str]] = field(default_factory=list)
-    counts: dict = field(default_factory=dict)
+    rejects: list[tuple[int, str]]
+    counts: dict
     # lengths of the packed documents (after truncation / splitting), in input order
-    doc_lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    doc_lengths: np.ndarray
 
 
 def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start offsets into values, lengths, values) of a list<int> column; null rows have length 0."""
     col = table.column(name)
-    if isinstance(col, pa.ChunkedArray):
-        # one chunk (a memory-mapped file): use it as is, combine_chunks would copy every token
-        arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    else:
-        arr = col
-    if isinstance(arr, pa.ChunkedArray):  # zero chunks
-        arr = pa.array([], type=_LIST_I32)
+    # one chunk (a memory-mapped file): use it as is, combine_chunks would copy every token
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         raise TypeError(f"column {name!r} must be a list of integers, got {arr.type}")
     if arr.type.value_type != pa.int32() or pa.types.is_large_list(arr.type):
@@ -397,7 +392,7 @@ def length_histogram(lengths, max_length: int, bins: int = 16) -> list[dict]:
     return out
 
 
-def plot_length_histogram(histogram: list[dict], max_length: int, title: str | None = None) -> bytes:
+def plot_length_histogram(histogram: list[dict], max_length: int) -> bytes:
     """PNG bytes of a `length_histogram` (matplotlib, Agg, no global pyplot state).
 
     Drawn from the bins stored in the packed manifest, so the picture costs nothing during
@@ -417,7 +412,7 @@ def plot_length_histogram(histogram: list[dict], max_length: int, title: str | N
     ax.axvline(max_length, color="#C44E52", linestyle="--", linewidth=1, label=f"max_length {max_length}")
     ax.set_xlabel("document length (tokens)")
     ax.set_ylabel("documents")
-    ax.set_title(title or f"{sum(b['count'] for b in histogram)} documents")
+    ax.set_title(f"{sum(b['count'] for b in histogram)} documents")
     ax.legend(loc="upper right", frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -146,7 +146,7 @@ def _check_tokens(ids: Any, labels: Any, vocab_size: int) -> list[int]:
         raise ValueError(f"labels: length {len(labels)} does not match input_ids length {len(ids)}")
     for k, (lab, t) in enumerate(zip(labels, ids)):
         if lab != IGNORE_INDEX and lab != t:
-            raise ValueError(f"labels[{k}]: {lab} is neither -100 nor the token id {t}")
+            raise ValueError(f"labels[{k}]: {lab} is neither {IGNORE_INDEX} nor the token id {t}")
     return list(labels)
 
 
