@@ -85,3 +85,57 @@ def test_next_round_is_asked_for_until_a_rule_stops_the_loop(make_experiment, in
         if r == 0:
             assert decision.round == 1
     assert decision.round is None and "acceptance 0.1 below floor 0.2" in decision.reason
+
+
+@pytest.mark.slow
+def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
+    """SIGKILL `sftdag loop` while round 0 trains; run it again: the samples are not generated
+    again, training resumes from its last checkpoint, and the killed run is marked failed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from trainer.training.spec import TrainingSummary
+
+    from .conftest import write_jsonl
+
+    write_jsonl(tmp_path / "data" / "train.jsonl", small_rows(60))
+    config = {"name": "kill_loop", "store": "store", "tokenizer": {"path": "builtin:tiny"}, "model": TINY_MODEL,
+              "data": {"name": "kill_data", "source": {"path": "data/*.jsonl"}, "max_length": 128,
+                       "eval": {"fraction": 0.1}},
+              "training": {**TINY_TRAINING, "max_steps": 30, "save_steps": 2}, "loop": LOOP}
+    experiment = tmp_path / "kill_loop.yaml"
+    experiment.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pipelines.cli", "loop", str(experiment), "--rounds", "1"]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log, start_new_session=True)
+    store = tmp_path / "store"
+    deadline = time.time() + 420
+    try:
+        while True:  # round 0 sampled, and its adapter has a checkpoint
+            sampled = list(store.glob("samples/*/manifest.json"))
+            checkpoints = [p for p in store.glob("adapter/*.partial/checkpoint-*")
+                           if sampled and p.stat().st_mtime > sampled[0].stat().st_mtime]
+            if checkpoints or proc.poll() is not None or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert checkpoints, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shards = {p: p.stat().st_mtime_ns for p in store.glob("samples/*/samples-*.arrow")}
+    assert shards
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "process is gone; ended it" in again.stderr
+    result = json.loads(again.stdout.strip().splitlines()[-1])
+    assert [r["round"] for r in result["rounds"]] == [0]
+    assert {p: p.stat().st_mtime_ns for p in store.glob("samples/*/samples-*.arrow")} == shards
+    summary = TrainingSummary.read(result["rounds"][0]["adapter_dir"])
+    assert summary.resumed_from_step and summary.resumed_from_step >= 2 and summary.global_step == 30
