@@ -1,4 +1,4 @@
-"""Samples per second of the loop's sampler (`trainer.loop.generate.sample`: batched, left padded,
+"""Samples per second of the loop's sampler (`trainer.training.generate.sample`: batched, left padded,
 prompts sorted by length) against a per-prompt `model.generate` loop (how IterativeSFTTrainer
 users wrote their generation step), on the same model, prompts and settings, measured in one run
 and printed as a ratio.
@@ -29,7 +29,7 @@ from trainer.data.default_data import generate as default_records  # noqa: E402
 from trainer.data.formats import normalize  # noqa: E402
 from trainer.data.templating import generation_prompt, setup_template  # noqa: E402
 from trainer.data.tokenizer import load_tokenizer  # noqa: E402
-from trainer.loop.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: E402
+from trainer.training.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: E402
 
 
 def per_prompt_loop(model, tok, prompts: list[str], settings: SamplingSettings, stops: list[int]) -> int:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from trainer.core.config import TokenizerConfig
-from trainer.training.evaluate import generate, stop_tokens_and_strings
+from trainer.training.evaluate import generate
+from trainer.training.generate import stop_tokens_and_strings
 from trainer.data.tokenizer import load_tokenizer
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.train_helpers import full_run, lora_run
-from trainer.training.evaluate import exact_match, generate, load_held_out, stop_tokens_and_strings
+from trainer.training.evaluate import exact_match, generate, load_held_out
+from trainer.training.generate import stop_tokens_and_strings
 from trainer.training.merge import merge_adapter
 
 

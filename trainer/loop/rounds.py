@@ -34,7 +34,7 @@ from trainer.core.template_setup import load_template_setup
 from trainer.data.formats import RowError, normalize
 from trainer.data.prepare import DataPipeline
 from trainer.loop.filters import build_pipeline, resolve_function
-from trainer.loop.generate import SamplingSettings, read_samples
+from trainer.training.generate import SamplingSettings, read_samples
 from trainer.loop.sample import SamplingSpec
 from trainer.loop.settings import LoopConfig
 from trainer.training.spec import write_spec

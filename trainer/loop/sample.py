@@ -3,7 +3,7 @@ Dagster Pipes when launched by an asset), so the orchestrator never loads a mode
 
 It loads the generator (a standalone model directory: the starting model or the previous round's
 merged model), samples every prompt of the round's prompt file and writes the sample shards
-(`trainer.loop.generate.generate_to_shards`): a killed run, started again, generates only what is
+(`trainer.training.generate.generate_to_shards`): a killed run, started again, generates only what is
 missing. Runs where only torch, transformers and pyarrow are installed.
 """
 
@@ -12,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.loop.generate import SamplingSettings, generate_to_shards
+from trainer.core.entry_point import run_entry_point
+from trainer.training.generate import SamplingSettings, generate_to_shards
 
 log = logging.getLogger("sftdag.sample")
 
@@ -68,25 +67,11 @@ def run_sampling(spec: SamplingSpec) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m trainer.loop.sample SPEC.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = SamplingSpec.load(argv[0])
-    pipes = None
-    if os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        from dagster_pipes import open_dagster_pipes
+    def sample(spec_path: Path) -> str:
+        spec = SamplingSpec.load(spec_path)
+        return f"{run_sampling(spec)['samples']} samples in {spec.out_dir}"
 
-        pipes = open_dagster_pipes()
-    try:
-        manifest = run_sampling(spec)
-        if pipes is not None:
-            pipes.log.info(f"{manifest['samples']} samples in {spec.out_dir}")
-    finally:
-        if pipes is not None:
-            pipes.close()
-    return 0
+    return run_entry_point(argv, "trainer.loop.sample", sample)
 
 
 if __name__ == "__main__":

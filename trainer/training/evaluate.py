@@ -11,8 +11,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-# stop_tokens_and_strings lives with the sampler and stays importable from here.
-from trainer.loop.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: F401
+from trainer.training.generate import SamplingSettings, sample
 
 
 def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
@@ -36,7 +35,7 @@ def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
              stop_tokens: Iterable[str | int] = ()) -> list[str]:
-    """Greedy, left-padded, batched generation (`trainer.loop.generate.sample`, one sample per
+    """Greedy, left-padded, batched generation (`trainer.training.generate.sample`, one sample per
     prompt); returns the decoded completions (special tokens dropped), cut at the first stop (eos
     or the template's end-of-turn text)."""
     settings = SamplingSettings(temperature=0.0, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from trainer.core.entry_point import run_entry_point
 from trainer.core.schemas import MERGE_INFO
 from trainer.training.spec import MergeSpec
 
@@ -87,7 +88,7 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
 def _generation_config(model, tokenizer, eot_token: str | None):
     from transformers import GenerationConfig
 
-    from trainer.training.evaluate import stop_tokens_and_strings
+    from trainer.training.generate import stop_tokens_and_strings
 
     # An end-of-turn text that is several tokens (a marker the tokenizer lacks) is a stop string.
     eos, stop_strings = stop_tokens_and_strings(tokenizer, [eot_token] if eot_token else [])
@@ -124,27 +125,12 @@ def merge_and_score(spec: MergeSpec) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.training.merge SPEC.json`: its own process, so the orchestrator never loads a model."""
-    import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) != 1:
-        print("usage: python -m trainer.training.merge SPEC.json", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    spec = MergeSpec.load(argv[0])
-    pipes = None
-    if os.environ.get("DAGSTER_PIPES_CONTEXT"):
-        from dagster_pipes import open_dagster_pipes
+    def merge(spec_path: Path) -> str:
+        spec = MergeSpec.load(spec_path)
+        return f"merged into {spec.output_dir}; score {json.dumps(merge_and_score(spec))}"
 
-        pipes = open_dagster_pipes()
-    try:
-        result = merge_and_score(spec)
-        if pipes is not None:
-            pipes.log.info(f"merged into {spec.output_dir}; score {json.dumps(result)}")
-    finally:
-        if pipes is not None:
-            pipes.close()
-    return 0
+    return run_entry_point(argv, "trainer.training.merge", merge)
 
 
 if __name__ == "__main__":
