@@ -110,8 +110,7 @@ def build_data_assets(exp: Experiment) -> list:
     @dg.observable_source_asset(key=raw_files_key(group), group_name=group,
                                 description="The raw source files; observing it hashes their content." + description_suffix)
     def raw_files():
-        p = pipeline()
-        return dg.DataVersion("+".join(p.raw_key(s) for s in p.splits()))
+        return dg.DataVersion(pipeline().raw_version())
 
     @dg.asset(key=tokenizer_asset_key(group), group_name=group, code_version=CODE_VERSIONS["tokenizer"],
               kinds={"huggingface"},

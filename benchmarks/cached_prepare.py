@@ -78,10 +78,10 @@ def set_up(work: Path, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--baseline", help="git revision to compare against (e.g. a commit before a change)")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per tree (default 5)")
+    parser.add_argument("--rows", type=int, default=2000, help="rows in the generated data file (default 2000)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -360,3 +360,24 @@ def test_keys_of_existing_stores_do_not_change(make_experiment):
         tokenized = p.tokenized_key(split, templated, PINNED_TOKENIZER)
         got[split] = [raw, templated, tokenized, p.packed_key(split, tokenized)]
     assert got == PINNED_KEYS
+
+
+def test_cached_run_hashes_the_source_once_and_loads_no_tokenizer(make_experiment, monkeypatch):
+    from trainer.data import prepare
+
+    exp = make_experiment(data={"eval": {"fraction": 0.25}})
+    DataPipeline(exp, progress=False).run()
+    hashed = []
+    fingerprint = prepare.source_fingerprint
+
+    def counted(source, base_dir):
+        hashed.append(source)
+        return fingerprint(source, base_dir)
+
+    monkeypatch.setattr(prepare, "source_fingerprint", counted)
+    p = DataPipeline(make_experiment(data={"eval": {"fraction": 0.25}}), progress=False)
+    outputs = p.run()
+    assert all(o.cache_hit for o in outputs.values()) and set(outputs) == {
+        "tokenizer", *(f"{s}/{split}" for s in STAGES for split in ("train", "eval"))}
+    assert len(hashed) == 1  # train and the eval split carved out of it share one source
+    assert "tokenizer_bundle" not in p.__dict__  # the identity was read from the store, nothing loaded

@@ -233,6 +233,11 @@ class DataPipeline:
     def splits(self) -> list[str]:
         return ["train", "eval"] if self.has_eval else ["train"]
 
+    def raw_version(self) -> str:
+        """The raw data's version over all splits: what observing the source and scheduled
+        retraining compare."""
+        return "+".join(self.raw_key(split) for split in self.splits())
+
     def _fingerprint(self, split: str) -> dict[str, Any]:
         """The source's fingerprint; train and a carved eval split share one source: hashed once."""
         source, _ = source_for(self.data, split)
