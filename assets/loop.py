@@ -158,6 +158,12 @@ def build_loop_assets(exp: Experiment) -> list:
                 raise dg.Failure(f"merging exited without writing {merge.score_path}")
         summary = TrainingSummary.from_dict(adapter.manifest)
         metrics = round_metrics(context.instance, exp, r, accepted, summary, merge.result())
+        k = cfg.generation.samples_per_prompt
+        if k > 1 and "eval" in templated:  # pass@k: k samples per held-out prompt, as the loop samples
+            plan = rounds.plan_samples(exp, cfg, r, merge.output(), tok, templated["eval"])
+            if not plan.complete:
+                pipes_subprocess_client.run(command=rounds.sample_command(plan), context=context)
+            metrics[f"heldout_pass{k}"] = rounds.pass_at_k(plan.output(), templated["eval"])
         metrics["eval_seconds"] = round(time.time() - started, 2)
         context.log.info(f"round {r}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
         _log_to_mlflow(exp, r, metrics)

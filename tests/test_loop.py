@@ -32,6 +32,7 @@ def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
     for r, h in enumerate(history):
         assert h["prompts"] == 6 and h["samples"] == 12
         assert 0 < h["accepted"] <= 12 and h["acceptance_rate"] == pytest.approx(h["accepted"] / 12)
+        assert 0 <= h["heldout_pass2"] <= 1  # 2 samples per held-out prompt (pass_at_k tested below)
         samples = instance.fetch_materializations(dg.AssetRecordsFilter(
             asset_key=round_asset_key(exp, "round_samples"), asset_partitions=[str(r)]), limit=1).records[0]
         assert samples.asset_materialization.metadata["samples"].value == 12
@@ -139,3 +140,25 @@ def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in store.glob("samples/*/samples-*.arrow")} == shards
     summary = TrainingSummary.read(result["rounds"][0]["adapter_dir"])
     assert summary.resumed_from_step and summary.resumed_from_step >= 2 and summary.global_step == 30
+
+
+def test_pass_at_k_counts_prompts_with_any_exact_answer(tmp_path):
+    import pyarrow as pa
+
+    from trainer.core.arrow_io import write_table
+    from trainer.core.store import StageOutput
+    from trainer.loop.rounds import pass_at_k
+    from trainer.training.generate import SAMPLES_SCHEMA
+
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "held_out.jsonl").write_text("".join(json.dumps({"row_id": i, "prompt": f"q{i}", "reference": ref}) + "\n"
+                                                 for i, ref in enumerate(["12", "7", "abc"])))
+    rows = [("0", 0, " 12"), ("0", 1, "13"), ("1", 0, "8"), ("1", 1, "77"), ("2", 0, "x"), ("2", 1, "abc\n")]
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    write_table(samples / "samples-00000.arrow", pa.Table.from_pylist(
+        [{"prompt_id": p, "sample_index": i, "text": text, "token_count": 1, "stop_reason": "end_of_turn",
+          "round": 0, "generator_version": "g", "seed": 0} for p, i, text in rows], schema=SAMPLES_SCHEMA))
+    as_output = lambda path: StageOutput("x", "k", path, {}, True)  # noqa: E731
+    assert pass_at_k(as_output(samples), as_output(held)) == pytest.approx(2 / 3)

@@ -92,6 +92,16 @@ def sample_command(plan: SamplesPlan) -> list[str]:
     return [sys.executable, "-m", "trainer.loop.sample", str(plan.spec_path)]
 
 
+def pass_at_k(samples: StageOutput, held_out: StageOutput) -> float:
+    """The fraction of held-out prompts with at least one sample equal to the reference
+    (exact match after stripping, as held-out pass@1 is scored)."""
+    with open(held_out.path / "held_out.jsonl", encoding="utf-8") as f:
+        references = {str(row["row_id"]): row["reference"].strip() for row in map(json.loads, f)}
+    solved = {s["prompt_id"] for s in read_samples(samples.path).to_pylist()
+              if s["text"].strip() == references[s["prompt_id"]]}
+    return len(solved) / len(references) if references else 0.0
+
+
 def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, str]:
     """{dotted path: digest of its source file} of the verifier and scorer functions: editing
     one filters again."""
