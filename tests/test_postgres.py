@@ -4,6 +4,7 @@ a real server the tests start on a loopback port (tests/postgres_server.py)."""
 import datetime
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -54,8 +55,6 @@ def write_experiment(tmp_path, **top) -> str:
 
 
 def rows_in_postgres(table: str) -> int:
-    import os
-
     engine = sa.create_engine(os.environ["DAGSTER_POSTGRES_URL"])
     try:
         with engine.connect() as conn:
@@ -65,12 +64,11 @@ def rows_in_postgres(table: str) -> int:
 
 
 def no_sqlite_files(home) -> bool:
-    return not [p for p in home.rglob("*.db")]
+    return not list(home.rglob("*.db"))
 
 
 @pytest.mark.slow
 def test_assets_materialize_and_the_schedule_ticks_on_postgres(postgres_home, tmp_path, monkeypatch):
-    from dagster._core.definitions.instigation_logger import InstigationLogger  # noqa: F401 (daemon logging)
     from dagster._core.scheduler.instigation import TickStatus
     from dagster._core.test_utils import create_test_daemon_workspace_context
     from dagster._core.workspace.load_target import ModuleTarget
