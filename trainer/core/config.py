@@ -183,7 +183,18 @@ class TrainingConfig:
     save_steps: int = 50
     save_total_limit: Optional[int] = 2
     logging_steps: int = 10
+    # Training processes in TOTAL, over all machines (accelerate's --num_processes): the global
+    # batch is per_device_train_batch_size x num_processes x gradient_accumulation_steps whatever
+    # the machines. With num_machines > 1 each machine starts num_processes / num_machines.
     num_processes: int = 1
+    # Several machines: every machine runs the same training command (same YAML, same store),
+    # differing only in its rank: the SFTDAG_MACHINE_RANK environment variable when set, else
+    # machine_rank. The machine of rank 0 (at main_process_ip:main_process_port, reachable from
+    # the others) writes the output.
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: Optional[str] = None
+    main_process_port: int = 29500
     # Dagster run tag used to limit concurrent GPU runs (see dagster.yaml).
     gpu: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -192,6 +203,23 @@ class TrainingConfig:
     max_new_tokens: int = 64
     # Rows of the held-out (raw) split scored by exact match before and after training.
     accuracy_rows: int = 200
+
+    def __post_init__(self) -> None:
+        if self.num_machines < 1:
+            raise ConfigError(f"training.num_machines: must be at least 1, got {self.num_machines}")
+        if self.num_processes < self.num_machines or self.num_processes % self.num_machines:
+            raise ConfigError(f"training.num_processes: {self.num_processes} is the total over all machines and must "
+                              f"be a multiple of training.num_machines ({self.num_machines})")
+        self.check_machine_rank(self.machine_rank, "training.machine_rank")
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ConfigError("training.main_process_ip: required when training.num_machines > 1 "
+                              "(the address of the machine of rank 0)")
+        if not 0 < self.main_process_port < 65536:
+            raise ConfigError(f"training.main_process_port: {self.main_process_port} is not a TCP port")
+
+    def check_machine_rank(self, rank: int, where: str) -> None:
+        if not 0 <= rank < self.num_machines:
+            raise ConfigError(f"{where}: {rank} is not in [0, training.num_machines = {self.num_machines})")
 
 
 @dataclass

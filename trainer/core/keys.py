@@ -35,6 +35,11 @@ TRAINING_REPORTING = (
     "accuracy_rows", "sample_generations", "max_new_tokens", "logging_steps",
     "eval_strategy", "eval_steps", "per_device_eval_batch_size",
     "save_strategy", "save_steps", "save_total_limit", "gpu",
+    # Where the processes run, not what they compute: num_processes is the total over all machines
+    # and stays in the key (with the per-device batch and accumulation it makes the global batch), so
+    # moving the same run from 1 machine x 8 GPUs to 2 x 4 keeps its adapter, and every machine (each
+    # with its own rank) plans the same key and reads the same shards.
+    "num_machines", "machine_rank", "main_process_ip", "main_process_port",
 )
 
 

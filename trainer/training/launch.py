@@ -8,13 +8,14 @@ the result goes, and whether it already exists.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.core import keys
-from trainer.core.config import Experiment
+from trainer.core.config import ConfigError, Experiment
 from trainer.data.prepare import DataPipeline
 from trainer.core.schemas import TRAINING_SUMMARY
 from trainer.core.store import StageOutput, Store, content_key, file_digest
@@ -99,16 +100,38 @@ def raw_version(pipeline: DataPipeline) -> str:
     return "+".join(pipeline.raw_key(split) for split in pipeline.splits())
 
 
+MACHINE_RANK_ENV = "SFTDAG_MACHINE_RANK"
+
+
 def training_command(exp: Experiment, spec_path: Path) -> list[str]:
-    """`python -m trainer.training.train SPEC`, or under `accelerate launch` for several processes."""
-    n = exp.training.num_processes
-    if n <= 1:
+    """`python -m trainer.training.train SPEC`, or under `accelerate launch` for several processes,
+    on this machine or on several (this machine's rank: $SFTDAG_MACHINE_RANK when set, else
+    `training.machine_rank`, so one YAML serves every machine)."""
+    tc = exp.training
+    if tc.num_processes <= 1:
         return [sys.executable, "-m", "trainer.training.train", str(spec_path)]
     # --multi_gpu is accelerate's torchrun launcher; on a machine without CUDA trainer.training.train joins
-    # the processes over gloo. (--cpu would start a single process without an MPI hostfile.)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # the processes over gloo. (--cpu would start a single process without an MPI hostfile.) The machine
+    # settings are passed explicitly: they win over an `accelerate config` file on the machine.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(tc.num_processes), "--num_machines", str(tc.num_machines), "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+    if tc.num_machines > 1:
+        command += ["--machine_rank", str(machine_rank(exp)), "--main_process_ip", str(tc.main_process_ip),
+                    "--main_process_port", str(tc.main_process_port)]
     return command + ["-m", "trainer.training.train", str(spec_path)]
+
+
+def machine_rank(exp: Experiment) -> int:
+    value = os.environ.get(MACHINE_RANK_ENV, "").strip()
+    if not value:
+        return exp.training.machine_rank
+    try:
+        rank = int(value)
+    except ValueError:
+        raise ConfigError(f"{MACHINE_RANK_ENV}: {value!r} is not an integer machine rank") from None
+    exp.training.check_machine_rank(rank, MACHINE_RANK_ENV)
+    return rank
 
 
 @dataclass
