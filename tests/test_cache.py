@@ -381,3 +381,25 @@ def test_cached_run_hashes_the_source_once_and_loads_no_tokenizer(make_experimen
         "tokenizer", *(f"{s}/{split}" for s in STAGES for split in ("train", "eval"))}
     assert len(hashed) == 1  # train and the eval split carved out of it share one source
     assert "tokenizer_bundle" not in p.__dict__  # the identity was read from the store, nothing loaded
+
+
+def test_a_stage_given_its_inputs_computes_nothing_upstream(make_experiment, monkeypatch):
+    """As a Dagster asset runs it: given its inputs' outputs, a stage neither hashes the source nor
+    works out the tokenizer again, and files its output under the key a full run gives it."""
+    from trainer.data import prepare
+
+    first = DataPipeline(make_experiment(), progress=False).run()
+    changed = make_experiment(data={"max_length": 64, "masking": "all"})
+    expected = keys(changed)
+
+    def not_again(source, base_dir):
+        raise AssertionError("the source was hashed again")
+
+    monkeypatch.setattr(prepare, "source_fingerprint", not_again)
+    p = DataPipeline(changed, progress=False)
+    templated = p.templated("train", raw=first["raw/train"], tokenizer=first["tokenizer"])
+    tokenized = p.tokenized("train", templated=templated, tokenizer=first["tokenizer"])
+    packed = p.packed("train", tokenized=tokenized)
+    assert not templated.cache_hit and not packed.cache_hit
+    assert [templated.key, tokenized.key, packed.key] == [expected[f"{s}/train"] for s in STAGES[1:]]
+    assert "tokenizer_identity" not in p.__dict__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.core.config import DataConfig, FieldNames, TemplateConfig, TokenizerConfig
+from trainer.core.schemas import IGNORE_INDEX
 from trainer.data.formats import Example, RowError, detect_format, load_formatting_func, normalize
 from trainer.data.templating import setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
@@ -159,7 +160,7 @@ def test_formatting_func_rows_with_response_template(llama3):
     assert rejects == [(1, "formatting_func raised KeyError: 'a'")]
     out, rej = tokenize_rows(table, tok, progress=False)
     ids, labels = out.column("input_ids")[0].as_py(), out.column("labels")[0].as_py()
-    assert rej == [] and tok.decode([t for t, lab in zip(ids, labels) if lab != -100]) == " 4<|end_of_text|>"
+    assert rej == [] and tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == " 4<|end_of_text|>"
 
 
 def test_mixed_rows_reject_counts_and_reasons(llama3):
@@ -201,4 +202,4 @@ def test_mixed_rows_reject_counts_and_reasons(llama3):
     assert table.num_rows == out.num_rows + len(rejects2)
     assert out.column("row_id").to_pylist() == [100, 102, 104, 106, 110, 114]
     for ids, labels in zip(out.column("input_ids").to_pylist(), out.column("labels").to_pylist()):
-        assert len(ids) == len(labels) and labels[0] == -100 and any(lab != -100 for lab in labels)
+        assert len(ids) == len(labels) and labels[0] == IGNORE_INDEX and any(lab != IGNORE_INDEX for lab in labels)
