@@ -7,7 +7,6 @@ import dagster as dg
 
 from assets.training import adapter_asset_key
 from trainer.core.config import Experiment
-from trainer.training.launch import raw_version
 from trainer.data.prepare import DataPipeline
 
 
@@ -20,7 +19,7 @@ class RetrainDecision:
 
 def retrain_decision(exp: Experiment, instance: dg.DagsterInstance) -> RetrainDecision:
     # Hashing the source files is cheap; nothing is tokenized to decide.
-    current = raw_version(DataPipeline(exp, progress=False))
+    current = DataPipeline(exp, progress=False).raw_version()
     event = instance.get_latest_materialization_event(adapter_asset_key(exp))
     if event is None or event.asset_materialization is None:
         return RetrainDecision(True, "no adapter has been trained yet", current)

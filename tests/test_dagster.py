@@ -13,7 +13,6 @@ from pipelines.definitions import build_definitions
 from pipelines.schedules import retrain_decision
 from trainer.core.arrow_io import read_shards
 from trainer.core.config import ConfigError
-from trainer.training.launch import raw_version
 from trainer.data.prepare import DataPipeline
 
 from .conftest import small_rows, write_jsonl
@@ -119,7 +118,7 @@ def test_source_observation_reports_raw_version(make_experiment, instance):
     result = observe([source], instance=instance)
     assert result.success
     record = instance.fetch_observations(raw_files_key("observed"), limit=1).records[0]
-    assert record.asset_observation.tags["dagster/data_version"] == raw_version(DataPipeline(exp, progress=False))
+    assert record.asset_observation.tags["dagster/data_version"] == DataPipeline(exp, progress=False).raw_version()
 
 
 def test_retrain_schedule_requests_only_when_raw_data_changed(make_experiment, instance, tmp_path):
@@ -131,7 +130,7 @@ def test_retrain_schedule_requests_only_when_raw_data_changed(make_experiment, i
     assert len(first.run_requests) == 1 and "no adapter" in first.run_requests[0].tags["sftdag/retrain_reason"]
 
     # An adapter trained on the current raw version: the schedule skips, saying why.
-    current = raw_version(DataPipeline(exp, progress=False))
+    current = DataPipeline(exp, progress=False).raw_version()
     instance.report_runless_asset_event(dg.AssetMaterialization(adapter_asset_key(exp), metadata={"raw_version": current}))
     skipped = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
     assert not skipped.run_requests and "unchanged" in skipped.skip_message
@@ -141,7 +140,7 @@ def test_retrain_schedule_requests_only_when_raw_data_changed(make_experiment, i
     changed = schedule.evaluate_tick(dg.build_schedule_context(instance=instance))
     assert len(changed.run_requests) == 1
     assert "raw data changed" in changed.run_requests[0].tags["sftdag/retrain_reason"]
-    assert changed.run_requests[0].run_key.endswith(raw_version(DataPipeline(exp, progress=False)))
+    assert changed.run_requests[0].run_key.endswith(DataPipeline(exp, progress=False).raw_version())
 
 
 def test_definitions_validate_on_the_workspace():

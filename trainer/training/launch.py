@@ -95,11 +95,6 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     return AdapterPlan(key, spec.output_dir, spec_path, spec, data_version, base_model)
 
 
-def raw_version(pipeline: DataPipeline) -> str:
-    """The raw data's version over all splits: what scheduled retraining compares."""
-    return "+".join(pipeline.raw_key(split) for split in pipeline.splits())
-
-
 MACHINE_RANK_ENV = "SFTDAG_MACHINE_RANK"
 
 
