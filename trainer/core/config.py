@@ -19,6 +19,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from trainer.core.object_store import cache_dir, is_remote
+
 
 class ConfigError(ValueError):
     pass
@@ -248,7 +250,8 @@ class Experiment:
     # The generate → filter → train loop, as written in the YAML; `trainer.loop.settings.loop_config`
     # parses and checks it (the loop builds on this schema, not the other way round).
     loop: Optional[dict[str, Any]] = None
-    # Root of the content-addressed store; relative paths resolve against the YAML's folder.
+    # The content-addressed store: a directory (relative paths resolve against the YAML's folder)
+    # or an object-storage URL (s3://bucket/prefix, gs://…, az://… with the fsspec backend installed).
     store: str = ".sftdag/store"
     # Folder of the YAML file, for resolving relative paths (not read from YAML).
     base_dir: str = "."
@@ -259,7 +262,9 @@ class Experiment:
 
     @property
     def store_root(self) -> Path:
-        return self.resolve_path(self.store)
+        """The store's local directory: the store itself, or the local cache of a store on object
+        storage (the URL stays a URL; `Store` opens its cache as that remote store)."""
+        return cache_dir(self.store) if is_remote(self.store) else self.resolve_path(self.store)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,9 +1,13 @@
 """Content-addressed store of stage outputs.
 
-A stage output lives at `root/<stage>/<key>/` and is complete iff that directory exists: it is
-built in `root/<stage>/.tmp-<key>-<random>/` and renamed into place, so a killed build leaves
+A stage output lives at `root/<stage>/<key>/` and is complete iff its completion marker is there:
+it is built in `root/<stage>/.tmp-<key>-<random>/` and renamed into place, so a killed build leaves
 only a `.tmp-*` directory that nothing reads. A file lock per key makes a second concurrent
 build of the same key wait and then reuse the first one's result instead of building twice.
+
+A store on object storage (`Store("s3://bucket/prefix")`) has `root` = its local cache: stages
+are built there and then published (marker last, `trainer.core.object_store`), and a stage found
+only remotely is downloaded there once; every reader gets a local `path` either way.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, Callable
 
 from filelock import FileLock
 
+from trainer.core.object_store import ObjectStore, cache_dir, cached_url, is_remote
 from trainer.core.schemas import MERGE_INFO, TRAINING_SUMMARY
 
 # Bump a stage's version whenever its code changes the bytes it writes: the version is part of
@@ -76,39 +81,98 @@ class StageOutput:
 
 
 class Store:
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    """Stage outputs under `location`: a local directory, or an object-storage URL (then `root` is
+    its local cache; opening that cache directory opens the remote store again)."""
+
+    def __init__(self, location: str | Path):
+        self.root = cache_dir(str(location)) if is_remote(location) else Path(location)
+        url = cached_url(self.root)
+        self.remote = ObjectStore(url) if url else None
+
+    @property
+    def location(self) -> str:
+        """The URL of a store on object storage, else its directory."""
+        return self.remote.url if self.remote else str(self.root)
 
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
-    def has(self, stage: str, key: str) -> bool:
+    def _local(self, stage: str, key: str) -> bool:
         return (self.path(stage, key) / completion_marker(stage)).is_file()
+
+    def _lock(self, stage: str, key: str) -> FileLock:
+        stage_dir = self.root / stage
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(stage_dir / f".{key}.lock"))
+
+    def has(self, stage: str, key: str) -> bool:
+        if self._local(stage, key):
+            return True
+        return self.remote is not None and self.remote.has(stage, key, completion_marker(stage))
 
     def manifest(self, stage: str, key: str) -> dict[str, Any]:
         return json.loads((self.path(stage, key) / completion_marker(stage)).read_text())
 
     def get(self, stage: str, key: str) -> StageOutput:
+        """The complete output of `key`; from a remote store, downloaded into the cache first (once)."""
+        if self.remote is not None and not self._local(stage, key):
+            with self._lock(stage, key):
+                if not self._local(stage, key):
+                    self._download(stage, key)
         return StageOutput(stage, key, self.path(stage, key), self.manifest(stage, key), cache_hit=True)
 
+    def _download(self, stage: str, key: str) -> None:
+        """Download `key` into place (caller holds the key's lock)."""
+        marker = completion_marker(stage)
+        if not self.remote.has(stage, key, marker):
+            raise FileNotFoundError(f"{stage}/{key} is not in {self.remote.url}: no {marker} there "
+                                    "(never published, or its upload did not finish)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root / stage))
+        try:
+            self.remote.download(stage, key, tmp)
+            # An adapter or merged model is written in place by its process: a crashed one leaves
+            # an incomplete directory, which the complete copy replaces.
+            shutil.rmtree(self.path(stage, key), ignore_errors=True)
+            os.rename(tmp, self.path(stage, key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def publish(self, stage: str, key: str) -> None:
+        """Upload the complete local output of `key` to a remote store, unless it is there already
+        (a second publisher would upload the same bytes). Nothing to do for a local store."""
+        if self.remote is None:
+            return
+        marker = completion_marker(stage)
+        if not self._local(stage, key):
+            raise FileNotFoundError(f"{stage}/{key}: {self.path(stage, key)} has no {marker}; "
+                                    "only a complete output is published")
+        if not self.remote.has(stage, key, marker):
+            self.remote.upload(stage, key, self.path(stage, key), marker)
+
     def get_or_build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
-        """Return the complete output for `key`, building it with `build(tmp_dir) -> manifest` if absent."""
-        if self.has(stage, key):
-            return self.get(stage, key)
-        stage_dir = self.root / stage
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(stage_dir / f".{key}.lock")):
-            if self.has(stage, key):  # built by someone else while we waited
-                return self.get(stage, key)
-            tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=stage_dir))
-            try:
-                started = time.time()
-                manifest = dict(build(tmp) or {})
-                manifest.update(stage=stage, key=key, code_version=CODE_VERSIONS.get(stage),
-                                build_seconds=round(time.time() - started, 3), created=time.time())
-                (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-                os.rename(tmp, self.path(stage, key))
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
+        """Return the complete output for `key`, building it with `build(tmp_dir) -> manifest` if
+        absent; a remote store gets what this machine built (or built before a failed upload)."""
+        built = None
+        if not self.has(stage, key):
+            with self._lock(stage, key):
+                if not self.has(stage, key):  # else built by someone else while we waited
+                    built = self._build(stage, key, build)
+        out = built or self.get(stage, key)
+        self.publish(stage, key)
+        return out
+
+    def _build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
+        """Build `key` into place (caller holds the key's lock)."""
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root / stage))
+        try:
+            started = time.time()
+            manifest = dict(build(tmp) or {})
+            manifest.update(stage=stage, key=key, code_version=CODE_VERSIONS.get(stage),
+                            build_seconds=round(time.time() - started, 3), created=time.time())
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            os.rename(tmp, self.path(stage, key))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return StageOutput(stage, key, self.path(stage, key), manifest, cache_hit=False)
