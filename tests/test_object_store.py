@@ -98,7 +98,7 @@ def test_a_url_stays_a_url_and_its_store_reads_through_a_local_cache(experiment_
 
 
 def test_published_stages_are_cache_hits_on_another_machine_and_read_twice_download_once(
-        experiment_yaml, s3, tmp_path):
+        experiment_yaml, s3, tmp_path, monkeypatch):
     exp = load_experiment(experiment_yaml)
     built = DataPipeline(exp, progress=False).run()
     assert not any(o.cache_hit for o in built.values())
@@ -123,9 +123,11 @@ def test_published_stages_are_cache_hits_on_another_machine_and_read_twice_downl
         assert f"/{bucket}/prefix/{out.stage}/{out.key}/{completion_marker(out.stage)}" in downloaded
     assert other["packed/train"]["rows"] > 0 and other["packed/eval"]["rows"] > 0
 
+    monkeypatch.setenv("SFTDAG_CACHE", str(tmp_path / "cache-b"))  # machine b again
     before = len(s3.object_downloads(bucket))
-    again = finish(start_machine(experiment_yaml, tmp_path / "cache-b"))
-    assert again == other
+    again = DataPipeline(load_experiment(experiment_yaml), progress=False).run()
+    assert {name: str(o.path) for name, o in again.items()} == {name: o["path"] for name, o in other.items()}
+    assert all(o.cache_hit for o in again.values())
     assert s3.object_downloads(bucket)[before:] == []  # every stage from b's cache
 
 
@@ -159,12 +161,14 @@ def test_a_publisher_killed_before_the_marker_leaves_the_key_incomplete_until_a_
         Store(exp.store).get(stage, key)
 
     # Machine a again: its stage was complete in its cache, so the run publishes it, then builds the rest.
-    rerun = finish(start_machine(experiment_yaml, tmp_path / "cache-a"))
-    (published,) = [o for o in rerun.values() if o["key"] == key]
-    assert published["cache_hit"] and not rerun["packed/train"]["cache_hit"]
+    monkeypatch.setenv("SFTDAG_CACHE", str(tmp_path / "cache-a"))
+    rerun = DataPipeline(load_experiment(experiment_yaml), progress=False).run()
+    (published,) = [o for o in rerun.values() if o.key == key]
+    assert published.cache_hit and not rerun["packed/train"].cache_hit
+    monkeypatch.setenv("SFTDAG_CACHE", str(tmp_path / "cache-c"))
     store = Store(exp.store)
-    assert all(store.has(name.split("/")[0], o["key"]) for name, o in rerun.items())
-    assert store.get(stage, key).manifest["created"] == published["created"]
+    assert all(store.has(o.stage, o.key) for o in rerun.values())
+    assert store.get(stage, key).manifest == published.manifest
 
 
 def test_two_machines_publishing_the_same_keys_at_once_both_succeed_with_identical_bytes(experiment_yaml, tmp_path):

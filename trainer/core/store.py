@@ -138,17 +138,15 @@ class Store:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def publish(self, stage: str, key: str) -> None:
-        """Upload the complete local output of `key` to a remote store, unless it is there already
-        (a second publisher would upload the same bytes). Nothing to do for a local store."""
-        if self.remote is None:
-            return
+    def publish(self, stage: str, key: str) -> StageOutput:
+        """The complete output of `key` (written into `path(stage, key)` here, or downloaded),
+        uploaded to a remote store unless it is there already: a second publisher would upload
+        the same bytes."""
+        output = self.get(stage, key)
         marker = completion_marker(stage)
-        if not self._local(stage, key):
-            raise FileNotFoundError(f"{stage}/{key}: {self.path(stage, key)} has no {marker}; "
-                                    "only a complete output is published")
-        if not self.remote.has(stage, key, marker):
+        if self.remote is not None and not self.remote.has(stage, key, marker):
             self.remote.upload(stage, key, self.path(stage, key), marker)
+        return output
 
     def get_or_build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
         """Return the complete output for `key`, building it with `build(tmp_dir) -> manifest` if
@@ -158,9 +156,8 @@ class Store:
             with self._lock(stage, key):
                 if not self.has(stage, key):  # else built by someone else while we waited
                     built = self._build(stage, key, build)
-        out = built or self.get(stage, key)
-        self.publish(stage, key)
-        return out
+        published = self.publish(stage, key)
+        return built or published
 
     def _build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
         """Build `key` into place (caller holds the key's lock)."""

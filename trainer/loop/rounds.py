@@ -68,7 +68,7 @@ class SamplesPlan:
         return Store(self.out_dir.parents[1]).has("samples", self.key)
 
     def output(self) -> StageOutput:
-        return Store(self.out_dir.parents[1]).get("samples", self.key)
+        return Store(self.out_dir.parents[1]).publish("samples", self.key)
 
 
 def plan_samples(exp: Experiment, cfg: LoopConfig, round_index: int, generator: StageOutput,

@@ -17,7 +17,6 @@ from typing import Any
 from trainer.core import keys
 from trainer.core.config import ConfigError, Experiment
 from trainer.data.prepare import DataPipeline
-from trainer.core.schemas import TRAINING_SUMMARY
 from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
 from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary, write_spec
@@ -46,14 +45,15 @@ class AdapterPlan:
 
     @property
     def complete(self) -> bool:
-        return (self.output_dir / TRAINING_SUMMARY).is_file()
+        return Store(self.output_dir.parents[1]).has("adapter", self.key)
 
     def summary(self) -> TrainingSummary:
-        return TrainingSummary.read(self.output_dir)
+        return TrainingSummary.from_dict(self.output().manifest)
 
     def output(self) -> StageOutput:
-        """The finished adapter as a stage output (its manifest: the training summary)."""
-        return Store(self.output_dir.parents[1]).get("adapter", self.key)
+        """The finished adapter as a stage output (its manifest: the training summary), published
+        to the store's remote copy when it has one."""
+        return Store(self.output_dir.parents[1]).publish("adapter", self.key)
 
 
 def held_out_path(data: dict[str, StageOutput]) -> Path | None:
@@ -146,7 +146,7 @@ class MergePlan:
         return self.score_path.is_file()
 
     def output(self) -> StageOutput:
-        return Store(self.output_dir.parents[1]).get("merged", self.key)
+        return Store(self.output_dir.parents[1]).publish("merged", self.key)
 
 
 def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_out: Path | None) -> MergePlan:
