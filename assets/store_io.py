@@ -22,7 +22,7 @@ class StageStoreIOManager(dg.ConfigurableIOManager):
         outputs = obj if isinstance(obj, dict) else {"": obj}
         first = next(iter(outputs.values()))
         context.add_output_metadata({
-            "sftdag/store": str(first.path.parents[1]),
+            "sftdag/store": str(Store(first.path.parents[1]).location),  # a URL for a remote store: other machines read it
             "sftdag/stage": first.stage,
             "sftdag/keys": dg.MetadataValue.json({split: out.key for split, out in outputs.items()}),
         })
