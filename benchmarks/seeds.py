@@ -51,6 +51,8 @@ def main() -> None:
     args = parser.parse_args()
 
     experiment = yaml.safe_load(args.experiment.read_text())
+    # Thread count changes the float kernels (and contended speed): print it with the figures.
+    print(f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="sftdag-seeds-") as tmp:
         for seed in args.seeds:
