@@ -1,0 +1,110 @@
+"""The default loop experiment across seeds: per round, acceptance, coverage, held-out pass@1 and seconds.
+
+    python benchmarks/loop.py [--experiment experiments/default_loop.yaml] [--seeds 42 43 44] [--rounds 3]
+
+Each seed sets `training.seed` and `loop.generation.seed` together and runs, one seed after
+another (two trainings on the same 2 cores slow each other several times):
+
+1. `sftdag run`: the starting model (the experiment's short SFT), timed;
+2. `sftdag loop --rounds N`: the rounds, timed on their own (the SFT is a cache hit by then).
+
+The seeds share one store in a temporary folder, so the data assets are prepared once (their keys
+do not depend on the seeds); each seed has its own Dagster instance, because a loop's rounds are
+partitions named by the experiment. The seconds of each round's steps are read from the metadata
+its assets recorded. Prints a table per seed, then one across seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+STEP_SECONDS = ("generate_seconds", "filter_seconds", "pack_seconds", "train_seconds", "eval_seconds")
+
+
+def sftdag(args: list[str], home: Path) -> tuple[float, dict]:
+    """Wall seconds and the last stdout line (JSON) of one `sftdag` command."""
+    env = {**os.environ, "DAGSTER_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.perf_counter()
+    done = subprocess.run([str(Path(sys.executable).with_name("sftdag")), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"sftdag {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return elapsed, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_seed(experiment: dict, seed: int, rounds: int, work: Path) -> dict:
+    """The starting model and `rounds` rounds of the experiment with both seeds set to `seed`."""
+    import dagster as dg
+
+    from assets.loop import round_history
+    from trainer.core.config import load_experiment
+
+    config = {**experiment, "store": str(work / "store"),
+              "training": {**experiment["training"], "seed": seed},
+              "loop": {**experiment["loop"], "generation": {**experiment["loop"]["generation"], "seed": seed}}}
+    config_path = work / f"seed-{seed}.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    home = work / f"dagster_home-{seed}"
+    home.mkdir()
+    sft_seconds, sft = sftdag(["run", str(config_path)], home)
+    loop_seconds, loop = sftdag(["loop", str(config_path), "--rounds", str(rounds)], home)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        history = round_history(instance, load_experiment(config_path))
+    return {"seed": seed, "start_pass1": sft["accuracy_after"], "sft_seconds": sft_seconds,
+            "loop_seconds": loop_seconds, "stopped_because": loop["stopped_because"], "rounds": history}
+
+
+def print_seed(result: dict) -> None:
+    print(f"\nseed {result['seed']}: starting model (SFT, {result['sft_seconds']:.0f} s) held-out pass@1 "
+          f"{result['start_pass1']:.3f}; {len(result['rounds'])} rounds in {result['loop_seconds']:.0f} s "
+          f"({result['stopped_because']})")
+    print("| round | acceptance | coverage | held-out pass@1 | generate s | train s | round s (all steps) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in result["rounds"]:
+        print(f"| {r['round']} | {r['acceptance_rate']:.3f} | {r['coverage']:.3f} | {r['heldout_pass1']:.3f} "
+              f"| {r['generate_seconds']:.0f} | {r['train_seconds']:.0f} "
+              f"| {sum(r.get(k, 0.0) for k in STEP_SECONDS):.0f} |", flush=True)
+
+
+def by_round(result: dict, metric: str) -> str:
+    return " → ".join(f"{r[metric]:.3f}" for r in result["rounds"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experiment", type=Path, default=REPO / "experiments" / "default_loop.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    experiment = yaml.safe_load(args.experiment.read_text())
+    results = []
+    with tempfile.TemporaryDirectory(prefix="sftdag-loop-") as tmp:
+        for seed in args.seeds:
+            results.append(run_seed(experiment, seed, args.rounds, Path(tmp)))
+            print_seed(results[-1])
+
+    print("\n| seed | start pass@1 | held-out pass@1 by round | acceptance by round | rounds wall time |")
+    print("| ---: | ---: | --- | --- | ---: |")
+    for result in results:
+        minutes, seconds = divmod(round(result["loop_seconds"]), 60)
+        print(f"| {result['seed']} | {result['start_pass1']:.3f} "
+              f"| {by_round(result, 'heldout_pass1')} | {by_round(result, 'acceptance_rate')} "
+              f"| {minutes} min {seconds:02d} s |")
+
+
+if __name__ == "__main__":
+    main()
