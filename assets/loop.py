@@ -53,11 +53,11 @@ def round_history(instance: dg.DagsterInstance, exp: Experiment) -> list[dict]:
     return history
 
 
-def _start_model(exp: Experiment, cfg: LoopConfig, merged: StageOutput) -> StageOutput:
+def _start_model(context: dg.AssetExecutionContext, exp: Experiment, cfg: LoopConfig) -> StageOutput:
     """The loop's starting model: `loop.start_model` (a local model directory), else the
-    experiment's merged SFT model."""
+    experiment's merged SFT model (its latest materialization; a declared dependency)."""
     if cfg.start_model is None:
-        return merged
+        return latest_outputs(context.instance, merged_asset_key(exp))
     path = exp.resolve_path(cfg.start_model)
     if not (path / "config.json").is_file():
         raise dg.Failure(f"loop.start_model: {path} is not a model directory (no config.json)")
@@ -77,14 +77,16 @@ def build_loop_assets(exp: Experiment) -> list:
     partitions = rounds_partitions(exp)
     group = exp.data_group
     common = dict(partitions_def=partitions, group_name=f"{exp.name}_loop")
-    start_in = {"merged": dg.AssetIn(merged_asset_key(exp)), "tok": dg.AssetIn(tokenizer_asset_key(group))}
+    tok_in = {"tok": dg.AssetIn(tokenizer_asset_key(group))}
+    # With loop.start_model the SFT model is not needed (nor materialized by `sftdag loop`).
+    start_deps = [merged_asset_key(exp)] if cfg.start_model is None else []
 
-    @dg.asset(key=round_asset_key(exp, "round_samples"), ins=start_in, kinds={"pytorch"}, **common,
+    @dg.asset(key=round_asset_key(exp, "round_samples"), ins=tok_in, deps=start_deps, kinds={"pytorch"}, **common,
               description="The round's generator samples every loop prompt (its own process).")
     def round_samples(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                      merged: StageOutput, tok: StageOutput) -> dg.Output:
+                      tok: StageOutput) -> dg.Output:
         r = int(context.partition_key)
-        generator = _start_model(exp, cfg, merged) if r == 0 else _previous(context, exp, "round_eval")
+        generator = _start_model(context, exp, cfg) if r == 0 else _previous(context, exp, "round_eval")
         prompts = rounds.build_prompts(exp, cfg, tok)
         plan = rounds.plan_samples(exp, cfg, r, generator, tok, prompts["templated"])
         started, cache_hit = time.time(), plan.complete
@@ -113,17 +115,17 @@ def build_loop_assets(exp: Experiment) -> list:
             "training_rows": accepted.manifest["training_rows"], "path": dg.MetadataValue.path(str(accepted.path))})
 
     @dg.asset(key=round_asset_key(exp, "round_adapter"), kinds={"pytorch", "mlflow"}, **common,
-              ins={"accepted": dg.AssetIn(round_asset_key(exp, "round_accepted")), **start_in,
+              deps=start_deps, ins={"accepted": dg.AssetIn(round_asset_key(exp, "round_accepted")), **tok_in,
                    "templated": dg.AssetIn(data_asset_key(group, "templated"))},
               description="The round's accepted rows packed and trained on the starting model (its own process).")
     def round_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                      accepted: StageOutput, merged: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
+                      accepted: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
         r = int(context.partition_key)
         if not accepted.manifest["training_rows"]:
             raise dg.Failure(f"round {r} accepted no samples: nothing to train (loop.stop.min_acceptance "
                              "stops the loop before such a round)")
         previous = _previous(context, exp, "round_adapter").path if r > 0 and cfg.training.adapter == "continue" else None
-        round_exp = rounds.round_experiment(exp, r, accepted, _start_model(exp, cfg, merged).path, previous)
+        round_exp = rounds.round_experiment(exp, cfg, r, accepted, _start_model(context, exp, cfg).path, previous)
         started = time.time()
         data = rounds.pack_round(round_exp, tok)
         pack_seconds = round(time.time() - started, 2)

@@ -16,6 +16,7 @@ from .test_training_assets import TINY_MODEL, TINY_TRAINING
 LOOP = {"prompts": {"source": {"builtin": "default", "rows": 6}},
         "generation": {"samples_per_prompt": 2, "temperature": 1.0, "max_new_tokens": 6, "seed": 3},
         "filters": [{"length": {"min_tokens": 1}}, "dedup"], "drop_truncated": False,
+        "training": {"max_steps": 3},  # a round's own setting; the SFT trains TINY_TRAINING's 4
         "stop": {"max_rounds": 2}}
 
 
@@ -43,6 +44,9 @@ def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
         asset_key=round_asset_key(exp, "round_eval"), asset_partitions=["0"]), limit=1).records[0]
     assert gen1.asset_materialization.metadata["generator"].value == eval0.asset_materialization.metadata["path"].value
     assert history[0]["adapter_dir"] != history[1]["adapter_dir"]
+    from trainer.training.spec import TrainingSummary
+
+    assert all(TrainingSummary.read(h["adapter_dir"]).global_step == 3 for h in history)
     # Accepted + rejected = samples, each rejection named.
     accepted_dir = instance.fetch_materializations(dg.AssetRecordsFilter(
         asset_key=round_asset_key(exp, "round_accepted"), asset_partitions=["0"]), limit=1).records[0]
@@ -66,6 +70,17 @@ def test_two_rounds_through_dagster_then_stop(make_experiment, instance):
                                 filter_string="tags.`sftdag.loop` = 'tiny_loop'")
     steps = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "acceptance_rate")]
     assert steps == [(0, history[0]["acceptance_rate"]), (1, history[1]["acceptance_rate"])]
+
+
+    # A loop that starts from a model directory of its own needs no SFT run.
+    start = eval0.asset_materialization.metadata["path"].value
+    other = make_experiment(name="from_dir", data={"name": "loop_data", "eval": {"fraction": 0.1}}, model=TINY_MODEL,
+                            training=TINY_TRAINING, loop={**LOOP, "start_model": start, "stop": {"max_rounds": 1}})
+    from assets.training import merged_asset_key
+
+    result = run_loop(other, 1, instance)
+    assert [r["round"] for r in result["rounds"]] == [0]
+    assert instance.get_latest_materialization_event(merged_asset_key(other)) is None
 
 
 def test_next_round_is_asked_for_until_a_rule_stops_the_loop(make_experiment, instance):

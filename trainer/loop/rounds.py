@@ -178,18 +178,21 @@ def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: 
     return Store(exp.store_root).get_or_build("accepted", key, build)
 
 
-def round_experiment(exp: Experiment, round_index: int, accepted: StageOutput, start_model: Path,
-                     previous_adapter: Path | None) -> Experiment:
+def round_experiment(exp: Experiment, cfg: LoopConfig, round_index: int, accepted: StageOutput,
+                     start_model: Path, previous_adapter: Path | None) -> Experiment:
     """The experiment a round trains: the accepted rows as its data (no eval split), the starting
-    model as its base, and (continue mode) the previous round's adapter to continue."""
+    model as its base, the round's own training settings where `loop.training` gives them, and
+    (continue mode) the previous round's adapter to continue."""
     data = dataclasses.replace(
         exp.data, name=f"{exp.data_group}-loop", format="auto", fields=FieldNames(), formatting_func=None,
         source=SourceConfig(path=str(accepted.path / ACCEPTED_ROWS)), eval=EvalConfig(source=None, fraction=0.0))
     lora = dataclasses.replace(exp.training.lora, init_adapter=str(previous_adapter) if previous_adapter else None)
+    own = {name: getattr(cfg.training, name) for name in ("learning_rate", "num_train_epochs", "max_steps", "warmup_steps")
+           if getattr(cfg.training, name) is not None}
     tracking = dataclasses.replace(exp.tracking, experiment_name=exp.tracking.experiment_name or f"{exp.name}-loop")
     return dataclasses.replace(exp, name=f"{exp.name}-round-{round_index}", data=data, tracking=tracking,
                                model=dataclasses.replace(exp.model, base=str(start_model)),
-                               training=dataclasses.replace(exp.training, lora=lora))
+                               training=dataclasses.replace(exp.training, lora=lora, **own))
 
 
 def pack_round(round_exp: Experiment, tokenizer: StageOutput) -> dict[str, StageOutput]:

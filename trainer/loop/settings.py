@@ -21,6 +21,10 @@ loop:
     adapter: fresh                # fresh: a new adapter on the starting model each round
                                   # (STaR, ReST-EM) | continue: the previous round's adapter
     data: round                   # round: this round's accepted samples | all_rounds
+    learning_rate: null           # these four: a round's own settings (null: the experiment's)
+    num_train_epochs: null
+    max_steps: null
+    warmup_steps: null
   stop:
     max_rounds: 3                 # null: no limit (then patience or min_acceptance is required)
     patience: null                # stop after this many rounds without held-out improvement
@@ -69,6 +73,12 @@ class GenerationConfig:
 class RoundTrainingConfig:
     adapter: Literal["fresh", "continue"] = "fresh"
     data: Literal["round", "all_rounds"] = "round"
+    # A round's training settings where they differ from the experiment's `training:` (chosen
+    # for the SFT run): None keeps the experiment's.
+    learning_rate: Optional[float] = None
+    num_train_epochs: Optional[float] = None
+    max_steps: Optional[int] = None
+    warmup_steps: Optional[int] = None
 
 
 @dataclass(frozen=True)
