@@ -123,7 +123,8 @@ def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
     config = {"name": "kill_loop", "store": "store", "tokenizer": {"path": "builtin:tiny"}, "model": TINY_MODEL,
               "data": {"name": "kill_data", "source": {"path": "data/*.jsonl"}, "max_length": 128,
                        "eval": {"fraction": 0.1}},
-              "training": {**TINY_TRAINING, "max_steps": 30, "save_steps": 2}, "loop": LOOP}
+              "training": {**TINY_TRAINING, "max_steps": 30, "save_steps": 2},
+              "loop": {**LOOP, "training": {}}}  # rounds train the 30 steps of the experiment
     experiment = tmp_path / "kill_loop.yaml"
     experiment.write_text(yaml.safe_dump(config))
     env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "OMP_NUM_THREADS": "1"}
