@@ -1,6 +1,7 @@
 """The default loop experiment across seeds: per round, acceptance, coverage, held-out pass@1 and seconds.
 
     python benchmarks/loop.py [--experiment experiments/default_loop.yaml] [--seeds 42 43 44] [--rounds 3]
+                              [--store DIR]
 
 Each seed sets `training.seed` and `loop.generation.seed` together and runs, one seed after
 another (two trainings on the same 2 cores slow each other several times):
@@ -8,9 +9,11 @@ another (two trainings on the same 2 cores slow each other several times):
 1. `sftdag run`: the starting model (the experiment's short SFT), timed;
 2. `sftdag loop --rounds N`: the rounds, timed on their own (the SFT is a cache hit by then).
 
-The seeds share one store in a temporary folder, so the data assets are prepared once (their keys
-do not depend on the seeds); each seed has its own Dagster instance, because a loop's rounds are
-partitions named by the experiment. The seconds of each round's steps are read from the metadata
+The seeds share one store (a temporary folder, or `--store`), so the data assets are prepared once
+(their keys do not depend on the seeds); with `--store` a rerun that changes only the `loop:`
+section finds the starting models there too (cache hits: its SFT seconds are then not training).
+Each seed has its own Dagster instance, because a loop's rounds are partitions named by the
+experiment. The seconds of each round's steps are read from the metadata
 its assets recorded. Prints a table per seed, then one across seeds.
 """
 
@@ -45,14 +48,14 @@ def sftdag(args: list[str], home: Path) -> tuple[float, dict]:
     return elapsed, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_seed(experiment: dict, seed: int, rounds: int, work: Path) -> dict:
+def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path) -> dict:
     """The starting model and `rounds` rounds of the experiment with both seeds set to `seed`."""
     import dagster as dg
 
     from assets.loop import round_history
     from trainer.core.config import load_experiment
 
-    config = {**experiment, "store": str(work / "store"),
+    config = {**experiment, "store": str(store),
               "training": {**experiment["training"], "seed": seed},
               "loop": {**experiment["loop"], "generation": {**experiment["loop"]["generation"], "seed": seed}}}
     config_path = work / f"seed-{seed}.yaml"
@@ -88,13 +91,15 @@ def main() -> None:
     parser.add_argument("--experiment", type=Path, default=REPO / "experiments" / "default_loop.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store", type=Path, help="a store to keep and reuse (default: a temporary one)")
     args = parser.parse_args()
 
     experiment = yaml.safe_load(args.experiment.read_text())
     results = []
     with tempfile.TemporaryDirectory(prefix="sftdag-loop-") as tmp:
+        store = args.store.resolve() if args.store else Path(tmp) / "store"
         for seed in args.seeds:
-            results.append(run_seed(experiment, seed, args.rounds, Path(tmp)))
+            results.append(run_seed(experiment, seed, args.rounds, store, Path(tmp)))
             print_seed(results[-1])
 
     print("\n| seed | start pass@1 | held-out pass@1 by round | acceptance by round | rounds wall time |")
