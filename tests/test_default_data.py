@@ -170,3 +170,18 @@ def test_tokenizer_files_match_script(tmp_path):
     assert built == sorted(p.name for p in TOK_DIR.iterdir())
     for name in built:
         assert (tmp_path / name).read_bytes() == (TOK_DIR / name).read_bytes(), name
+
+
+def test_verify_addition_accepts_only_correct_additions():
+    """The default loop's verifier: correct answers to addition questions, nothing else."""
+    from trainer.data.default_data import solve, verify_addition
+
+    records = dd.generate("train", 200, seed=5)
+    for record in records:
+        prompt = record["prompt"] if "prompt" in record else record["messages"][:-1]
+        question = dd.final_question(prompt)
+        task = dd.question_task(question)
+        right = solve(task, question)
+        assert verify_addition({"prompt": prompt}, f" {right}") == (task == "add")
+        assert not verify_addition({"prompt": prompt}, right + "0")
+    assert {dd.question_task(dd.final_question(r.get("prompt") or r["messages"][:-1])) for r in records} == set(dd.TASKS)
