@@ -9,7 +9,6 @@ Generation, training and merging run in their own processes through Pipes.
 """
 
 import time
-from pathlib import Path
 
 import dagster as dg
 
@@ -17,7 +16,7 @@ from trainer.core.config import Experiment
 from trainer.core.store import StageOutput, content_key
 from trainer.loop import rounds
 from trainer.loop.settings import ACCEPTANCE, HELD_OUT, LoopConfig, loop_config
-from trainer.training.launch import merge_command, model_identity, plan_adapter, plan_merge, training_command
+from trainer.training.launch import held_out_file, merge_command, model_identity, plan_adapter, plan_merge, training_command
 from trainer.training.spec import TrainingSummary
 
 from .data import data_asset_key, tokenizer_asset_key
@@ -130,7 +129,7 @@ def build_loop_assets(exp: Experiment) -> list:
         data = rounds.pack_round(round_exp, tok)
         pack_seconds = round(time.time() - started, 2)
         plan = plan_adapter(round_exp, data, tags={"dagster_run_id": context.run.run_id, "round": str(r)},
-                            held_out=_held_out(templated))
+                            held_out=held_out_file(templated.get("eval")))
         if not plan.complete:
             pipes_subprocess_client.run(command=training_command(round_exp, plan.spec_path), context=context)
             if not plan.complete:
@@ -152,7 +151,7 @@ def build_loop_assets(exp: Experiment) -> list:
     def round_eval(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
                    adapter: StageOutput, accepted: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
         r = int(context.partition_key)
-        merge = plan_merge(exp, adapter, tok.path, _held_out(templated))
+        merge = plan_merge(exp, adapter, tok.path, held_out_file(templated.get("eval")))
         started = time.time()
         if not merge.complete:
             pipes_subprocess_client.run(command=merge_command(merge), context=context)
@@ -175,10 +174,6 @@ def build_loop_assets(exp: Experiment) -> list:
                                    "adapter_dir": dg.MetadataValue.path(str(adapter.path))})
 
     return [round_samples, round_accepted, round_adapter, round_eval]
-
-
-def _held_out(templated: dict) -> Path | None:
-    return templated["eval"].path / "held_out.jsonl" if "eval" in templated else None
 
 
 def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepted: StageOutput,

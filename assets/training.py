@@ -4,7 +4,7 @@
 import dagster as dg
 
 from trainer.core.config import Experiment
-from trainer.training.launch import merge_command, plan_adapter, plan_merge, training_command
+from trainer.training.launch import held_out_file, merge_command, plan_adapter, plan_merge, training_command
 from trainer.core.store import CODE_VERSIONS, StageOutput
 from trainer.training.spec import TrainingSummary
 
@@ -90,8 +90,7 @@ def build_training_assets(exp: Experiment) -> list:
               description="The adapter folded into the base weights: a model `from_pretrained` loads.")
     def merged_model(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
                      adapter: StageOutput, templated: dict, tok: StageOutput) -> dg.Output:
-        held_out = templated["eval"].path / "held_out.jsonl" if "eval" in templated else None
-        merge = plan_merge(exp, adapter, tok.path, held_out)
+        merge = plan_merge(exp, adapter, tok.path, held_out_file(templated.get("eval")))
         if not merge.complete:  # merging and scoring load models: their own process
             pipes_subprocess_client.run(command=merge_command(merge), context=context)
             if not merge.complete:

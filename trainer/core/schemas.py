@@ -3,6 +3,9 @@
 # The label of a token that is not trained (no loss): PyTorch's cross-entropy ignore_index.
 IGNORE_INDEX = -100
 
+# The held-out generation prompts the templated eval split writes ({"row_id", "prompt", "reference"} per line).
+HELD_OUT = "held_out.jsonl"
+
 # Written last by the training process: a finished adapter (or full model) directory has it.
 TRAINING_SUMMARY = "training_summary.json"
 

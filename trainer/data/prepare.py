@@ -25,6 +25,7 @@ from typing import Any
 
 from trainer.core import keys
 from trainer.core.config import Experiment
+from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
 from trainer.data.formatting_code import formatting_func_identity, refresh_formatting_func
 from trainer.data.sources import source_fingerprint
@@ -354,5 +355,5 @@ def summarize(outputs: dict[str, StageOutput]) -> dict[str, Any]:
     if "packed/eval" in outputs:
         summary["eval_shards"] = str(outputs["packed/eval"].path)
         summary["eval_rows"] = outputs["packed/eval"].manifest["counts"]["rows_out"]
-        summary["held_out"] = str(outputs["templated/eval"].path / "held_out.jsonl")
+        summary["held_out"] = str(outputs["templated/eval"].path / HELD_OUT)
     return summary

@@ -19,7 +19,7 @@ import pyarrow as pa
 from trainer.core.arrow_io import read_table, write_shards, write_table
 from trainer.core.config import DataConfig, Experiment, SourceConfig
 from trainer.core.keys import packing_strategy
-from trainer.core.schemas import IGNORE_INDEX
+from trainer.core.schemas import HELD_OUT, IGNORE_INDEX
 from trainer.core.store import CODE_VERSIONS, StageOutput, content_key
 from trainer.data.formats import RowError, load_formatting_func, normalize
 from trainer.data.packing import length_histogram, pack
@@ -121,7 +121,7 @@ def build_templated(exp: Experiment, split: str, tokenizer_of: TokenizerOf, prog
         rejected = {r for r, _ in rejects}
         kept = [(row_id, record) for row_id, record in rows if row_id not in rejected]
         manifest["held_out_prompts"], manifest["generation_prompt_differs"] = _write_held_out(
-            out_dir / "held_out.jsonl", kept, tok, setup, data, func)
+            out_dir / HELD_OUT, kept, tok, setup, data, func)
     return manifest
 
 

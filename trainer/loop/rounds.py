@@ -29,6 +29,7 @@ from typing import Any
 from trainer.core import keys
 from trainer.core.arrow_io import read_table
 from trainer.core.config import EvalConfig, Experiment, FieldNames, SourceConfig
+from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
 from trainer.data.formats import RowError, normalize
@@ -82,7 +83,7 @@ def plan_samples(exp: Experiment, cfg: LoopConfig, round_index: int, generator: 
                       params=keys.samples_params(round_index, dataclasses.asdict(settings), stops))
     store = Store(exp.store_root)
     spec = SamplingSpec(model_dir=generator.path, tokenizer_dir=tokenizer.path,
-                        prompts=prompts.path / "held_out.jsonl", settings=settings, stop_tokens=stops,
+                        prompts=prompts.path / HELD_OUT, settings=settings, stop_tokens=stops,
                         out_dir=store.path("samples", key), round_index=round_index, generator_version=generator.key)
     spec_path = write_spec(store.root / "samples" / ".specs", key, spec)
     return SamplesPlan(key, spec.out_dir, spec_path)
@@ -95,7 +96,7 @@ def sample_command(plan: SamplesPlan) -> list[str]:
 def pass_at_k(samples: StageOutput, held_out: StageOutput) -> float:
     """The fraction of held-out prompts with at least one sample equal to the reference
     (exact match after stripping, as held-out pass@1 is scored)."""
-    with open(held_out.path / "held_out.jsonl", encoding="utf-8") as f:
+    with open(held_out.path / HELD_OUT, encoding="utf-8") as f:
         references = {str(row["row_id"]): row["reference"].strip() for row in map(json.loads, f)}
     solved = {s["prompt_id"] for s in read_samples(samples.path).to_pylist()
               if s["text"].strip() == references[s["prompt_id"]]}
@@ -122,7 +123,7 @@ def _prompt_rows(exp: Experiment, prompts: dict[str, StageOutput]) -> dict[str, 
     raw = read_table(prompts["raw"].path / "rows.arrow")
     records = dict(zip(map(str, raw.column("row_id").to_pylist()), map(json.loads, raw.column("record").to_pylist())))
     rows = {}
-    with open(prompts["templated"].path / "held_out.jsonl", encoding="utf-8") as f:
+    with open(prompts["templated"].path / HELD_OUT, encoding="utf-8") as f:
         for line in f:
             held = json.loads(line)
             rows[str(held["row_id"])] = {"record": records[str(held["row_id"])], "reference": held["reference"]}

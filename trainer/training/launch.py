@@ -17,6 +17,7 @@ from typing import Any
 from trainer.core import keys
 from trainer.core.config import ConfigError, Experiment
 from trainer.data.prepare import DataPipeline
+from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
 from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary, write_spec
@@ -56,9 +57,13 @@ class AdapterPlan:
         return Store(self.output_dir.parents[1]).publish("adapter", self.key)
 
 
+def held_out_file(templated_eval: StageOutput | None) -> Path | None:
+    """The held-out generation prompts a templated eval split wrote, when there is one."""
+    return templated_eval.path / HELD_OUT if templated_eval is not None else None
+
+
 def held_out_path(data: dict[str, StageOutput]) -> Path | None:
-    """The held-out generation prompts the templated eval split wrote, when there is one."""
-    return data["templated/eval"].path / "held_out.jsonl" if "templated/eval" in data else None
+    return held_out_file(data.get("templated/eval"))
 
 
 def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
