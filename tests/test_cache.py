@@ -172,6 +172,24 @@ def test_rows_in_equals_rows_out_plus_rejects_end_to_end(make_experiment):
     assert sorted(r["row_id"] for r in templated_rejects) == [31, 32, 33]
 
 
+
+def test_where_selects_rows_end_to_end_and_counts_those_left_out(make_experiment):
+    """data.source.where: the selected rows go through every stage (rows in = rows out + rejects
+    over them), the ones left out are counted, and the selection has its own key."""
+    from trainer.data.prepare import summarize
+
+    rows = [{**r, "topic": "kept" if i % 3 else "other"} for i, r in enumerate(small_rows(30))] + ["{not json"]
+    exp = make_experiment(rows=rows, data={"source": {"path": "data/*.jsonl", "where": {"topic": "kept"}}})
+    outputs = DataPipeline(exp, progress=False).run()
+    counts = outputs["raw/train"].manifest["counts"]
+    assert counts["not_selected"] == 10 and counts["rows_in"] == 21 and counts["rejects"] == 1
+    rejects = sum(outputs[f"{s}/train"].manifest["counts"]["rejects"] for s in STAGES)
+    assert counts["rows_in"] == outputs["packed/train"].manifest["counts"]["rows_out"] + rejects
+    assert summarize(outputs)["not_selected"] == 10
+    everything = DataPipeline(make_experiment(rows=rows), progress=False).run()
+    assert everything["raw/train"].key != outputs["raw/train"].key
+    assert "not_selected" not in everything["raw/train"].manifest["counts"]
+
 # -- files edited in place, in one long-lived process (defect 7) ---------------------------------
 
 def templated_texts(output) -> list[str]:

@@ -26,7 +26,7 @@ def test_every_file_format_and_globs(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(ROWS[2:3]))
     pacsv.write_csv(pa.Table.from_pylist(ROWS[3:5]), tmp_path / "c.csv")
     pq.write_table(pa.Table.from_pylist(ROWS[5:]), tmp_path / "d.parquet")
-    table = build_raw_table(SourceConfig(path=["*.jsonl", "*.json", "*.csv", "*.parquet"]), tmp_path)
+    table, _ = build_raw_table(SourceConfig(path=["*.jsonl", "*.json", "*.csv", "*.parquet"]), tmp_path)
     assert records(table) == ROWS
     assert table.column("row_id").to_pylist() == list(range(6))
     assert table.column("source").to_pylist() == ["a.jsonl:1", "a.jsonl:2", "b.json[0]", "c.csv[0]", "c.csv[1]",
@@ -36,7 +36,7 @@ def test_every_file_format_and_globs(tmp_path):
 
 def test_malformed_lines_are_kept_as_errors_with_their_line(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps(ROWS[0]) + "\n{broken\n\n[1, 2]\n" + json.dumps(ROWS[1]) + "\n")
-    table = build_raw_table(SourceConfig(path="x.jsonl"), tmp_path)
+    table, _ = build_raw_table(SourceConfig(path="x.jsonl"), tmp_path)
     assert table.num_rows == 4  # the blank line is not a row
     errors = table.column("error").to_pylist()
     assert errors[0] is None and errors[3] is None
@@ -68,8 +68,8 @@ def test_fingerprint_follows_file_content_not_name_or_time(tmp_path):
 def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(100)))
     holdout = EvalConfig(fraction=0.1, seed=3)
-    train = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="train")
-    held = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="eval")
+    train, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="train")
+    held, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="eval")
     assert held.num_rows == 10 and train.num_rows == 90
     held_ids = set(held.column("row_id").to_pylist())
     assert not set(train.column("row_id").to_pylist()) & held_ids
@@ -80,5 +80,40 @@ def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "7"})
     assert set(json.loads(out.stdout)) == held_ids
-    other_seed = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, EvalConfig(fraction=0.1, seed=4), side="eval")
+    other_seed, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, EvalConfig(fraction=0.1, seed=4), side="eval")
     assert other_seed.num_rows == 10 and set(other_seed.column("row_id").to_pylist()) != held_ids
+
+
+def test_where_keeps_the_matching_records_and_counts_the_rest(tmp_path):
+    rows = [{"text": str(i), "task": ["add", "upper", "reverse"][i % 3]} for i in range(30)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n")
+    table, not_selected = build_raw_table(SourceConfig(path="a.jsonl", where={"task": "add"}), tmp_path)
+    kept = [r for r in rows if r["task"] == "add"]
+    assert records(table.filter(table.column("error").is_null())) == kept
+    assert table.column("row_id").to_pylist() == list(range(len(kept) + 1))  # + the malformed line, a reject
+    assert not_selected == len(rows) - len(kept)
+    table, not_selected = build_raw_table(SourceConfig(path="a.jsonl", where={"task": ["add", "upper"]}), tmp_path)
+    assert table.num_rows - 1 == 20 and not_selected == 10
+    # A missing field never matches; no match at all is one clear line, not an empty dataset.
+    with pytest.raises(SourceError, match=r"data.source.where: no record matches \{'tsak': 'add'\} \(30 records"):
+        build_raw_table(SourceConfig(path="a.jsonl", where={"tsak": "add"}), tmp_path)
+
+
+def test_where_on_the_builtin_source_and_in_the_key(tmp_path):
+    from trainer.data import default_data
+
+    source = SourceConfig(builtin="default", rows=300, where={"task": "add"})
+    table, not_selected = build_raw_table(source, tmp_path)
+    generated = default_data.generate("train", 300)
+    assert records(table) == [r for r in generated if r["task"] == "add"]
+    assert table.num_rows + not_selected == 300
+    plain = SourceConfig(builtin="default", rows=300)
+    assert "where" not in source_fingerprint(plain, tmp_path)  # keys without a selection are unchanged
+    assert source_fingerprint(source, tmp_path) == {**source_fingerprint(plain, tmp_path), "where": {"task": "add"}}
+
+
+def test_where_must_be_a_mapping():
+    from trainer.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.source.where: expected a mapping"):
+        SourceConfig(builtin="default", where={}).validate("data.source")

@@ -41,11 +41,24 @@ class SourceConfig:
     # Only for builtin sources: how many rows to generate.
     rows: Optional[int] = None
     seed: int = 0
+    # Keep only the records whose fields have these values ({field: value or [values]}), e.g.
+    # one category of a dataset; the raw stage's manifest counts the records left out.
+    where: Optional[dict[str, Any]] = None
 
     def validate(self, where: str) -> None:
         given = [k for k in ("builtin", "path", "hub") if getattr(self, k)]
         if len(given) != 1:
             raise ConfigError(f"{where}: give exactly one of builtin, path, hub (got {given or 'none'})")
+        if self.where is not None and (not isinstance(self.where, dict) or not self.where):
+            raise ConfigError(f"{where}.where: expected a mapping of field to value(s), e.g. {{task: add}}")
+
+    def selects(self, record: dict) -> bool:
+        """Whether `where` keeps the record (a missing field never matches)."""
+        for name, wanted in (self.where or {}).items():
+            allowed = wanted if isinstance(wanted, list) else [wanted]
+            if name not in record or record[name] not in allowed:
+                return False
+        return True
 
 
 @dataclass

@@ -352,6 +352,8 @@ def summarize(outputs: dict[str, StageOutput]) -> dict[str, Any]:
         "packing_efficiency": train["packing_efficiency"],
         "cache_hits": sorted(name for name, o in outputs.items() if o.cache_hit),
     }
+    if "not_selected" in outputs["raw/train"].manifest["counts"]:  # left out by data.source.where
+        summary["not_selected"] = outputs["raw/train"].manifest["counts"]["not_selected"]
     if "packed/eval" in outputs:
         summary["eval_shards"] = str(outputs["packed/eval"].path)
         summary["eval_rows"] = outputs["packed/eval"].manifest["counts"]["rows_out"]

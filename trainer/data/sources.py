@@ -65,7 +65,13 @@ def _file_format(path: Path, source: SourceConfig) -> str:
 
 
 def source_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, Any]:
-    """What identifies the source's bytes: file contents, hub coordinates, or generator code."""
+    """What identifies the source's records: file contents, hub coordinates, or generator code,
+    and the `where` selecting among them (absent when unset: those keys stay as they were)."""
+    selection = {"where": source.where} if source.where else {}
+    return {**_bytes_fingerprint(source, base_dir), **selection}
+
+
+def _bytes_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, Any]:
     if source.path:
         return {"files": [[p.name, file_digest(p)] for p in resolve_files(source, base_dir)],
                 "file_format": source.file_format}
@@ -161,16 +167,21 @@ def holdout_mask(num_rows: int, fraction: float, seed: int) -> np.ndarray:
 
 
 def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalConfig | None = None,
-                    side: str = "train") -> pa.Table:
-    """Load a source into the raw table; with `holdout`, keep only the train or eval side of it."""
+                    side: str = "train") -> tuple[pa.Table, int]:
+    """Load a source into the raw table; with `holdout`, keep only the train or eval side of it.
+    Also returns how many well-formed records the source's `where` left out."""
     wheres, records, errors = [], [], []
+    not_selected = 0
     for where, record, error in iter_records(source, base_dir):
-        wheres.append(where)
         text = None
         if isinstance(record, RawJson):
             text, record = record.text, record.value
         if error is None and not isinstance(record, dict):
             record, error = None, f"expected a JSON object, got {type(record).__name__}"
+        if error is None and source.where and not source.selects(record):
+            not_selected += 1
+            continue
+        wheres.append(where)
         if record is not None and text is None:
             text = json.dumps(record, ensure_ascii=False, default=str)
         records.append(text if record is not None else None)
@@ -181,4 +192,6 @@ def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalCon
     if holdout is not None and holdout.fraction > 0:
         mask = holdout_mask(table.num_rows, holdout.fraction, holdout.seed)
         table = table.filter(pa.array(mask if side == "eval" else ~mask))
-    return table
+    if source.where and not_selected and not any(r is not None for r in records):
+        raise SourceError(f"data.source.where: no record matches {source.where} ({not_selected} records read)")
+    return table, not_selected

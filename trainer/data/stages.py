@@ -96,12 +96,15 @@ def _write_rows(out_dir: Path, stage: str, split: str, rows_in: int, table: pa.T
 def build_raw(exp: Experiment, split: str, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     """The split's records (no inputs: it reads the source); malformed ones are rejects."""
     source, carved = source_for(exp.data, split)
-    table = build_raw_table(source, exp.base_dir, exp.data.eval if carved else None, side=split)
+    table, not_selected = build_raw_table(source, exp.base_dir, exp.data.eval if carved else None, side=split)
     bad = table.column("error").is_valid()
     rejects = [(int(r), f"malformed record at {w}: {e}") for r, w, e in zip(
         table.column("row_id").filter(bad).to_pylist(), table.column("source").filter(bad).to_pylist(),
         table.column("error").filter(bad).to_pylist())]
-    return _write_rows(out_dir, "raw", split, table.num_rows, table.filter(table.column("error").is_null()), rejects)
+    # Records `where` leaves out are not rows of this stage (rows_in counts the selected ones).
+    selection = {"not_selected": not_selected} if source.where else {}
+    return _write_rows(out_dir, "raw", split, table.num_rows, table.filter(table.column("error").is_null()), rejects,
+                       **selection)
 
 
 def build_templated(exp: Experiment, split: str, tokenizer_of: TokenizerOf, progress: bool,
