@@ -131,3 +131,28 @@ def test_a_round_without_the_score_a_rule_needs_is_named(tmp_path):
     cfg = _stop(tmp_path, patience=1)
     with pytest.raises(ValueError, match=r"history\[1\]: no 'held_out' \(needed by loop\.stop\.patience\)"):
         should_stop([{"held_out": 0.3}, {"acceptance_rate": 0.4}], cfg)
+
+
+def test_a_round_trains_with_its_own_settings(make_experiment, tmp_path):
+    """`loop.training` overrides the experiment's training settings for the rounds only; an empty
+    modules_to_save trains LoRA alone (the SFT's whole embeddings and head stay as they are)."""
+    from types import SimpleNamespace
+
+    from trainer.loop.rounds import ACCEPTED_ROWS, round_experiment
+    from trainer.loop.settings import loop_config
+
+    training = {"learning_rate": 0.002, "warmup_steps": 50, "num_train_epochs": 2,
+                "lora": {"r": 4, "modules_to_save": ["embed_tokens", "lm_head"]}}
+    loop = {"prompts": {"source": {"builtin": "default", "rows": 6}}, "stop": {"max_rounds": 1},
+            "training": {"learning_rate": 0.0005, "warmup_steps": 5, "modules_to_save": []}}
+    exp = make_experiment(training=training, loop=loop)
+    accepted = SimpleNamespace(path=tmp_path / "accepted")
+    round_exp = round_experiment(exp, loop_config(exp), 0, accepted, tmp_path / "start", None)
+    t = round_exp.training
+    assert (t.learning_rate, t.warmup_steps, t.num_train_epochs) == (0.0005, 5, 2)
+    assert t.lora.modules_to_save is None and t.lora.r == 4
+    assert round_exp.data.source.path == str(tmp_path / "accepted" / ACCEPTED_ROWS)
+    assert exp.training.lora.modules_to_save == ["embed_tokens", "lm_head"]  # the SFT keeps its own
+    unchanged = make_experiment(training=training, loop={**loop, "training": {}})
+    assert round_experiment(unchanged, loop_config(unchanged), 0, accepted, tmp_path / "start", None).training.lora \
+        .modules_to_save == ["embed_tokens", "lm_head"]

@@ -188,6 +188,8 @@ def round_experiment(exp: Experiment, cfg: LoopConfig, round_index: int, accepte
         exp.data, name=f"{exp.data_group}-loop", format="auto", fields=FieldNames(), formatting_func=None,
         source=SourceConfig(path=str(accepted.path / ACCEPTED_ROWS)), eval=EvalConfig(source=None, fraction=0.0))
     lora = dataclasses.replace(exp.training.lora, init_adapter=str(previous_adapter) if previous_adapter else None)
+    if cfg.training.modules_to_save is not None:
+        lora = dataclasses.replace(lora, modules_to_save=list(cfg.training.modules_to_save) or None)
     own = {name: getattr(cfg.training, name) for name in ("learning_rate", "num_train_epochs", "max_steps", "warmup_steps")
            if getattr(cfg.training, name) is not None}
     tracking = dataclasses.replace(exp.tracking, experiment_name=exp.tracking.experiment_name or f"{exp.name}-loop")

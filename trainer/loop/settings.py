@@ -21,10 +21,12 @@ loop:
     adapter: fresh                # fresh: a new adapter on the starting model each round
                                   # (STaR, ReST-EM) | continue: the previous round's adapter
     data: round                   # round: this round's accepted samples | all_rounds
-    learning_rate: null           # these four: a round's own settings (null: the experiment's)
+    learning_rate: null           # these five: a round's own settings (null: the experiment's)
     num_train_epochs: null
     max_steps: null
     warmup_steps: null
+    modules_to_save: null         # training.lora.modules_to_save for rounds; []: LoRA only (a round
+                                  # trained on one task then leaves the embeddings and head alone)
   stop:
     max_rounds: 3                 # null: no limit (then patience or min_acceptance is required)
     patience: null                # stop after this many rounds without held-out improvement
@@ -79,6 +81,7 @@ class RoundTrainingConfig:
     num_train_epochs: Optional[float] = None
     max_steps: Optional[int] = None
     warmup_steps: Optional[int] = None
+    modules_to_save: Optional[list[str]] = None
 
 
 @dataclass(frozen=True)
