@@ -1,7 +1,7 @@
 """The default loop experiment across seeds: per round, acceptance, coverage, held-out pass@1 and seconds.
 
     python benchmarks/loop.py [--experiment experiments/default_loop.yaml] [--seeds 42 43 44] [--rounds 3]
-                              [--store DIR]
+                              [--store DIR] [--by-task]
 
 Each seed sets `training.seed` and `loop.generation.seed` together and runs, one seed after
 another (two trainings on the same 2 cores slow each other several times):
@@ -14,7 +14,9 @@ The seeds share one store (a temporary folder, or `--store`), so the data assets
 section finds the starting models there too (cache hits: its SFT seconds are then not training).
 Each seed has its own Dagster instance, because a loop's rounds are partitions named by the
 experiment. The seconds of each round's steps are read from the metadata
-its assets recorded. Prints a table per seed, then one across seeds.
+its assets recorded. Prints a table per seed, then one across seeds. `--by-task` also scores the
+starting model and each round's model on the held-out split task by task (greedy, as pass@1 is
+scored): which task a round gains on and which it forgets.
 """
 
 from __future__ import annotations
@@ -48,7 +50,43 @@ def sftdag(args: list[str], home: Path) -> tuple[float, dict]:
     return elapsed, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path) -> dict:
+def held_out_by_task(config_path: Path, model_dirs: list[str]) -> list[dict[str, str]]:
+    """Per model: {task: "right/asked"} on the experiment's held-out split (a builtin source)."""
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.core.config import load_experiment
+    from trainer.core.template_setup import load_template_setup
+    from trainer.data import default_data
+    from trainer.data.prepare import DataPipeline, summarize
+    from trainer.training.evaluate import generate
+
+    exp = load_experiment(config_path)
+    source = exp.data.eval.source
+    tasks = [r["task"] for r in default_data.generate(source.split, source.rows or default_data.DEFAULT_TEST_ROWS,
+                                                       seed=source.seed)]
+    prepared = summarize(DataPipeline(exp, progress=False).run())  # cache hits
+    held_out = prepared["held_out"]
+    end_of_turn = load_template_setup(Path(prepared["tokenizer_dir"])).eot_token
+    with open(held_out, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f][:exp.training.accuracy_rows]
+    results = []
+    for model_dir in model_dirs:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        texts = generate(model, tokenizer, [r["prompt"] for r in rows], exp.training.max_new_tokens,
+                         stop_tokens=[t for t in (end_of_turn, tokenizer.eos_token) if t])
+        asked, right = Counter(), Counter()
+        for row, text in zip(rows, texts):
+            task = tasks[int(row["row_id"])]
+            asked[task] += 1
+            right[task] += text.strip() == row["reference"].strip()
+        results.append({task: f"{right[task]}/{asked[task]}" for task in sorted(asked)})
+    return results
+
+
+def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path, by_task: bool = False) -> dict:
     """The starting model and `rounds` rounds of the experiment with both seeds set to `seed`."""
     import dagster as dg
 
@@ -66,8 +104,11 @@ def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path) 
     loop_seconds, loop = sftdag(["loop", str(config_path), "--rounds", str(rounds)], home)
     with dg.DagsterInstance.from_config(str(home)) as instance:
         history = round_history(instance, load_experiment(config_path))
-    return {"seed": seed, "start_pass1": sft["accuracy_after"], "sft_seconds": sft_seconds,
-            "loop_seconds": loop_seconds, "stopped_because": loop["stopped_because"], "rounds": history}
+    result = {"seed": seed, "start_pass1": sft["accuracy_after"], "sft_seconds": sft_seconds,
+              "loop_seconds": loop_seconds, "stopped_because": loop["stopped_because"], "rounds": history}
+    if by_task:
+        result["by_task"] = held_out_by_task(config_path, [sft["merged_model_dir"], *(r["path"] for r in history)])
+    return result
 
 
 def print_seed(result: dict) -> None:
@@ -80,6 +121,9 @@ def print_seed(result: dict) -> None:
         print(f"| {r['round']} | {r['acceptance_rate']:.3f} | {r['coverage']:.3f} | {r['heldout_pass1']:.3f} "
               f"| {r['generate_seconds']:.0f} | {r['train_seconds']:.0f} "
               f"| {sum(r.get(k, 0.0) for k in STEP_SECONDS):.0f} |", flush=True)
+    if "by_task" in result:
+        print("held-out right answers by task (start, then each round): " + "; ".join(
+            f"{task} " + " → ".join(model[task] for model in result["by_task"]) for task in result["by_task"][0]))
 
 
 def by_round(result: dict, metric: str) -> str:
@@ -92,6 +136,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", type=Path, help="a store to keep and reuse (default: a temporary one)")
+    parser.add_argument("--by-task", action="store_true", help="also score each model on the held-out split by task")
     args = parser.parse_args()
 
     experiment = yaml.safe_load(args.experiment.read_text())
@@ -99,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="sftdag-loop-") as tmp:
         store = args.store.resolve() if args.store else Path(tmp) / "store"
         for seed in args.seeds:
-            results.append(run_seed(experiment, seed, args.rounds, store, Path(tmp)))
+            results.append(run_seed(experiment, seed, args.rounds, store, Path(tmp), args.by_task))
             print_seed(results[-1])
 
     print("\n| seed | start pass@1 | held-out pass@1 by round | acceptance by round | rounds wall time |")
