@@ -51,34 +51,28 @@ def sftdag(args: list[str], home: Path) -> tuple[float, dict]:
 
 
 def held_out_by_task(config_path: Path, model_dirs: list[str]) -> list[dict[str, str]]:
-    """Per model: {task: "right/asked"} on the experiment's held-out split (a builtin source)."""
+    """Per model: {task: "right/asked"} on the experiment's held-out split (a builtin source),
+    answered and compared as held-out pass@1 is scored."""
     from collections import Counter
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.core.config import load_experiment
     from trainer.core.template_setup import load_template_setup
     from trainer.data import default_data
     from trainer.data.prepare import DataPipeline, summarize
-    from trainer.training.evaluate import generate
+    from trainer.training.evaluate import answer_held_out, load_held_out
 
     exp = load_experiment(config_path)
     source = exp.data.eval.source
     tasks = [r["task"] for r in default_data.generate(source.split, source.rows or default_data.DEFAULT_TEST_ROWS,
                                                        seed=source.seed)]
     prepared = summarize(DataPipeline(exp, progress=False).run())  # cache hits
-    held_out = prepared["held_out"]
+    rows = load_held_out(prepared["held_out"], limit=exp.training.accuracy_rows)
     end_of_turn = load_template_setup(Path(prepared["tokenizer_dir"])).eot_token
-    with open(held_out, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f][:exp.training.accuracy_rows]
     results = []
     for model_dir in model_dirs:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        texts = generate(model, tokenizer, [r["prompt"] for r in rows], exp.training.max_new_tokens,
-                         stop_tokens=[t for t in (end_of_turn, tokenizer.eos_token) if t])
+        answers = answer_held_out(model_dir, rows, [end_of_turn] if end_of_turn else [], exp.training.max_new_tokens)
         asked, right = Counter(), Counter()
-        for row, text in zip(rows, texts):
+        for row, text in zip(rows, answers):
             task = tasks[int(row["row_id"])]
             asked[task] += 1
             right[task] += text.strip() == row["reference"].strip()

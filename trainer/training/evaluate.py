@@ -27,7 +27,8 @@ def load_held_out(path: str | Path, limit: int | None = None) -> list[dict]:
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from None
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "reference" not in row:
                 raise ValueError(f"{path}:{n}: expected {{\"prompt\": str, \"reference\": str}}")
-            rows.append({"prompt": row["prompt"], "reference": "" if row["reference"] is None else str(row["reference"])})
+            rows.append({"prompt": row["prompt"], "reference": "" if row["reference"] is None else str(row["reference"]),
+                         **({"row_id": row["row_id"]} if "row_id" in row else {})})
             if limit is not None and len(rows) >= limit:
                 break
     return rows
@@ -56,11 +57,17 @@ def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
 def score_model(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,
                 max_new_tokens: int) -> tuple[float, int]:
     """Held-out exact match of the standalone model in `model_dir`, and how many rows were scored."""
+    rows = load_held_out(held_out)[:accuracy_rows]
+    generations = answer_held_out(model_dir, rows, stop_tokens, max_new_tokens)
+    return exact_match(generations, [r["reference"] for r in rows]), len(rows)
+
+
+def answer_held_out(model_dir: str | Path, rows: Sequence[dict], stop_tokens: Iterable[str],
+                    max_new_tokens: int) -> list[str]:
+    """The standalone model's greedy answers to held-out rows (`load_held_out`), as it is scored."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    rows = load_held_out(held_out)[:accuracy_rows]
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
     stops = [t for t in (*stop_tokens, tokenizer.eos_token) if t]
-    generations = generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, stop_tokens=stops)
-    return exact_match(generations, [r["reference"] for r in rows]), len(rows)
+    return generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, stop_tokens=stops)
