@@ -172,16 +172,16 @@ def test_tokenizer_files_match_script(tmp_path):
         assert (tmp_path / name).read_bytes() == (TOK_DIR / name).read_bytes(), name
 
 
-def test_verify_addition_accepts_only_correct_additions():
-    """The default loop's verifier: correct answers to addition questions, nothing else."""
-    from trainer.data.default_data import solve, verify_addition
+def test_verify_accepts_exactly_the_right_answer_over_every_task():
+    """The default loop's verifier: the answer recomputed from the question, whatever the
+    record's format (a prompt string, or a conversation's last user turn), nothing else."""
+    from trainer.data.default_data import solve, verify
 
     records = dd.generate("train", 200, seed=5)
     for record in records:
         prompt = record["prompt"] if "prompt" in record else record["messages"][:-1]
         question = dd.final_question(prompt)
-        task = dd.question_task(question)
-        right = solve(task, question)
-        assert verify_addition({"prompt": prompt}, f" {right}") == (task == "add")
-        assert not verify_addition({"prompt": prompt}, right + "0")
+        right = solve(dd.question_task(question), question)
+        assert verify({"prompt": prompt}, f" {right}") and right == record["answer"]
+        assert not verify({"prompt": prompt}, right + "0")
     assert {dd.question_task(dd.final_question(r.get("prompt") or r["messages"][:-1])) for r in records} == set(dd.TASKS)

@@ -164,12 +164,6 @@ def verify(record: dict, text: str) -> bool:
     return text.strip() == solve(question_task(question), question)
 
 
-def verify_addition(record: dict, text: str) -> bool:
-    """`verify` restricted to the addition task (`verifier: trainer.data.default_data:verify_addition`):
-    a loop with it trains only on correct additions, the task a short SFT leaves mostly wrong."""
-    return question_task(final_question(record["prompt"])) == "add" and verify(record, text)
-
-
 def _problem(rng: random.Random, split: str) -> tuple[str, str, str]:
     """A random (task, question, answer) whose problem belongs to `split`."""
     task = rng.choices(TASKS, weights=[TASK_WEIGHTS[t] for t in TASKS])[0]
