@@ -117,3 +117,20 @@ def test_where_must_be_a_mapping():
 
     with pytest.raises(ConfigError, match=r"data.source.where: expected a mapping"):
         SourceConfig(builtin="default", where={}).validate("data.source")
+
+
+def test_source_errors_name_the_key_the_source_was_read_from(tmp_path):
+    """The same mistake under data.eval.source or loop.prompts.source names that key, not data.source."""
+    from trainer.loop.settings import parse_loop
+
+    (tmp_path / "a.jsonl").write_text('{"task": "add"}\n')
+    held_out = SourceConfig(path="a.jsonl", where={"task": "upper"})
+    held_out.validate("data.eval.source")
+    with pytest.raises(SourceError, match=r"^data\.eval\.source\.where: no record matches"):
+        build_raw_table(held_out, tmp_path)
+    prompts = parse_loop({"prompts": {"source": {"path": "missing/*.jsonl"}}}, tmp_path).prompts.source
+    with pytest.raises(SourceError, match=r"^loop\.prompts\.source\.path: no file matches 'missing/\*\.jsonl'"):
+        build_raw_table(prompts, tmp_path)
+    prompts = parse_loop({"prompts": {"source": {"builtin": "gsm8k"}}}, tmp_path).prompts.source
+    with pytest.raises(SourceError, match=r"^loop\.prompts\.source\.builtin: unknown builtin dataset 'gsm8k'"):
+        build_raw_table(prompts, tmp_path)

@@ -44,8 +44,12 @@ class SourceConfig:
     # Keep only the records whose fields have these values ({field: value or [values]}), e.g.
     # one category of a dataset; the raw stage's manifest counts the records left out.
     where: Optional[dict[str, Any]] = None
+    # The YAML key this source was read from, for messages (a plain attribute, not a field: it is
+    # not a setting, so it stays out of fingerprints). Set by validate().
+    key = "data.source"
 
     def validate(self, where: str) -> None:
+        self.key = where
         given = [k for k in ("builtin", "path", "hub") if getattr(self, k)]
         if len(given) != 1:
             raise ConfigError(f"{where}: give exactly one of builtin, path, hub (got {given or 'none'})")

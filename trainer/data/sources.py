@@ -50,7 +50,7 @@ def resolve_files(source: SourceConfig, base_dir: str | Path) -> list[Path]:
         full = full if full.is_absolute() else Path(base_dir) / full
         matched = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
         if not matched:
-            raise SourceError(f"data.source.path: no file matches {pattern!r} (looked in {full})")
+            raise SourceError(f"{source.key}.path: no file matches {pattern!r} (looked in {full})")
         files.extend(matched)
     return files
 
@@ -61,7 +61,7 @@ def _file_format(path: Path, source: SourceConfig) -> str:
     for suffix in reversed(path.suffixes):
         if suffix.lower() in _FORMATS:
             return _FORMATS[suffix.lower()]
-    raise SourceError(f"{path}: cannot tell the format from the extension; set data.source.file_format")
+    raise SourceError(f"{path}: cannot tell the format from the extension; set {source.key}.file_format")
 
 
 def source_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, Any]:
@@ -150,7 +150,7 @@ def iter_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[s
         from trainer.data import default_data
 
         if source.builtin != "default":
-            raise SourceError(f"data.source.builtin: unknown builtin dataset {source.builtin!r} (known: 'default')")
+            raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} (known: 'default')")
         split = source.split if source.split in ("train", "test") else "train"
         default_rows = default_data.DEFAULT_TRAIN_ROWS if split == "train" else default_data.DEFAULT_TEST_ROWS
         for index, item in enumerate(default_data.generate(split, source.rows or default_rows, seed=source.seed)):
@@ -193,5 +193,5 @@ def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalCon
         mask = holdout_mask(table.num_rows, holdout.fraction, holdout.seed)
         table = table.filter(pa.array(mask if side == "eval" else ~mask))
     if source.where and not_selected and not any(r is not None for r in records):
-        raise SourceError(f"data.source.where: no record matches {source.where} ({not_selected} records read)")
+        raise SourceError(f"{source.key}.where: no record matches {source.where} ({not_selected} records read)")
     return table, not_selected
