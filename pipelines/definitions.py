@@ -4,7 +4,7 @@
 import dagster as dg
 
 from assets.data import build_data_assets, data_asset_key
-from assets.loop import build_loop_assets, loop_tags, rounds_partitions
+from assets.loop import build_loop_assets, loop_tags
 from assets.store_io import StageStoreIOManager
 from assets.training import GPU_TAG, build_training_assets, merged_asset_key
 from trainer.core.config import ConfigError, Experiment
@@ -57,7 +57,7 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
             round_assets = build_loop_assets(exp)
             assets += round_assets
             loop_job = dg.define_asset_job(loop_job_name(exp), selection=dg.AssetSelection.assets(*round_assets),
-                                           partitions_def=rounds_partitions(exp), tags=loop_tags(exp),
+                                           tags=loop_tags(exp),  # partitioned by the round assets' partitions
                                            description=f"One round of {exp.name}'s generate → filter → train loop")
             jobs.append(loop_job)
             automation = build_loop_automation(exp, loop_job)

@@ -150,12 +150,13 @@ def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
 
     again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "process is gone; ended it" in again.stderr
+    assert "process is gone; ended it" in again.stderr, again.stderr[-3000:]
     result = json.loads(again.stdout.strip().splitlines()[-1])
     assert [r["round"] for r in result["rounds"]] == [0]
     assert {p: p.stat().st_mtime_ns for p in shards} == shards  # the round's samples, not generated again
     summary = TrainingSummary.read(result["rounds"][0]["adapter_dir"])
-    assert summary.resumed_from_step and summary.resumed_from_step >= 2 and summary.global_step == 30
+    assert summary.resumed_from_step and summary.resumed_from_step >= 2 and summary.global_step == 30, (
+        summary, again.stderr[-3000:])
 
 
 def test_pass_at_k_counts_prompts_with_any_exact_answer(tmp_path):
@@ -178,3 +179,42 @@ def test_pass_at_k_counts_prompts_with_any_exact_answer(tmp_path):
           "round": 0, "generator_version": "g", "seed": 0} for p, i, text in rows], schema=SAMPLES_SCHEMA))
     as_output = lambda path: StageOutput("x", "k", path, {}, True)  # noqa: E731
     assert pass_at_k(as_output(samples), as_output(held)) == pytest.approx(2 / 3)
+
+
+def test_all_rounds_trains_each_distinct_accepted_row_once(make_experiment):
+    """data: all_rounds: round 1's training rows are round 0's plus round 1's new ones; an answer
+    accepted again (the same question, the same text) is counted, not added twice."""
+    import pyarrow as pa
+
+    from trainer.core.arrow_io import write_table
+    from trainer.core.store import StageOutput
+    from trainer.data.prepare import DataPipeline
+    from trainer.loop import rounds
+    from trainer.loop.settings import loop_config
+    from trainer.training.generate import SAMPLES_SCHEMA
+
+    exp = make_experiment(name="union", loop={**LOOP, "filters": ["dedup"], "training": {"data": "all_rounds"}})
+    cfg = loop_config(exp)
+    prompts = rounds.build_prompts(exp, cfg, DataPipeline(exp, progress=False).tokenizer_output())
+    first, second = list(rounds._prompt_rows(exp, prompts))[:2]
+
+    def samples(r: int, answers: list[tuple[str, str]]) -> StageOutput:
+        path = exp.resolve_path(f"samples-{r}")
+        path.mkdir()
+        write_table(path / "samples-00000.arrow", pa.Table.from_pylist([
+            {"prompt_id": p, "sample_index": i, "text": t, "token_count": 2, "stop_reason": "eot", "round": r,
+             "generator_version": f"g{r}", "seed": 0} for i, (p, t) in enumerate(answers)], schema=SAMPLES_SCHEMA))
+        return StageOutput("samples", f"samples-{r}", path, {}, cache_hit=False)
+
+    round0 = rounds.build_accepted(exp, cfg, 0, samples(0, [(first, " 12"), (second, " ab")]), prompts, None)
+    round1 = rounds.build_accepted(exp, cfg, 1, samples(1, [(first, " 12"), (second, " ba")]), prompts, round0)
+
+    def trained(output):
+        return [json.loads(line) for line in open(output.path / rounds.ACCEPTED_ROWS)]
+
+    assert len(trained(round0)) == 2 and round0.manifest["repeated_from_earlier_rounds"] == 0
+    rows = trained(round1)
+    assert rows[:2] == trained(round0) and len(rows) == 3
+    assert [r.get("completion") or r["messages"][-1]["content"] for r in rows] == [" 12", " ab", " ba"]
+    assert round1.manifest["repeated_from_earlier_rounds"] == 1
+    assert round1.manifest["metrics"]["accepted"] == 2  # the filters still accepted both samples

@@ -147,8 +147,8 @@ def _asked_and_trained(exp: Experiment, record: dict, answer: str) -> tuple[Any,
 def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: StageOutput,
                    prompts: dict[str, StageOutput], previous: StageOutput | None) -> StageOutput:
     """Filter the round's samples; the kept ones become training rows (with the previous
-    rounds' rows when `loop.training.data` is all_rounds). Every sample is kept or rejected
-    with the filter and reason (`rejected.jsonl`)."""
+    rounds' rows when `loop.training.data` is all_rounds, each distinct row once). Every sample
+    is kept or rejected with the filter and reason (`rejected.jsonl`)."""
     all_rounds = cfg.training.data == "all_rounds"
     inputs = [samples.key, prompts["templated"].key] + ([previous.key] if all_rounds and previous else [])
     key = content_key("accepted", inputs=inputs, params=keys.accepted_params(
@@ -167,13 +167,24 @@ def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: 
         if all_rounds and previous is not None:
             with open(previous.path / ACCEPTED_ROWS, encoding="utf-8") as f:
                 training_rows = [json.loads(line) for line in f if line.strip()]
-        training_rows += [_asked_and_trained(exp, rows[s["prompt_id"]]["record"], s["text"])[1]
-                          for s in result.accepted]
+        # all_rounds trains on the distinct rows of every round: a question answered the same way
+        # again is not added twice, or the questions solved early would weigh more each round.
+        seen = {json.dumps(row, sort_keys=True) for row in training_rows}
+        repeated = 0
+        for s in result.accepted:
+            row = _asked_and_trained(exp, rows[s["prompt_id"]]["record"], s["text"])[1]
+            identity = json.dumps(row, sort_keys=True)
+            if all_rounds and identity in seen:
+                repeated += 1
+                continue
+            seen.add(identity)
+            training_rows.append(row)
         _write_jsonl(tmp / ACCEPTED_ROWS, training_rows)
         _write_jsonl(tmp / REJECTED_ROWS, [{"prompt_id": r.sample["prompt_id"], "sample_index": r.sample["sample_index"],
                                             "text": r.sample["text"], "filter": r.filter, "reason": r.reason}
                                            for r in result.rejected])
         return {"round": round_index, "metrics": result.metrics(), "training_rows": len(training_rows),
+                "repeated_from_earlier_rounds": repeated,
                 "filter_seconds": round(time.time() - started, 3)}
 
     return Store(exp.store_root).get_or_build("accepted", key, build)
