@@ -167,18 +167,17 @@ def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: 
         if all_rounds and previous is not None:
             with open(previous.path / ACCEPTED_ROWS, encoding="utf-8") as f:
                 training_rows = [json.loads(line) for line in f if line.strip()]
-        # all_rounds trains on the distinct rows of every round: a question answered the same way
-        # again is not added twice, or the questions solved early would weigh more each round.
-        seen = {json.dumps(row, sort_keys=True) for row in training_rows}
+        # all_rounds adds to the earlier rounds' rows only those they lack: a question answered the
+        # same way again is not added twice, or the questions solved early would weigh more each
+        # round. (Within a round every accepted row stays, as in `round` mode.)
+        earlier = {json.dumps(row, sort_keys=True) for row in training_rows}
         repeated = 0
         for s in result.accepted:
             row = _asked_and_trained(exp, rows[s["prompt_id"]]["record"], s["text"])[1]
-            identity = json.dumps(row, sort_keys=True)
-            if all_rounds and identity in seen:
+            if json.dumps(row, sort_keys=True) in earlier:
                 repeated += 1
-                continue
-            seen.add(identity)
-            training_rows.append(row)
+            else:
+                training_rows.append(row)
         _write_jsonl(tmp / ACCEPTED_ROWS, training_rows)
         _write_jsonl(tmp / REJECTED_ROWS, [{"prompt_id": r.sample["prompt_id"], "sample_index": r.sample["sample_index"],
                                             "text": r.sample["text"], "filter": r.filter, "reason": r.reason}
