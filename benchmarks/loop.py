@@ -1,6 +1,6 @@
 """The default loop experiment across seeds: per round, acceptance, coverage, held-out pass@1 and seconds.
 
-    python benchmarks/loop.py [--experiment experiments/default_loop.yaml] [--seeds 42 43 44] [--rounds 3]
+    python benchmarks/loop.py [--experiment experiments/default_loop.yaml] [--seeds 42 43 44 45] [--rounds 3]
                               [--store DIR] [--by-task]
 
 Each seed sets `training.seed` and `loop.generation.seed` together and runs, one seed after
@@ -127,7 +127,7 @@ def by_round(result: dict, metric: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", type=Path, default=REPO / "experiments" / "default_loop.yaml")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", type=Path, help="a store to keep and reuse (default: a temporary one)")
     parser.add_argument("--by-task", action="store_true", help="also score each model on the held-out split by task")
