@@ -2,12 +2,8 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import dagster as dg
 import pytest
@@ -16,6 +12,7 @@ import yaml
 from trainer.core.arrow_io import read_shards
 
 from .conftest import small_rows, write_jsonl
+from .ui_server import serve_ui
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,43 +79,13 @@ def test_bad_experiment_is_a_clear_error(tmp_path):
     assert "data.packing" in proc.stderr and "greedy" in proc.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ui_serves_the_code_location_on_localhost(tmp_path):
     experiment = write_experiment(tmp_path)
-    port = _free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "ui", str(experiment), "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        body = None
-        while time.time() < deadline and body is None:
-            assert proc.poll() is None, "dagster dev exited"
-            try:
-                query = json.dumps({"query": "{ assetNodes { assetKey { path } } }"}).encode()
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=query,
-                                                 headers={"Content-Type": "application/json"})
-                body = json.loads(urllib.request.urlopen(request, timeout=5).read())
-                if not body.get("data", {}).get("assetNodes"):
-                    body = None  # the code location is still loading
-                    time.sleep(2)
-            except OSError:
-                time.sleep(2)
-        assert body is not None, "the UI did not answer in time"
-        keys = {"/".join(n["assetKey"]["path"]) for n in body["data"]["assetNodes"]}
-        assert {"cli_data/packed_shards", "cli_exp/trained_adapter", "cli_exp/merged_model"} <= keys
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with serve_ui([str(experiment)], {"DAGSTER_HOME": str(tmp_path / "dagster_home")}) as query:
+        nodes = query("{ assetNodes { assetKey { path } } }")["assetNodes"]
+    keys = {"/".join(n["assetKey"]["path"]) for n in nodes}
+    assert {"cli_data/packed_shards", "cli_exp/trained_adapter", "cli_exp/merged_model"} <= keys
 
 
 def test_run_trains_and_merges_without_loading_a_model_in_the_orchestrator(tmp_path):

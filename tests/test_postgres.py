@@ -144,3 +144,26 @@ def test_two_concurrent_sftdag_prepares_both_succeed_and_build_each_stage_once(p
             assert sorted(m[flag].value for m in metadata) == [False, True], (stage, flag)
         assert len({m["path"].value for m in metadata}) == 1
     assert not list((tmp_path / "store").rglob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_the_ui_shows_the_runs_and_materializations_kept_in_postgres(postgres_home, tmp_path):
+    """`sftdag ui` with the Postgres config in $DAGSTER_HOME reads what a `sftdag prepare` recorded
+    there: the run, its status and the packed shards' materialization, and writes no SQLite file."""
+    from .ui_server import serve_ui
+
+    path = write_experiment(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", path], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = json.loads(done.stdout.strip().splitlines()[-1])["dagster_run_id"]
+
+    packed = json.dumps(list(data_asset_key("pg_data", "packed").path))
+    with serve_ui([path], {}) as query:
+        runs = query("{ runsOrError { ... on Runs { results { runId status } } } }")["runsOrError"]["results"]
+        asset = query(f'{{ assetOrError(assetKey: {{path: {packed}}}) {{ ... on Asset {{ '
+                      f'assetMaterializations(limit: 1) {{ runId }} }} }} }}')["assetOrError"]
+    assert runs == [{"runId": run_id, "status": "SUCCESS"}]
+    assert asset["assetMaterializations"] == [{"runId": run_id}]
+    assert rows_in_postgres("runs") == 1
+    assert no_sqlite_files(postgres_home)
