@@ -112,7 +112,8 @@ def build_loop_assets(exp: Experiment) -> list:
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
             "rejected_by": dg.MetadataValue.json(metrics.get("rejected_by", {})),
             "training_rows": accepted.manifest["training_rows"],
-            "repeated_from_earlier_rounds": accepted.manifest.get("repeated_from_earlier_rounds", 0), "path": dg.MetadataValue.path(str(accepted.path))})
+            "repeated_from_earlier_rounds": accepted.manifest.get("repeated_from_earlier_rounds", 0),
+            "path": dg.MetadataValue.path(str(accepted.path))})
 
     @dg.asset(key=round_asset_key(exp, "round_adapter"), kinds={"pytorch", "mlflow"}, **common,
               deps=start_deps, ins={"accepted": dg.AssetIn(round_asset_key(exp, "round_accepted")), **tok_in,

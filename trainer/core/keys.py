@@ -88,6 +88,6 @@ def samples_params(round_index: int, generation: dict[str, Any], stop_tokens: li
 
 def accepted_params(filters: list[Any], drop_truncated: bool, filter_code: dict[str, str], data_mode: str
                     ) -> dict[str, Any]:
-    # all_rounds: the union of the rounds' distinct rows (keys of the concatenating version differ)
+    # all_rounds adds only the rows earlier rounds lack (keys differ from the version that appended all)
     data = {"data": data_mode, "union": "new_rows"} if data_mode == "all_rounds" else {"data": data_mode}
     return {"filters": filters, "drop_truncated": drop_truncated, "filter_code": filter_code, **data}

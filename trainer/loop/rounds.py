@@ -147,8 +147,8 @@ def _asked_and_trained(exp: Experiment, record: dict, answer: str) -> tuple[Any,
 def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: StageOutput,
                    prompts: dict[str, StageOutput], previous: StageOutput | None) -> StageOutput:
     """Filter the round's samples; the kept ones become training rows (with the previous
-    rounds' rows when `loop.training.data` is all_rounds, each distinct row once). Every sample
-    is kept or rejected with the filter and reason (`rejected.jsonl`)."""
+    rounds' rows when `loop.training.data` is all_rounds, adding only the rows they lack). Every
+    sample is kept or rejected with the filter and reason (`rejected.jsonl`)."""
     all_rounds = cfg.training.data == "all_rounds"
     inputs = [samples.key, prompts["templated"].key] + ([previous.key] if all_rounds and previous else [])
     key = content_key("accepted", inputs=inputs, params=keys.accepted_params(
