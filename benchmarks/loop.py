@@ -50,9 +50,10 @@ def sftdag(args: list[str], home: Path) -> tuple[float, dict]:
     return elapsed, json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def held_out_by_task(config_path: Path, model_dirs: list[str]) -> list[dict[str, str]]:
+def held_out_by_task(config_path: Path, model_dirs: list[str]) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
     """Per model: {task: "right/asked"} on the experiment's held-out split (a builtin source),
-    answered and compared as held-out pass@1 is scored."""
+    answered and compared as held-out pass@1 is scored; and the first model's first wrong answers
+    per task ("expected 74, answered 71"), which show how it errs."""
     from collections import Counter
 
     from trainer.core.config import load_experiment
@@ -68,7 +69,7 @@ def held_out_by_task(config_path: Path, model_dirs: list[str]) -> list[dict[str,
     prepared = summarize(DataPipeline(exp, progress=False).run())  # cache hits
     rows = load_held_out(prepared["held_out"], limit=exp.training.accuracy_rows)
     end_of_turn = load_template_setup(Path(prepared["tokenizer_dir"])).eot_token
-    results = []
+    results, wrong = [], {}
     for model_dir in model_dirs:
         answers = answer_held_out(model_dir, rows, [end_of_turn] if end_of_turn else [], exp.training.max_new_tokens)
         asked, right = Counter(), Counter()
@@ -76,8 +77,10 @@ def held_out_by_task(config_path: Path, model_dirs: list[str]) -> list[dict[str,
             task = tasks[int(row["row_id"])]
             asked[task] += 1
             right[task] += text.strip() == row["reference"].strip()
+            if model_dir == model_dirs[0] and text.strip() != row["reference"].strip():
+                wrong.setdefault(task, []).append(f"expected {row['reference'].strip()!r}, answered {text.strip()!r}")
         results.append({task: f"{right[task]}/{asked[task]}" for task in sorted(asked)})
-    return results
+    return results, {task: examples[:5] for task, examples in wrong.items()}
 
 
 def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path, by_task: bool = False) -> dict:
@@ -101,7 +104,8 @@ def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path, 
     result = {"seed": seed, "start_pass1": sft["accuracy_after"], "sft_seconds": sft_seconds,
               "loop_seconds": loop_seconds, "stopped_because": loop["stopped_because"], "rounds": history}
     if by_task:
-        result["by_task"] = held_out_by_task(config_path, [sft["merged_model_dir"], *(r["path"] for r in history)])
+        result["by_task"], result["start_wrong"] = held_out_by_task(
+            config_path, [sft["merged_model_dir"], *(r["path"] for r in history)])
     return result
 
 
@@ -118,6 +122,8 @@ def print_seed(result: dict) -> None:
     if "by_task" in result:
         print("held-out right answers by task (start, then each round): " + "; ".join(
             f"{task} " + " → ".join(model[task] for model in result["by_task"]) for task in result["by_task"][0]))
+        for task, examples in result["start_wrong"].items():
+            print(f"the starting model's first wrong {task} answers: " + "; ".join(examples))
 
 
 def by_round(result: dict, metric: str) -> str:
