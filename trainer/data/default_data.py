@@ -12,6 +12,9 @@ Tasks (chosen to be learnable by a tiny randomly initialised transformer in minu
   that every letter is its own token, "Reverse the letters: c a t" -> "t a c".
 - ``upper``: uppercase a short lowercase word, letter by letter, "Uppercase: c a t" -> "C A T".
 
+`builtin: few_shot` asks the same questions after two solved problems of the same task (earlier
+turns of one conversation), for pretrained models that do not know the answer format.
+
 Records come in two formats, mixed in one list (the pipeline detects the format per record):
 
 - conversational: ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``,
@@ -191,6 +194,23 @@ def _record(rng: random.Random, split: str) -> dict:
     return {"messages": messages, "answer": answer, "task": task}
 
 
+FEW_SHOT_EXAMPLES = 2
+
+
+def _few_shot_record(rng: random.Random, split: str) -> dict:
+    """A question asked after FEW_SHOT_EXAMPLES solved problems of the same task, as earlier
+    turns of the conversation: the examples show the answer's format, so a pretrained instruct
+    model answers in it some of the time without being trained (`builtin: few_shot`)."""
+    task, question, answer = _problem(rng, split)
+    sample, render = _TASKS[task]
+    messages: list[dict[str, str]] = []
+    for _ in range(FEW_SHOT_EXAMPLES):
+        q, a = render(sample(rng))  # any problem: only the final question must belong to the split
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return {"messages": messages, "answer": answer, "task": task}
+
+
 def generate(split: str, rows: int, seed: int = 0) -> list[dict]:
     """`rows` records of the given split ("train" or "test"), deterministic in (split, seed)."""
     if split not in SPLITS:
@@ -199,6 +219,21 @@ def generate(split: str, rows: int, seed: int = 0) -> list[dict]:
         raise ValueError("rows must be >= 0")
     rng = random.Random(f"sftdag-default:{split}:{seed}")
     return [_record(rng, split) for _ in range(rows)]
+
+
+def generate_few_shot(split: str, rows: int, seed: int = 0) -> list[dict]:
+    """`rows` few-shot conversations (`_few_shot_record`), deterministic in (split, seed); the final
+    questions of the "test" split are held-out problems like `generate`'s."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if rows < 0:
+        raise ValueError("rows must be >= 0")
+    rng = random.Random(f"sftdag-few-shot:{split}:{seed}")
+    return [_few_shot_record(rng, split) for _ in range(rows)]
+
+
+# `data.source.builtin` names: the embedded datasets.
+BUILTIN_DATASETS = {"default": generate, "few_shot": generate_few_shot}
 
 
 def record_texts(record: dict) -> list[str]:

@@ -29,6 +29,7 @@ from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
 from trainer.data.formatting_code import formatting_func_identity, refresh_formatting_func
 from trainer.data.sources import source_fingerprint
+from trainer.models.gguf import GGUFError, gguf_digest, gguf_file, is_gguf_base
 from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_packed, build_raw,
                                  build_templated, build_tokenized, source_for)
 
@@ -123,11 +124,17 @@ def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
     from trainer.data import tokenizer as tokenizer_module
 
     path = exp.tokenizer.path
-    complete = True
+    complete, gguf = True, None
     if path == "builtin:tiny":
         files = sorted(p for p in tokenizer_module.TINY_TOKENIZER_DIR.iterdir() if p.is_file())
     elif path == "builtin:llama3":
         files = [Path(tokenizer_module.llama3_tokenizer_file()), tokenizer_module.TEMPLATES_DIR / "llama3.jinja"]
+    elif is_gguf_base(path):
+        files = []  # the GGUF's digest below: remembered, or pinned for a packaged model
+        try:
+            gguf = gguf_digest(gguf_file(path, exp.base_dir))
+        except GGUFError:
+            complete = False  # loading it fails with the reason
     else:
         local = exp.resolve_path(path)
         if local.is_dir():
@@ -138,7 +145,7 @@ def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
             files, complete = [], False  # a hub id: identity from the loaded tokenizer only
     template = tokenizer_module.resolve_template_source(exp.data.template.source, exp.base_dir)
     payload = {"tokenizer": dataclasses.asdict(exp.tokenizer), "template": dataclasses.asdict(exp.data.template),
-               "files": [[p.name, file_digest(p)] for p in files],
+               "files": [[p.name, file_digest(p)] for p in files], **({"gguf": gguf} if gguf else {}),
                "template_file": file_digest(template) if template is not None else None,
                "setup": _setup_code_digest(), "complete": complete}
     return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete)

@@ -149,12 +149,14 @@ def iter_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[s
     else:
         from trainer.data import default_data
 
-        if source.builtin != "default":
-            raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} (known: 'default')")
+        generate = default_data.BUILTIN_DATASETS.get(source.builtin)
+        if generate is None:
+            raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} "
+                              f"(known: {', '.join(repr(k) for k in default_data.BUILTIN_DATASETS)})")
         split = source.split if source.split in ("train", "test") else "train"
         default_rows = default_data.DEFAULT_TRAIN_ROWS if split == "train" else default_data.DEFAULT_TEST_ROWS
-        for index, item in enumerate(default_data.generate(split, source.rows or default_rows, seed=source.seed)):
-            yield f"default/{split}[{index}]", item, None
+        for index, item in enumerate(generate(split, source.rows or default_rows, seed=source.seed)):
+            yield f"{source.builtin}/{split}[{index}]", item, None
 
 
 def holdout_mask(num_rows: int, fraction: float, seed: int) -> np.ndarray:

@@ -101,8 +101,20 @@ def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> "P
         return _check_fast(tok, path)
     if path == "builtin:llama3":
         return _load_llama3()
+    from trainer.models import gguf
+
+    if gguf.is_gguf_base(path):
+        # A GGUF carries its tokenizer and chat template: read without loading any weights.
+        try:
+            file = gguf.gguf_file(path, base_dir)
+        except gguf.GGUFError as e:
+            raise FileNotFoundError(f"tokenizer.path: {e}") from None
+        tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        tok.name_or_path = path
+        return _check_fast(tok, path)
     if path.startswith("builtin:"):
-        raise ValueError(f"tokenizer.path: unknown builtin {path!r} (known: builtin:tiny, builtin:llama3)")
+        raise ValueError(f"tokenizer.path: unknown builtin {path!r} (known: builtin:tiny, builtin:llama3, "
+                         "builtin:<packaged model>, see `sftdag models list`)")
 
     local = Path(path).expanduser()
     if not local.is_absolute():

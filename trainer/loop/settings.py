@@ -16,7 +16,8 @@ loop:
     seed: 0
   filters: []                     # see trainer/loop/filters.py
   drop_truncated: true            # drop samples that stopped at max_new_tokens
-  start_model: null               # default: the experiment's merged SFT model
+  start_model: null               # default: the experiment's merged SFT model; base: model.base
+                                  # itself (ReST-EM: no SFT first); or a model directory
   training:
     adapter: fresh                # fresh: a new adapter on the starting model each round
                                   # (STaR, ReST-EM) | continue: the previous round's adapter
@@ -47,6 +48,8 @@ from trainer.loop.filters import build_pipeline
 # The keys of a round's entry in the history `should_stop` reads.
 ACCEPTANCE = "acceptance_rate"
 HELD_OUT = "held_out"  # the round's held-out score, higher is better
+# loop.start_model: base — start from the experiment's pretrained model.base itself (ReST-EM).
+START_FROM_BASE = "base"
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ class LoopConfig:
     # `build_pipeline(cfg.filters, ...)` builds them.
     filters: list[Any] = field(default_factory=list)
     drop_truncated: bool = True
-    # A local model directory or a hub id; None: the experiment's merged SFT model.
+    # A local model directory or a hub id; "base": the experiment's model.base itself (a GGUF
+    # base: its converted directory); None: the experiment's merged SFT model.
     start_model: Optional[str] = None
     training: RoundTrainingConfig = field(default_factory=RoundTrainingConfig)
     stop: StopConfig = field(default_factory=StopConfig)

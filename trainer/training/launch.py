@@ -20,15 +20,18 @@ from trainer.data.prepare import DataPipeline
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
+from trainer.models.gguf import STAGE as GGUF_STAGE
 from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary, write_spec
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
     """What identifies the base weights: the config (hash in the directory name) for the builtin
-    model, file contents for a local model, id+revision for the hub."""
+    model, the conversion key for a GGUF (or a model converted from one: a loop's start), file
+    contents for a local model, id+revision for the hub."""
     base = Path(resolved_base)
-    if exp.model.base.startswith("builtin:"):
-        return {"builtin": base.name}
+    if exp.model.base.startswith("builtin:") or base.parent.name == GGUF_STAGE:
+        # Named by what it is made from (a config's hash; a GGUF's digest and the conversion's versions).
+        return {"builtin" if base.parent.name != GGUF_STAGE else "gguf": base.name}
     if base.is_dir():
         files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
         return {"local": [[p.name, file_digest(p)] for p in files]}
@@ -71,7 +74,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
     them, from running the data stages (every one a cache hit once prepared). `held_out`: the
     prompts to score on when the data has no eval split of its own (a loop round's)."""
-    from trainer.training.models import builtin_model_path, resolve_base_model
+    from trainer.training.models import is_built_here, planned_base_model
 
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
@@ -79,10 +82,10 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     tokenizer = outputs["tokenizer"].manifest
     setup = load_template_setup(outputs["tokenizer"].path)
     base_vocab = tokenizer["vocab_size"] - len(setup.added_tokens)
-    # The builtin model is built by the training process, never here (no torch in the orchestrator).
-    builtin = exp.model.base.startswith("builtin:")
-    base_model = str(builtin_model_path(exp.model, store.root, base_vocab)) if builtin else \
-        resolve_base_model(exp.model, store.root, base_vocab)
+    # The builtin model is built, a GGUF converted, by the processes, never here (no torch in the
+    # orchestrator): only planned.
+    builtin = is_built_here(exp.model)
+    base_model = planned_base_model(exp.model, store.root, base_vocab, exp.base_dir)
 
     train_key = outputs["packed/train"].key
     eval_key = outputs["packed/eval"].key if "packed/eval" in outputs else None

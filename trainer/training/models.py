@@ -1,4 +1,5 @@
-"""Base models: `builtin:tiny-llama` (random weights from a small config), a local dir, a hub id.
+"""Base models: `builtin:tiny-llama` (random weights from a small config), a GGUF (converted once
+into the store), a local dir, a hub id.
 
 `resolve_base_model` turns `ModelConfig.base` into something `from_pretrained` can load. The
 builtin model is built once per config (fixed seed, so its weights are a pure function of the
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.config import ModelConfig
+from trainer.core.store import Store
+from trainer.models.gguf import STAGE as GGUF_STAGE
+from trainer.models.gguf import conversion_key, gguf_file, is_gguf_base
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +60,47 @@ def builtin_model_path(cfg: ModelConfig, store_root: str | Path, vocab_size: int
     return Path(store_root) / "models" / f"builtin-{_config_hash(builtin_config_dict(cfg, vocab_size))}"
 
 
-def resolve_base_model(cfg: ModelConfig, store_root: str | Path, vocab_size: int) -> str:
-    """Path (or hub id) of the base model.
+def is_built_here(cfg: ModelConfig) -> bool:
+    """Whether the base is made by this project (a builtin config, or a GGUF converted into the
+    store) rather than read as it is: the processes make it when it is missing."""
+    return cfg.base == BUILTIN_TINY_LLAMA or is_gguf_base(cfg.base)
+
+
+def planned_base_model(cfg: ModelConfig, store_root: str | Path, vocab_size: int, base_dir: str | Path = ".") -> str:
+    """Where the base model is or will be, without building or converting anything (the
+    orchestrator plans with this; it never loads a model)."""
+    if cfg.base == BUILTIN_TINY_LLAMA:
+        return str(builtin_model_path(cfg, store_root, vocab_size))
+    if is_gguf_base(cfg.base):
+        return str(Store(store_root).path(GGUF_STAGE, conversion_key(gguf_file(cfg.base, base_dir))))
+    return resolve_base_model(cfg, store_root, vocab_size, base_dir)
+
+
+def resolve_base_model(cfg: ModelConfig, store_root: str | Path, vocab_size: int, base_dir: str | Path = ".") -> str:
+    """Path (or hub id) of the base model, made first when it is this project's to make.
 
     `builtin:tiny-llama` is built from a `LlamaConfig` (defaults above, overridden by
     `cfg.builtin_config`, `vocab_size` = the tokenizer's base vocabulary) with seeded random
-    weights and saved once to `store_root/models/builtin-<hash>/`. A local directory or a hub id is
+    weights and saved once to `store_root/models/builtin-<hash>/`. A GGUF (a `.gguf` path, relative
+    to `base_dir`, or a packaged `builtin:<name>`) is converted once into
+    `store_root/base_model/<key>/` (`trainer.models.convert`). A local directory or a hub id is
     returned as given.
     """
     base = cfg.base
-    if base.startswith("builtin:"):
+    if base == BUILTIN_TINY_LLAMA:
         target = builtin_model_path(cfg, store_root, vocab_size)
         if not (target / "config.json").exists():
             _build_tiny_llama(builtin_config_dict(cfg, vocab_size), target)
         return str(target)
+    if is_gguf_base(base):
+        from trainer.models.convert import converted
+
+        return str(converted(gguf_file(base, base_dir), store_root).path)
+    if base.startswith("builtin:"):
+        builtin_model_path(cfg, store_root, vocab_size)  # raises: unknown builtin
     expanded = Path(base).expanduser()
+    if not expanded.is_absolute():
+        expanded = Path(base_dir) / expanded
     if expanded.exists():
         return str(expanded.resolve())
     return base  # a hub id, resolved by from_pretrained (needs network or the HF cache)

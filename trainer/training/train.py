@@ -143,7 +143,8 @@ class TrainingRun:
         else:
             with self.state.main_process_first():
                 self.base_path = resolve_base_model(self.experiment.model, self.experiment.store_root,
-                                                    base_vocab_size(self.tokenizer, self.template.added_tokens))
+                                                    base_vocab_size(self.tokenizer, self.template.added_tokens),
+                                                    self.experiment.base_dir)
         self.trainable = build_trainable_model(self.experiment, self.tokenizer, self.base_path,
                                                self.template.added_tokens, self.reporter, self.state.device)
         self.steps_per_epoch = steps_per_epoch(len(self.train_rows), tc.per_device_train_batch_size,

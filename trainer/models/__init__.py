@@ -1,0 +1,1 @@
+"""Base models that are not plain Hugging Face directories: packaged GGUF files and their conversion."""
