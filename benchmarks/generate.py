@@ -1,15 +1,20 @@
 """Samples per second of the loop's sampler (`trainer.training.generate.sample`: batched, left padded,
-prompts sorted by length) against a per-prompt `model.generate` loop (how IterativeSFTTrainer
-users wrote their generation step), on the same model, prompts and settings, measured in one run
-and printed as a ratio.
+prompts sorted by length, each prompt prefilled once for all its samples) against a per-prompt
+`model.generate` loop (how IterativeSFTTrainer users wrote their generation step), on the same model,
+prompts and settings, measured in one run and printed as ratios. The sampler is also timed with
+every sample's copy of its prompt prefilled (`--no-copied-prefill` leaves that out), which shows
+what the shared prefill saves.
 
     python benchmarks/generate.py [--prompts 64] [--samples 4] [--max-new-tokens 32] [--runs 2]
+    python benchmarks/generate.py --model builtin:smollm2-135m-instruct --data few_shot \
+        --prompts 32 --samples 8 --max-new-tokens 16 --runs 1
 
-The model is a Llama with random weights (a config, nothing downloaded) over the shipped tiny
-tokenizer; the prompts are the default dataset's questions rendered by its chat template, as the
-loop sends them. Random weights rarely say end-of-turn, so both sides generate about
---max-new-tokens per sample: the work is the same, and the generated tokens are printed to show it.
-The two are timed alternately (baseline, sampler, baseline, ...) and the best run of each counts.
+Default model: a Llama with random weights (a config, nothing downloaded) over the shipped tiny
+tokenizer; random weights rarely say end-of-turn, so both sides generate about --max-new-tokens per
+sample. `--model` takes a GGUF base (converted once into --store) or a model directory; its own
+tokenizer and chat template render the prompts. The prompts are the embedded dataset's questions
+rendered by the chat template, as the loop sends them. The contenders are timed alternately and
+the best run of each counts; generated tokens are printed to show the work is alike.
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig  # noqa: E402
-from trainer.data.default_data import generate as default_records  # noqa: E402
+from trainer.data.default_data import BUILTIN_DATASETS  # noqa: E402
 from trainer.data.formats import normalize  # noqa: E402
 from trainer.data.templating import generation_prompt, setup_template  # noqa: E402
 from trainer.data.tokenizer import load_tokenizer  # noqa: E402
+from trainer.training import generate as generate_module  # noqa: E402
 from trainer.training.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: E402
 
 
@@ -40,7 +47,7 @@ def per_prompt_loop(model, tok, prompts: list[str], settings: SamplingSettings, 
         ids = tok(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
         out = model.generate(input_ids=ids, do_sample=True, top_k=0, temperature=settings.temperature,
                              max_new_tokens=settings.max_new_tokens, num_return_sequences=settings.samples_per_prompt,
-                             eos_token_id=stops, pad_token_id=tok.pad_token_id)
+                             eos_token_id=stops, pad_token_id=stops[0])  # a finished row's filler: an id it has
         for row in out[:, ids.shape[1]:].tolist():
             tokens += next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
             tok.decode(row, skip_special_tokens=True)  # each sample decoded, as the sampler does
@@ -57,20 +64,39 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", default=None, help="a GGUF base (builtin:smollm2-135m-instruct) or model dir; "
+                                                      "default: a random Llama (--hidden, --layers)")
+    parser.add_argument("--data", default="default", choices=sorted(BUILTIN_DATASETS))
+    parser.add_argument("--store", default=str(REPO / ".sftdag" / "store"), help="where a GGUF is converted")
+    parser.add_argument("--no-copied-prefill", action="store_true", help="skip the sampler without shared prefill")
     args = parser.parse_args(argv)
 
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = load_tokenizer(TokenizerConfig(path="builtin:tiny"))
+    if args.model:
+        from trainer.models.gguf import gguf_file, is_gguf_base
+
+        path = args.model
+        if is_gguf_base(path):
+            from trainer.models.convert import converted
+
+            path = str(converted(gguf_file(path), args.store).path)
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path).to(args.device).eval()
+        model_name = args.model
+    else:
+        tok = load_tokenizer(TokenizerConfig(path="builtin:tiny"))
     setup = setup_template(tok, TemplateConfig())
     data = DataConfig()
     prompts = [generation_prompt(normalize(r, data), tok, setup, data).prompt
-               for r in default_records("train", args.prompts, seed=1)]
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
-        max_position_embeddings=1024)).to(args.device).eval()
+               for r in BUILTIN_DATASETS[args.data]("train", args.prompts, seed=1)]
+    if not args.model:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+            num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64, max_position_embeddings=1024)).to(args.device).eval()
+        model_name = f"llama hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}"
     settings = SamplingSettings(samples_per_prompt=args.samples, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                 batch_size=args.batch_size)
     stop_tokens = [setup.eot_token] if setup.eot_token else []
@@ -83,12 +109,22 @@ def main(argv: list[str] | None = None) -> None:
     def baseline() -> int:
         return per_prompt_loop(model, tok, prompts, settings, stops)
 
+    def sampler_copied_prefill() -> int:
+        shared, generate_module._shared_prefill = generate_module._shared_prefill, lambda *a: {}
+        try:
+            return sampler()
+        finally:
+            generate_module._shared_prefill = shared
+
     sample(model, tok, items[:2], settings, stop_tokens)  # warm-up (first-call set-up) for both sides
     per_prompt_loop(model, tok, prompts[:2], settings, stops)
-    best = {"per_prompt_generate": float("inf"), "sampler": float("inf")}
+    contenders = {"per_prompt_generate": baseline, "sampler": sampler}
+    if not args.no_copied_prefill:
+        contenders["sampler_copied_prefill"] = sampler_copied_prefill
+    best = {name: float("inf") for name in contenders}
     tokens = {}
     for _ in range(args.runs):
-        for name, run in (("per_prompt_generate", baseline), ("sampler", sampler)):
+        for name, run in contenders.items():
             if args.device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -100,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "device": args.device, "threads": torch.get_num_threads(), "prompts": args.prompts,
         "samples_per_prompt": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "model": f"llama hidden {args.hidden}, {args.layers} layers, vocab {len(tok)}",
+        "model": model_name, "data": args.data,
         "prompt_tokens": [min(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts),
                           max(len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts)],
         "generated_tokens": tokens,
@@ -109,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         "tokens_per_second": {k: round(tokens[k] / v) for k, v in best.items()},
         "speedup": round(best["per_prompt_generate"] / best["sampler"], 2),
     }
+    if "sampler_copied_prefill" in best:
+        result["shared_prefill_speedup"] = round(best["sampler_copied_prefill"] / best["sampler"], 2)
     print(json.dumps(result, indent=1))
 
 

@@ -218,7 +218,7 @@ def test_a_killed_generation_resumes_from_its_shards(model, tok, tmp_path):
 
         prefill_rows.clear()
         resumed = generate_to_shards(tmp_path / "resumed", model, tok, PROMPTS, settings, ["<|im_end|>"], **run)
-        assert sum(prefill_rows) == 3 * 2  # prompts p2, p3, p4 only, two samples each
+        assert sum(prefill_rows) == 3  # prompts p2, p3, p4 only, each prefilled once for its two samples
         prefill_rows.clear()
         assert generate_to_shards(tmp_path / "resumed", model, tok, PROMPTS, settings, ["<|im_end|>"], **run) == whole
         assert not prefill_rows
@@ -243,3 +243,41 @@ def test_a_killed_generation_resumes_from_its_shards(model, tok, tmp_path):
 def test_mistakes_are_named(model, tok, prompts, settings, message):
     with pytest.raises(ValueError, match=message):
         sample(model, tok, prompts, SamplingSettings(**settings))
+
+
+def test_prompts_prefilled_once_give_the_samples_of_prefilling_each_copy(model, tok, monkeypatch):
+    """The shared prefill (one cache per prompt, copied for its samples) changes how much is
+    computed, not what is sampled: left-padded prompts of different lengths, four samples each."""
+    from trainer.training import generate as generate_module
+
+    settings = SamplingSettings(samples_per_prompt=4, temperature=1.0, max_new_tokens=6, seed=5, batch_size=2)
+    prompts = [p for p in PROMPTS if len(p["prompt"].split()) >= 3]  # prefixes of 2+ tokens: counted below
+    prefill_rows: list[int] = []
+
+    def count_prefills(input_ids, logits):
+        if input_ids.shape[1] > 1:
+            prefill_rows.append(input_ids.shape[0])
+
+    with logits_rule(model, bias(eos=0.0)), logits_rule(model, count_prefills):
+        shared = sample(model, tok, prompts, settings)
+        assert sum(prefill_rows) == len(prompts)  # once per prompt, not once per sample
+        prefill_rows.clear()
+        monkeypatch.setattr(generate_module, "_shared_prefill", lambda *args: {})
+        copied = sample(model, tok, prompts, settings)
+        assert sum(prefill_rows) == len(prompts) * 4
+    assert [(r.prompt_id, r.sample_index) for r in shared] == [(r.prompt_id, r.sample_index) for r in copied]
+    assert [r.text for r in shared] == [r.text for r in copied]
+    assert len({r.text for r in shared}) > len(prompts)  # the samples of a prompt differ: a real draw
+
+
+def test_a_pad_token_the_model_has_no_row_for_pads_with_an_id_it_has(model, tok):
+    """A pretrained base sampled with the data stage's tokenizer, whose set-up added a pad token
+    the base has no embedding row for (SmolLM2: pad was its eos): the left padding uses an id in
+    range, and the masked padding changes no sample."""
+    padded_tok = copy.deepcopy(tok)
+    padded_tok.add_special_tokens({"pad_token": "<|pad|>"})
+    assert padded_tok.pad_token_id >= model.get_input_embeddings().weight.shape[0]
+    settings = SamplingSettings(samples_per_prompt=2, temperature=1.0, max_new_tokens=4, seed=3, batch_size=5)
+    with logits_rule(model, bias(eos=0.0)):
+        assert [r.text for r in sample(model, padded_tok, PROMPTS, settings)] == \
+            [r.text for r in sample(model, tok, PROMPTS, settings)]

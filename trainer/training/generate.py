@@ -1,8 +1,8 @@
 """Sampling completions for the generate → filter → train loop, and greedy decoding for evaluation.
 
 `sample` runs transformers' `generate`: batched, left padded with an attention mask, KV cache,
-`samples_per_prompt` sequences per prompt, prompts sorted by length (each prompt is copied once
-per sample before prefill, so padding would cost that many times over). It stops at the tokenizer's
+`samples_per_prompt` sequences per prompt, prompts sorted by length. Each prompt is prefilled
+once and its cache copied for its samples (`_shared_prefill`), not prefilled once per sample. It stops at the tokenizer's
 eos and the given stops: a stop that is one token is a stop id, a longer one (an end-of-turn
 marker the tokenizer lacks, such as "<|im_end|>" spelled in pieces) a stop string. Only the new
 token ids are decoded; the text ends before the first stop. Temperature 0 is greedy decoding and
@@ -135,7 +135,9 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
             raise ValueError(f"prompt {prompt_id!r}: tokenizes to no tokens")
     stops, stop_strings = stop_tokens_and_strings(tokenizer, stop_tokens)
     pad_id = tokenizer.pad_token_id
-    if pad_id is None:
+    if pad_id is None or pad_id >= model.get_input_embeddings().weight.shape[0]:
+        # No pad, or one the set-up added and this model has no row for (a pretrained base sampled
+        # with the data stage's tokenizer): padded positions are masked, any id in range will do.
         pad_id = stops[0] if stops else 0
     n = settings.samples_per_prompt
     # Greedy steps: a sampled token is drawn by `_sampler` (transformers' do_sample would add its
@@ -158,11 +160,11 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
                 ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
                 mask[row, width - len(encoded[i]):] = 1
             recorder = _StopRecorder(stop_criteria, width)
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(
-                input_ids=ids.repeat_interleave(n, dim=0).to(device),
-                attention_mask=mask.repeat_interleave(n, dim=0).to(device), generation_config=config,
-                logits_processor=_sampler(settings, [items[i][0] for i in batch], device),
-                stopping_criteria=StoppingCriteriaList([recorder]),
+                input_ids=ids.repeat_interleave(n, dim=0), attention_mask=mask.repeat_interleave(n, dim=0),
+                generation_config=config, logits_processor=_sampler(settings, [items[i][0] for i in batch], device),
+                stopping_criteria=StoppingCriteriaList([recorder]), **_shared_prefill(model, ids, mask, n),
             )
             stopped_at = recorder.stopped_at.tolist()
             for row, new_ids in enumerate(out[:, width:].tolist()):
@@ -172,6 +174,30 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
             if on_prompts_done is not None:
                 on_prompts_done(len(batch))
     return [r for i in range(len(items)) for r in records[i]]
+
+
+def _shared_prefill(model, ids, mask, n: int) -> dict:
+    """The KV cache of each prompt but its last token, computed once and copied n times: without
+    it `generate` prefills every prompt once per sample, which dominates sampling when prompts
+    are long and answers short (a few-shot prompt of 100 tokens, answers of 10). Positions are
+    counted from each row's first real token, as `generate` counts them under left padding."""
+    if n == 1 or ids.shape[1] < 2:
+        return {}
+    prefix, prefix_mask = ids[:, :-1], mask[:, :-1]
+    positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
+    cache_kwarg = _cache_kwarg(model)
+    out = model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions, use_cache=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(n)
+    return {cache_kwarg: cache}
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def generate_to_shards(out_dir: str | Path, model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSettings,
