@@ -64,8 +64,8 @@ def held_out_by_task(config_path: Path, model_dirs: list[str]) -> tuple[list[dic
 
     exp = load_experiment(config_path)
     source = exp.data.eval.source
-    tasks = [r["task"] for r in default_data.generate(source.split, source.rows or default_data.DEFAULT_TEST_ROWS,
-                                                       seed=source.seed)]
+    tasks = [r["task"] for r in default_data.BUILTIN_DATASETS[source.builtin](
+        source.split, source.rows or default_data.DEFAULT_TEST_ROWS, seed=source.seed)]
     prepared = summarize(DataPipeline(exp, progress=False).run())  # cache hits
     rows = load_held_out(prepared["held_out"], limit=exp.training.accuracy_rows)
     end_of_turn = load_template_setup(Path(prepared["tokenizer_dir"])).eot_token
@@ -97,26 +97,38 @@ def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path, 
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     home = work / f"dagster_home-{seed}"
     home.mkdir()
-    sft_seconds, sft = sftdag(["run", str(config_path)], home)
+    from_sft = experiment["loop"].get("start_model") is None
+    sft_seconds, sft = sftdag(["run", str(config_path)], home) if from_sft else (0.0, {})
     loop_seconds, loop = sftdag(["loop", str(config_path), "--rounds", str(rounds)], home)
+    exp = load_experiment(config_path)
     with dg.DagsterInstance.from_config(str(home)) as instance:
-        history = round_history(instance, load_experiment(config_path))
-    result = {"seed": seed, "start_pass1": sft["accuracy_after"], "sft_seconds": sft_seconds,
-              "loop_seconds": loop_seconds, "stopped_because": loop["stopped_because"], "rounds": history}
+        history = round_history(instance, exp)
+    result = {"seed": seed, "start_pass1": sft["accuracy_after"] if from_sft else history[0]["start_pass1"],
+              "sft_seconds": sft_seconds, "from_sft": from_sft, "loop_seconds": loop_seconds,
+              "stopped_because": loop["stopped_because"], "rounds": history}
     if by_task:
-        result["by_task"], result["start_wrong"] = held_out_by_task(
-            config_path, [sft["merged_model_dir"], *(r["path"] for r in history)])
+        if from_sft:
+            start = sft["merged_model_dir"]
+        else:  # loop.start_model: base (the pretrained model itself) or a model directory
+            from trainer.training.models import planned_base_model
+
+            start = (planned_base_model(exp.model, exp.store_root, 0, exp.base_dir)
+                     if exp.loop["start_model"] == "base" else str(exp.resolve_path(exp.loop["start_model"])))
+        result["by_task"], result["start_wrong"] = held_out_by_task(config_path, [start, *(r["path"] for r in history)])
     return result
 
 
 def print_seed(result: dict) -> None:
-    print(f"\nseed {result['seed']}: starting model (SFT, {result['sft_seconds']:.0f} s) held-out pass@1 "
+    start = f"SFT, {result['sft_seconds']:.0f} s" if result["from_sft"] else "the pretrained model itself"
+    print(f"\nseed {result['seed']}: starting model ({start}) held-out pass@1 "
           f"{result['start_pass1']:.3f}; {len(result['rounds'])} rounds in {result['loop_seconds']:.0f} s "
           f"({result['stopped_because']})")
-    print("| round | acceptance | coverage | held-out pass@1 | generate s | train s | round s (all steps) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| round | acceptance | coverage | held-out pass@1 | pass@k | generate s | train s | round s (all steps) |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in result["rounds"]:
+        pass_k = next((v for k, v in r.items() if k.startswith("heldout_pass") and k != "heldout_pass1"), float("nan"))
         print(f"| {r['round']} | {r['acceptance_rate']:.3f} | {r['coverage']:.3f} | {r['heldout_pass1']:.3f} "
+              f"| {pass_k:.3f} "
               f"| {r['generate_seconds']:.0f} | {r['train_seconds']:.0f} "
               f"| {sum(r.get(k, 0.0) for k in STEP_SECONDS):.0f} |", flush=True)
     if "by_task" in result:

@@ -176,8 +176,10 @@ def run_loop(exp, rounds: int, instance) -> dict:
     cfg = loop_config(exp)
     if cfg.start_model is None:
         materialize_experiment(exp, "model", instance)
-    elif start_dependencies(exp, cfg):  # a GGUF base to convert first
-        materialize_experiment(exp, "base", instance)
+    else:  # no SFT: the data group (its held-out split, tokenizer) and a GGUF base's conversion
+        materialize_experiment(exp, "data", instance)
+        if start_dependencies(exp, cfg):
+            materialize_experiment(exp, "base", instance)
     partitions = rounds_partitions(exp)
     stopped_because = None
     for _ in range(rounds):

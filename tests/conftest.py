@@ -56,3 +56,18 @@ def instance(tmp_path, monkeypatch):
     inst = dg.DagsterInstance.get()
     yield inst
     inst.dispose()
+
+
+@pytest.fixture(scope="session")
+def real_model_store(tmp_path_factory) -> Path:
+    """One store for the tests on the real pretrained model: its GGUF is converted once a session."""
+    return tmp_path_factory.mktemp("real_model_store")
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(real_model_store):
+    """SmolLM2-135M-Instruct fetched (once per machine) and converted (once per session)."""
+    from tests.real_model import fetched_gguf
+    from trainer.models.convert import converted
+
+    return converted(fetched_gguf(), real_model_store)

@@ -24,16 +24,14 @@ from trainer.models import gguf, packaged
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("real_model_store")
+@pytest.fixture
+def store(real_model_store) -> Path:
+    return real_model_store
 
 
-@pytest.fixture(scope="module")
-def converted(store):
-    from trainer.models.convert import converted as convert
-
-    return convert(fetched_gguf(), store)
+@pytest.fixture
+def converted(smollm2_converted):
+    return smollm2_converted
 
 
 def _experiment(store: Path, tmp: Path, **overrides):
@@ -42,7 +40,7 @@ def _experiment(store: Path, tmp: Path, **overrides):
                     "eval": {"source": {"builtin": "default", "split": "test", "rows": 12}},
                     "max_length": 256, "rows_per_shard": 64},
            "model": {"base": BASE},
-           "training": {"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 1e-3,
+           "training": {"max_steps": 6, "per_device_train_batch_size": 2, "learning_rate": 1e-3,
                         "lr_scheduler_type": "constant", "logging_steps": 1, "save_strategy": "no",
                         "accuracy_rows": 4, "sample_generations": 0, "max_new_tokens": 8,
                         "lora": {"r": 8, "alpha": 16}}}
@@ -125,11 +123,11 @@ def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generatio
 
 
 @pytest.fixture(scope="module")
-def lora_trained(store, tmp_path_factory, converted):
+def lora_trained(real_model_store, tmp_path_factory, smollm2_converted):
     from trainer.training.launch import plan_adapter
     from trainer.training.train import run_training
 
-    exp = _experiment(store, tmp_path_factory.mktemp("lora"))
+    exp = _experiment(real_model_store, tmp_path_factory.mktemp("lora"))
     plan = plan_adapter(exp)
     summary = run_training(plan.spec_path)
     return exp, plan, summary
