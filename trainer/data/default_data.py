@@ -211,25 +211,24 @@ def _few_shot_record(rng: random.Random, split: str) -> dict:
     return {"messages": messages, "answer": answer, "task": task}
 
 
-def generate(split: str, rows: int, seed: int = 0) -> list[dict]:
-    """`rows` records of the given split ("train" or "test"), deterministic in (split, seed)."""
+def _records(kind: str, make: Callable[[random.Random, str], dict], split: str, rows: int, seed: int) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if rows < 0:
         raise ValueError("rows must be >= 0")
-    rng = random.Random(f"sftdag-default:{split}:{seed}")
-    return [_record(rng, split) for _ in range(rows)]
+    rng = random.Random(f"sftdag-{kind}:{split}:{seed}")
+    return [make(rng, split) for _ in range(rows)]
+
+
+def generate(split: str, rows: int, seed: int = 0) -> list[dict]:
+    """`rows` records of the given split ("train" or "test"), deterministic in (split, seed)."""
+    return _records("default", _record, split, rows, seed)
 
 
 def generate_few_shot(split: str, rows: int, seed: int = 0) -> list[dict]:
     """`rows` few-shot conversations (`_few_shot_record`), deterministic in (split, seed); the final
     questions of the "test" split are held-out problems like `generate`'s."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if rows < 0:
-        raise ValueError("rows must be >= 0")
-    rng = random.Random(f"sftdag-few-shot:{split}:{seed}")
-    return [_few_shot_record(rng, split) for _ in range(rows)]
+    return _records("few-shot", _few_shot_record, split, rows, seed)
 
 
 # `data.source.builtin` names: the embedded datasets.
