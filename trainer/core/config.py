@@ -139,6 +139,12 @@ class DataConfig:
     overlong: Literal["truncate", "split", "drop"] = "truncate"
     truncate_side: Literal["keep_start", "keep_end"] = "keep_start"
     rows_per_shard: int = 4096
+    # A source is cut into shards (a file each; a JSONL file every `source_rows_per_shard` lines)
+    # that are read, templated and tokenized separately: in parallel, and only the new or changed
+    # ones again when the source grows.
+    source_rows_per_shard: int = 50_000
+    # Processes that build shards side by side (not in any key: the bytes are the same); None: the cores.
+    num_proc: Optional[int] = None
     eval: EvalConfig = field(default_factory=EvalConfig)
     checks: CheckThresholds = field(default_factory=CheckThresholds)
 
@@ -373,6 +379,10 @@ def experiment_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Exp
         raise ConfigError("data.eval.fraction: must be in [0, 1)")
     if exp.data.max_length < 8:
         raise ConfigError("data.max_length: must be at least 8")
+    if exp.data.source_rows_per_shard < 1:
+        raise ConfigError("data.source_rows_per_shard: must be at least 1")
+    if exp.data.num_proc is not None and exp.data.num_proc < 1:
+        raise ConfigError("data.num_proc: must be at least 1 (or left out: the cores)")
     if exp.data.format == "formatting_func" and not exp.data.formatting_func:
         raise ConfigError("data.formatting_func: required when data.format is formatting_func")
     return exp
