@@ -2,7 +2,9 @@
 
 `prepare` and `run` materialize through a real, persistent Dagster instance ($DAGSTER_HOME,
 default `.dagster_home/` in the current folder), so what they do shows up in the UI afterwards.
-The last line they print is JSON, for scripts.
+The last line they print is JSON, for scripts. A user's mistake is instead one line, last on
+stderr (`sftdag: <key or file>: <reason>`), checked before a run starts where it can be; Dagster's
+own output and tracebacks show with --verbose, and a failed run's full logs stay in the instance.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import json
 import os
 import shutil
 import sys
+import traceback
+import warnings
 from pathlib import Path
 
 from .experiments import ENV_VAR, REPO_ROOT
+from .user_errors import failure_reason, load_checked, one_line
 
 
 def ensure_dagster_home() -> Path:
@@ -26,11 +31,15 @@ def ensure_dagster_home() -> Path:
     return home
 
 
-def materialize_experiment(exp, through: str, instance=None, partition: str | None = None):
+def materialize_experiment(exp, through: str, instance=None, partition: str | None = None, verbose: bool = True):
     """Materialize `exp`'s assets up to `through` ("data", "model", "base": a GGUF base's
-    conversion, or "round": one round of its loop, the partition `partition`) in `instance`."""
+    conversion, or "round": one round of its loop, the partition `partition`) in `instance`.
+    A failed run is SystemExit("sftdag: <reason>"); verbose=False keeps Dagster's console quiet."""
     import dagster as dg
 
+    if not verbose:  # Dagster's beta/preview notices (at import and in runs) are for this project's developers
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        warnings.simplefilter("ignore", dg.PreviewWarning)
     from assets.data import data_asset_key
     from assets.loop import STEPS, loop_tags, round_asset_key
     from assets.models import base_model_asset_key
@@ -53,23 +62,22 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
         target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
         selection = dg.AssetSelection.assets(target).upstream().materializable()
         tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
+    # Not verbose: the console logger logs nothing (a step failure is a page of stack); the run's
+    # event log in the instance still records every event, the full error included.
+    run_config = None if verbose else {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
     # The run executes in this process: its tags name it, so a later command can tell it died.
     result = dg.materialize(list(defs.assets), selection=selection, instance=instance, resources=resources(),
-                            tags={**tags, **process_tags()}, partition_key=partition, raise_on_error=False)
+                            run_config=run_config, tags={**tags, **process_tags()}, partition_key=partition,
+                            raise_on_error=False)
     if not result.success:
-        failures = [e for e in result.all_events if e.is_failure]
-        detail = failure_reason(failures[0]) if failures else "see the run's logs"
-        raise SystemExit(f"sftdag: run {result.run_id} failed: {detail}")
+        # The step that failed, else the run's own failure (a resource, the executor).
+        failure = next((e for e in result.all_events if e.is_step_failure), None) or next(
+            e for e in result.all_events if e.is_failure)
+        where = f" in step {failure.step_key}" if failure.step_key else ""
+        print(f"sftdag: Dagster run {result.run_id} failed{where} (full logs: `sftdag ui`, or run again with "
+              "--verbose)", file=sys.stderr)
+        raise SystemExit(f"sftdag: {failure_reason(failure)}")
     return result
-
-
-def failure_reason(event) -> str:
-    """The reason a step failed: a `dg.Failure`'s own description (the one line an asset wrote for
-    a user's mistake), else the step's message."""
-    data = event.step_failure_data if event.is_step_failure else None
-    if data is not None and data.user_failure_data is not None and data.user_failure_data.description:
-        return f"{event.step_key}: {data.user_failure_data.description}"
-    return event.message
 
 
 def materialized_data(exp, instance) -> dict:
@@ -82,24 +90,6 @@ def materialized_data(exp, instance) -> dict:
         for split, out in latest_outputs(instance, data_asset_key(exp.data_group, stage)).items():
             outputs[f"{stage}/{split}"] = out
     return outputs
-
-
-def load_checked(path: str, through: str):
-    """The experiment, with its GGUF files checked before any run starts: a base not fetched or
-    not a GGUF is one line naming the file (or the command that fetches it), not a failed run."""
-    from trainer.core.config import ConfigError, load_experiment
-    from trainer.models import gguf
-
-    exp = load_experiment(path)
-    named = [("model.base", exp.model.base)] if through != "data" else []
-    named.append(("tokenizer.path", exp.tokenizer.path))
-    for key, value in named:
-        if gguf.is_gguf_base(value):
-            try:
-                gguf.gguf_file(value, exp.base_dir)
-            except gguf.GGUFError as e:
-                raise ConfigError(f"{key}: {e}") from None
-    return exp
 
 
 def cmd_models(args) -> dict:
@@ -123,7 +113,7 @@ def cmd_prepare(args) -> dict:
 
     exp = load_checked(args.experiment, "data")
     ensure_dagster_home()
-    result = materialize_experiment(exp, "data")
+    result = materialize_experiment(exp, "data", verbose=args.verbose)
     summary = summarize(materialized_data(exp, dg.DagsterInstance.get()))
     summary.update(experiment=exp.name, data_group=exp.data_group, dagster_run_id=result.run_id)
     return summary
@@ -138,7 +128,7 @@ def cmd_run(args) -> dict:
 
     exp = load_checked(args.experiment, "model")
     ensure_dagster_home()
-    result = materialize_experiment(exp, "model")
+    result = materialize_experiment(exp, "model", verbose=args.verbose)
     instance = dg.DagsterInstance.get()
     adapter, merged = latest_outputs(instance, adapter_asset_key(exp)), latest_outputs(instance, merged_asset_key(exp))
     training = TrainingSummary.from_dict(adapter.manifest)
@@ -161,13 +151,12 @@ def cmd_run(args) -> dict:
 def cmd_loop(args) -> dict:
     import dagster as dg
 
-
     exp = load_checked(args.experiment, "round")
     ensure_dagster_home()
-    return run_loop(exp, args.rounds, dg.DagsterInstance.get())
+    return run_loop(exp, args.rounds, dg.DagsterInstance.get(), verbose=args.verbose)
 
 
-def run_loop(exp, rounds: int, instance) -> dict:
+def run_loop(exp, rounds: int, instance, verbose: bool = True) -> dict:
     """Rounds of the experiment's loop through Dagster: the SFT model first (cached when done),
     then rounds until `rounds` more ran or a stop rule fired; a killed round is resumed."""
     from assets.loop import round_history, rounds_partitions, start_dependencies
@@ -175,11 +164,11 @@ def run_loop(exp, rounds: int, instance) -> dict:
 
     cfg = loop_config(exp)
     if cfg.start_model is None:
-        materialize_experiment(exp, "model", instance)
+        materialize_experiment(exp, "model", instance, verbose=verbose)
     else:  # no SFT: the data group (its held-out split, tokenizer) and a GGUF base's conversion
-        materialize_experiment(exp, "data", instance)
+        materialize_experiment(exp, "data", instance, verbose=verbose)
         if start_dependencies(exp, cfg):
-            materialize_experiment(exp, "base", instance)
+            materialize_experiment(exp, "base", instance, verbose=verbose)
     partitions = rounds_partitions(exp)
     stopped_because = None
     for _ in range(rounds):
@@ -190,7 +179,7 @@ def run_loop(exp, rounds: int, instance) -> dict:
         partition = str(len(history))
         if not instance.has_dynamic_partition(partitions.name, partition):
             instance.add_dynamic_partitions(partitions.name, [partition])
-        materialize_experiment(exp, "round", instance, partition=partition)
+        materialize_experiment(exp, "round", instance, partition=partition, verbose=verbose)
     history = round_history(instance, exp)
     if stopped_because is None:
         stopped_because = should_stop(history, cfg) or f"--rounds {rounds} ran"
@@ -215,12 +204,16 @@ def cmd_ui(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sftdag", description=__doc__.splitlines()[0])
+    parser.set_defaults(verbose=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="materialize the data assets (raw → packed shards)")
+    runs = argparse.ArgumentParser(add_help=False)
+    runs.add_argument("--verbose", action="store_true",
+                      help="show Dagster's full output and the traceback of an error (default: its reason, one line)")
+    p = sub.add_parser("prepare", parents=[runs], help="materialize the data assets (raw → packed shards)")
     p.add_argument("experiment", help="experiment YAML")
-    p = sub.add_parser("run", help="materialize everything through the merged model")
+    p = sub.add_parser("run", parents=[runs], help="materialize everything through the merged model")
     p.add_argument("experiment", help="experiment YAML")
-    p = sub.add_parser("loop", help="run rounds of the experiment's generate → filter → train loop")
+    p = sub.add_parser("loop", parents=[runs], help="run rounds of the experiment's generate → filter → train loop")
     p.add_argument("experiment", help="experiment YAML with a loop: section")
     p.add_argument("--rounds", type=int, default=1, help="at most this many rounds now (default 1)")
     p = sub.add_parser("models", help="pretrained models that ship in PyPI packages (offline bases)")
@@ -243,7 +236,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         summary = {"prepare": cmd_prepare, "run": cmd_run, "loop": cmd_loop, "models": cmd_models}[args.command](args)
     except ConfigError as e:
-        raise SystemExit(f"sftdag: {e}") from None
+        if args.verbose:
+            traceback.print_exc()
+        raise SystemExit(f"sftdag: {one_line(e)}") from None
     print(json.dumps(summary, default=str))
 
 

@@ -1,0 +1,137 @@
+"""A user's mistake as one line: what `sftdag` checks before starting a Dagster run, and the
+reason a run failed, taken from the step's error in the run's event log."""
+
+from __future__ import annotations
+
+import builtins
+
+
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def load_checked(path: str, through: str):
+    """The experiment, with what a run would read checked first (cheaply: no tokenizer or model
+    is loaded): the YAML, the source files, the template file, the formatting function, local
+    model and tokenizer directories and GGUF files. Any mistake is a ConfigError naming the key
+    (or the file and line), not a failed run."""
+    from trainer.core.config import ConfigError, load_experiment
+
+    try:
+        exp = load_experiment(path)
+    except ConfigError as e:
+        # yaml's own message spans lines (with a caret under the spot); its position and problem fit on one.
+        mark, problem = getattr(e.__context__, "problem_mark", None), getattr(e.__context__, "problem", None)
+        if mark is None or problem is None:
+            raise
+        raise ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: invalid YAML: {problem}") from e.__context__
+    _check_models(exp, through)
+    _check_files(exp, through)
+    _check_formatting(exp)
+    return exp
+
+
+def _check_models(exp, through: str) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from trainer.core.config import ConfigError
+    from trainer.models import gguf
+
+    # A tokenizer taken from model.base (tokenizer.path not given) is named as model.base, the key the user wrote.
+    named = {}
+    if through != "data" or exp.tokenizer.path == exp.model.base:
+        named[exp.model.base] = "model.base"
+    named.setdefault(exp.tokenizer.path, "tokenizer.path")
+    for value, key in named.items():
+        if gguf.is_gguf_base(value):
+            try:
+                gguf.gguf_file(value, exp.base_dir)
+            except gguf.GGUFError as e:
+                raise ConfigError(f"{key}: {e}") from None
+        elif not value.startswith("builtin:") and not exp.resolve_path(value).exists():
+            try:  # not here, but maybe a Hugging Face hub id (loaded in the run, for users with network)
+                validate_repo_id(value)
+            except HFValidationError:
+                raise ConfigError(f"{key}: no directory {value!r} (looked in {exp.resolve_path(value)})") from None
+
+
+def _check_files(exp, through: str) -> None:
+    from trainer.core.config import ConfigError
+    from trainer.data.sources import SourceError, resolve_files
+    from trainer.data.tokenizer import resolve_template_source
+
+    sources = [exp.data.source, exp.data.eval.source]
+    if through == "round":
+        from trainer.loop.settings import loop_config
+
+        sources.append(loop_config(exp).prompts.source)
+    for source in sources:
+        if source is None or not source.path:
+            continue  # builtin and hub sources are checked by the run (a hub needs the network)
+        try:
+            files = resolve_files(source, exp.base_dir)
+        except SourceError as e:
+            raise ConfigError(str(e)) from e
+        for file in files:
+            try:
+                open(file, "rb").close()
+            except OSError as e:
+                raise ConfigError(f"{source.key}.path: cannot read {file}: {e.strerror}") from e
+    try:
+        template = resolve_template_source(exp.data.template.source, exp.base_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+    if exp.data.template.source not in ("tokenizer", "chatml"):
+        # Compiled as transformers compiles it (its {% generation %} tag included): in the run, a
+        # syntax error would only say "unexpected '}'", naming neither the setting nor the file.
+        import jinja2
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        from trainer.data.tokenizer import read_template
+
+        try:
+            _compile_jinja_template(read_template(template))
+        except jinja2.TemplateSyntaxError as e:
+            raise ConfigError(f"data.template.source: {template}:{e.lineno}: {e.message}") from e
+
+
+def _check_formatting(exp) -> None:
+    from trainer.core.config import ConfigError
+    from trainer.data.formats import load_formatting_func
+
+    dotted = exp.data.formatting_func
+    if not dotted:
+        return
+    try:
+        load_formatting_func(dotted)
+    except ValueError as e:  # its messages name the setting and what is missing
+        raise ConfigError(str(e)) from e
+    except Exception as e:  # the user's module itself fails to import (a syntax error, …)
+        raise ConfigError(f"formatting_func {dotted!r}: importing it raised {type(e).__name__}: {one_line(e)}") from e
+
+
+def failure_reason(event) -> str:
+    """The reason a step failed: a `dg.Failure`'s own description (the one line an asset wrote for
+    a user's mistake), else the message of the exception the step's code raised, else the event's."""
+    data = event.step_failure_data if event.is_step_failure else None
+    if data is None:
+        return one_line(event.message)
+    if data.user_failure_data is not None and data.user_failure_data.description:
+        return one_line(data.user_failure_data.description)
+    error = data.error
+    # Dagster wraps what the step raised (DagsterExecutionStepExecutionError, …Handle/LoadInputError):
+    # the first exception below its wrappers is the one the code raised, whose message names the key
+    # or row. Deeper causes are lower-level detail (a KeyError it was raised from, the remote
+    # traceback of a worker process).
+    while error is not None and error.cls_name.startswith("Dagster") and (error.cause or error.context):
+        error = error.cause or error.context
+    if error is None:
+        return one_line(event.message)
+    # `message` is "module.Class: text"; a Python built-in other than the ValueError and OSError
+    # families (which this project raises with a user's message) is a bug, and its name says more.
+    head, sep, text = error.message.partition(": ")
+    cls = getattr(builtins, error.cls_name, None)
+    is_bug = isinstance(cls, type) and issubclass(cls, BaseException) and not issubclass(cls, (ValueError, OSError))
+    if not sep or not head.endswith(error.cls_name) or is_bug or not text.strip():
+        return one_line(error.message)
+    return one_line(text)
