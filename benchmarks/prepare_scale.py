@@ -6,9 +6,10 @@ re-preparation after an append, each as a ratio against a baseline measured in t
 
 Rows: one-turn conversations from GSM8K train + both CodeAlpaca files (as benchmarks/prepare.py),
 repeated, row i's question prefixed with "#i " so that no two rows are equal; streamed to JSONL.
-Every preparation is the real CLI, `.venv/bin/sftdag prepare EXP.yaml`, in a subprocess with its
-own DAGSTER_HOME and store (Llama-3 tokenizer, max_length 2048, BFD packing), HF_HUB_OFFLINE=1.
-The RSS of its whole process tree (the CLI and all its children) is sampled every 0.1 s.
+Every preparation is the real CLI, `.venv/bin/sftdag prepare --verbose EXP.yaml`, in a subprocess
+with its own DAGSTER_HOME and store (Llama-3 tokenizer, max_length 2048, BFD packing),
+HF_HUB_OFFLINE=1. The RSS of its whole process tree (the CLI and all its children, summed; pages
+shared between processes count once per process) is sampled every 0.1 s.
   a. peak tree RSS, peak RSS of the largest single process and wall time on --small and --large
      rows (data.num_proc left out: the cores): targets peak(large)/peak(small) <= 1.5, peak(large)
      < 4 GB, time growing linearly with rows.
@@ -104,8 +105,9 @@ def prepare(exp_yaml: Path, label: str, rss_limit: float) -> dict:
     killed = False
     with open(run_dir / "stdout.txt", "w") as out, open(run_dir / "stderr.txt", "w") as err:
         start = time.perf_counter()
-        popen = subprocess.Popen([str(REPO / ".venv/bin/sftdag"), "prepare", str(exp_yaml)], cwd=run_dir,
-                                 env=env, stdout=out, stderr=err)
+        # --verbose: Dagster's log on stderr says which stages were built and which were cache hits.
+        popen = subprocess.Popen([str(REPO / ".venv/bin/sftdag"), "prepare", "--verbose", str(exp_yaml)],
+                                 cwd=run_dir, env=env, stdout=out, stderr=err)
         proc, next_report = psutil.Process(popen.pid), start + 60
         while popen.poll() is None:
             try:
