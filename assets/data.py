@@ -46,6 +46,9 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
         meta[f"{p}rejects"] = dg.MetadataValue.int(counts.get("rejects", 0))
         meta[f"{p}path"] = dg.MetadataValue.path(str(out.path))
         meta[f"{p}cache_hit"] = dg.MetadataValue.bool(out.cache_hit)
+        if "shards" in out.manifest:  # a sharded stage: how many shards, and how many this build made
+            meta[f"{p}shards"] = dg.MetadataValue.int(len(out.manifest["shards"]))
+            meta[f"{p}shards_built"] = dg.MetadataValue.int(0 if out.cache_hit else out.manifest["shards_built"])
         if out.manifest.get("reject_reasons"):
             meta[f"{p}reject_reasons"] = dg.MetadataValue.json(out.manifest["reject_reasons"])
         for name in ("tokens", "trainable_tokens", "packed_rows", "truncated", "split_rows", "dropped_too_long",

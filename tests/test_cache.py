@@ -193,9 +193,9 @@ def test_where_selects_rows_end_to_end_and_counts_those_left_out(make_experiment
 # -- files edited in place, in one long-lived process (defect 7) ---------------------------------
 
 def templated_texts(output) -> list[str]:
-    from trainer.core.arrow_io import read_table
+    from trainer.data.stages import read_rows
 
-    return read_table(output.path / "rows.arrow").column("text").to_pylist()
+    return read_rows(output).column("text").to_pylist()
 
 
 def chat_rows() -> list[dict]:
@@ -277,7 +277,7 @@ def test_shipped_template_by_name_is_digested_by_content(make_experiment, tmp_pa
 
 
 def test_template_edited_between_keys_and_build_renders_with_the_keyed_tokenizer(make_experiment, tmp_path):
-    from trainer.core.arrow_io import read_table
+    from trainer.data.stages import read_rows
 
     template = tmp_path / "chat.jinja"
     template.write_text(ZEPHYR)
@@ -290,7 +290,7 @@ def test_template_edited_between_keys_and_build_renders_with_the_keyed_tokenizer
     # with the edited file: what is under the key is what the key says.
     out = p.templated("train")
     assert out.key == key
-    texts = read_table(out.path / "rows.arrow").column("text").to_pylist()
+    texts = read_rows(out).column("text").to_pylist()
     assert any("<|user|>" in t for t in texts if t) and not any("### user:" in t for t in texts if t)
 
 
@@ -361,9 +361,9 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
 PINNED_ROWS = [{"prompt": f"What is {i} + {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(8)]
 # Passed in as the tokenizer's key: no tokenizer (and so no library version) enters these keys.
 PINNED_TOKENIZER = "0" * 64
-PINNED_KEYS = {  # [raw, templated, tokenized, packed], written by commit adadc7f
-    "train": ["9e547154d7f133a6109f", "dd02c83ed0704f89acd7", "4c1343f33949c92dd2ca", "71d17dbbe46e9c7080b9"],
-    "eval": ["dabfba2d3e0a990eaabe", "7bee174799fa1e62a052", "93a9ca305bbff4149cce", "e97b60806e9b18ceb79c"],
+PINNED_KEYS = {  # [raw, templated, tokenized, packed], since sources are sharded (raw 2, templated/tokenized 3)
+    "train": ["748b542bbd5ce0911213", "c404e3636921b2e7a338", "7a0494a839303cd7c22e", "60583787efdd8685cf63"],
+    "eval": ["c4e3328638dc2e582050", "67ec8a339ff77cc9e299", "9c79a02dea88efb9941c", "56a8ea17cf830cfd96a6"],
 }
 
 
@@ -386,13 +386,13 @@ def test_cached_run_hashes_the_source_once_and_loads_no_tokenizer(make_experimen
     exp = make_experiment(data={"eval": {"fraction": 0.25}})
     DataPipeline(exp, progress=False).run()
     hashed = []
-    fingerprint = prepare.source_fingerprint
+    plan = prepare.plan_shards
 
-    def counted(source, base_dir):
+    def counted(source, base_dir, rows_per_shard):
         hashed.append(source)
-        return fingerprint(source, base_dir)
+        return plan(source, base_dir, rows_per_shard)
 
-    monkeypatch.setattr(prepare, "source_fingerprint", counted)
+    monkeypatch.setattr(prepare, "plan_shards", counted)
     p = DataPipeline(make_experiment(data={"eval": {"fraction": 0.25}}), progress=False)
     outputs = p.run()
     assert all(o.cache_hit for o in outputs.values()) and set(outputs) == {
@@ -410,10 +410,10 @@ def test_a_stage_given_its_inputs_computes_nothing_upstream(make_experiment, mon
     changed = make_experiment(data={"max_length": 64, "masking": "all"})
     expected = keys(changed)
 
-    def not_again(source, base_dir):
+    def not_again(source, base_dir, rows_per_shard):
         raise AssertionError("the source was hashed again")
 
-    monkeypatch.setattr(prepare, "source_fingerprint", not_again)
+    monkeypatch.setattr(prepare, "plan_shards", not_again)
     p = DataPipeline(changed, progress=False)
     templated = p.templated("train", raw=first["raw/train"], tokenizer=first["tokenizer"])
     tokenized = p.tokenized("train", templated=templated, tokenizer=first["tokenizer"])

@@ -74,7 +74,7 @@ def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generatio
     store = real_model_store
     from trainer.data.default_data import generate
     from trainer.data.prepare import DataPipeline, stored_tokenizer
-    from trainer.core.arrow_io import read_table
+    from trainer.data.stages import read_rows
     from trainer.training.evaluate import load_held_out
 
     exp = _experiment(store, tmp_path)
@@ -84,7 +84,7 @@ def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generatio
     assert setup.eot_token == IM_END and setup.generation_prompt_matches_training is True
 
     records = generate("train", 48, seed=3)
-    rows = read_table(out["tokenized/train"].path / "rows.arrow").to_pylist()
+    rows = read_rows(out["tokenized/train"]).to_pylist()
     assert len(rows) + out["tokenized/train"].manifest["counts"]["rejects"] + \
         out["templated/train"].manifest["counts"]["rejects"] == len(records)
     checked = 0

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.core.config import EvalConfig, SourceConfig
-from trainer.data.sources import SourceError, build_raw_table, holdout_mask, source_fingerprint
+from trainer.data.sources import SourceError, build_raw_table, source_fingerprint
 
 ROWS = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": f" {i + 1}"} for i in range(6)]
 
@@ -65,23 +65,35 @@ def test_fingerprint_follows_file_content_not_name_or_time(tmp_path):
     assert source_fingerprint(source, tmp_path) != before
 
 
-def test_holdout_split_is_exact_seeded_and_disjoint(tmp_path):
-    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": str(i)}) + "\n" for i in range(100)))
+def test_holdout_is_seeded_per_record_disjoint_and_stable_when_the_source_grows(tmp_path):
+    rows = [json.dumps({"text": str(i)}) + "\n" for i in range(3000)]
+    (tmp_path / "a.jsonl").write_text("".join(rows[:2000]))
     holdout = EvalConfig(fraction=0.1, seed=3)
-    train, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="train")
-    held, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, side="eval")
-    assert held.num_rows == 10 and train.num_rows == 90
-    held_ids = set(held.column("row_id").to_pylist())
-    assert not set(train.column("row_id").to_pylist()) & held_ids
-    assert set(train.column("row_id").to_pylist()) | held_ids == set(range(100))
-    assert held_ids == set(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())
-    # The raw key names only fraction and seed: another process must hold out the same rows.
-    code = "from trainer.data.sources import holdout_mask; print(holdout_mask(100, 0.1, 3).nonzero()[0].tolist())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+
+    def sides(rows_per_shard=50_000):
+        train, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, "train", rows_per_shard)
+        held, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, holdout, "eval", rows_per_shard)
+        return set(train.column("row_id").to_pylist()), set(held.column("row_id").to_pylist())
+
+    train, held = sides()
+    assert not train & held and train | held == set(range(2000))
+    assert 140 < len(held) < 260  # ~10% (binomial, sd ~13)
+    assert sides(rows_per_shard=300) == (train, held)  # the same rows however the source is cut
+    # Another process (another hash seed) holds out the same rows: the key names only fraction and seed.
+    code = ("import sys; from trainer.core.config import EvalConfig, SourceConfig; "
+            "from trainer.data.sources import build_raw_table; "
+            "t, _ = build_raw_table(SourceConfig(path='a.jsonl'), sys.argv[1], EvalConfig(fraction=0.1, seed=3), 'eval'); "
+            "print(t.column('row_id').to_pylist())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONHASHSEED": "7"})
-    assert set(json.loads(out.stdout)) == held_ids
-    other_seed, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, EvalConfig(fraction=0.1, seed=4), side="eval")
-    assert other_seed.num_rows == 10 and set(other_seed.column("row_id").to_pylist()) != held_ids
+    assert set(json.loads(out.stdout)) == held
+    other_seed, _ = build_raw_table(SourceConfig(path="a.jsonl"), tmp_path, EvalConfig(fraction=0.1, seed=4), "eval")
+    assert set(other_seed.column("row_id").to_pylist()) != held
+    # Appending rows leaves every earlier row on its side; a record appended twice sits on one side.
+    (tmp_path / "a.jsonl").write_text("".join(rows) + rows[5] + rows[7])
+    grown_train, grown_held = sides(rows_per_shard=700)
+    assert grown_held & set(range(2000)) == held and grown_train & set(range(2000)) == train
+    assert (3000 in grown_held) == (5 in held) and (3001 in grown_held) == (7 in held)
 
 
 def test_where_keeps_the_matching_records_and_counts_the_rest(tmp_path):

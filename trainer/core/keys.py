@@ -8,10 +8,10 @@ so changing them never rebuilds or retrains anything.
 
 | stage | params |
 | --- | --- |
-| raw | source fingerprint (file contents), split, hold-out settings when carved from the source |
+| raw | source fingerprint (its shards' contents), split, hold-out settings when carved from the source; a raw shard: that shard's bytes, file and first line, `where`, split, hold-out settings |
 | tokenizer | its identity (content, chat template, library versions: `trainer.data.tokenizer.tokenizer_identity`) |
-| templated | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
-| tokenized | nothing of its own (inputs: templated, tokenizer) |
+| templated (and each shard: its raw shard instead of raw) | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
+| tokenized | nothing of its own (inputs: templated, tokenizer; a shard: its templated shard, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
 | adapter | `training` minus `TRAINING_REPORTING`, `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
@@ -43,11 +43,21 @@ TRAINING_REPORTING = (
 )
 
 
+def _holdout(exp: Experiment, carved: bool) -> dict[str, Any] | None:
+    if not carved:
+        return None
+    # the eval split is carved out of the source: how it is carved
+    return {k: v for k, v in dataclasses.asdict(exp.data.eval).items() if k not in ("source", "pack")}
+
+
 def raw_params(exp: Experiment, split: str, source_fingerprint: dict[str, Any], carved: bool) -> dict[str, Any]:
-    holdout = None
-    if carved:  # the eval split is carved out of the source: how it is carved
-        holdout = {k: v for k, v in dataclasses.asdict(exp.data.eval).items() if k not in ("source", "pack")}
-    return {"source": source_fingerprint, "split": split, "holdout": holdout}
+    return {"source": source_fingerprint, "split": split, "holdout": _holdout(exp, carved)}
+
+
+def raw_shard_params(exp: Experiment, split: str, where: dict | None, shard_fingerprint: dict[str, Any],
+                     carved: bool) -> dict[str, Any]:
+    """One shard of the raw split: its own bytes only, so a grown source keeps the others' keys."""
+    return {"shard": shard_fingerprint, "where": where, "split": split, "holdout": _holdout(exp, carved)}
 
 
 def templated_params(exp: Experiment, formatting_func_identity: str | None) -> dict[str, Any]:

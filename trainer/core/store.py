@@ -31,9 +31,9 @@ from trainer.core.schemas import MERGE_INFO, TRAINING_SUMMARY
 # every key, so old outputs are never reused by new code (Axolotl's cache key left code out).
 CODE_VERSIONS = {
     "tokenizer": "1",
-    "raw": "1",
-    "templated": "2",  # 2: turns located by the template's own text; end-of-turn text; tool calls
-    "tokenized": "2",  # 2: no word-start marker at piece boundaries (SentencePiece)
+    "raw": "2",  # 2: sharded (a split's output lists its shards); eval carved per record
+    "templated": "3",  # 2: turns located by the template's own text; end-of-turn text; tool calls; 3: sharded
+    "tokenized": "3",  # 2: no word-start marker at piece boundaries (SentencePiece); 3: sharded
     "packed": "2",  # 2: no row without a trainable token (wrapped)
     "adapter": "1",
     "merged": "1",

@@ -26,11 +26,14 @@ The output is built with numpy gathers over the flat Arrow buffers, never per to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
+from trainer.core.arrow_io import iter_batches, write_table
 from trainer.core.schemas import IGNORE_INDEX
 
 STRATEGIES = ("bfd", "wrapped", "none")
@@ -51,11 +54,13 @@ class PackResult:
     doc_lengths: np.ndarray
 
 
-def _flat_list(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _flat_list(table: pa.Table | pa.RecordBatch, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start offsets into values, lengths, values) of a list<int> column; null rows have length 0."""
     col = table.column(name)
-    # one chunk (a memory-mapped file): use it as is, combine_chunks would copy every token
-    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if isinstance(col, pa.ChunkedArray):
+        # one chunk (a memory-mapped file): use it as is, combine_chunks would copy every token
+        col = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    arr = col
     if not (pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)):
         raise TypeError(f"column {name!r} must be a list of integers, got {arr.type}")
     if arr.type.value_type != pa.int32() or pa.types.is_large_list(arr.type):
@@ -167,48 +172,36 @@ def _range_sums(flags: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.n
     return sums
 
 
-def pack(
-    tokenized: pa.Table,
-    max_length: int,
-    strategy: str = "bfd",
-    overlong: str = "truncate",
-    truncate_side: str = "keep_start",
-    seed: Optional[int] = 0,
-    progress: bool = False,
-) -> PackResult:
-    """Pack a tokenized table (``row_id``, ``input_ids``, ``labels``) into rows ≤ ``max_length``.
+@dataclass
+class _Documents:
+    """The documents of the packed rows, in input order, and where their tokens are: part (a
+    record batch of the input), offsets into that part's flat ids and labels."""
 
-    ``seed``: bfd rows (bins) are shuffled deterministically with this seed; ``None`` keeps
-    them in bin creation order. ``wrapped`` and ``none`` keep document order.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if overlong not in OVERLONG:
-        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
-    if truncate_side not in TRUNCATE_SIDES:
-        raise ValueError(f"truncate_side must be one of {TRUNCATE_SIDES}, got {truncate_side!r}")
-    M = int(max_length)
-    if M < 1:
-        raise ValueError(f"max_length must be ≥ 1, got {max_length}")
+    part: np.ndarray
+    src_ids: np.ndarray
+    src_lab: np.ndarray
+    length: np.ndarray
 
-    n = tokenized.num_rows
-    if "row_id" in tokenized.column_names:
-        row_ids = tokenized.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64)
-    else:
-        row_ids = np.arange(n, dtype=np.int64)
-    ids_start, ids_len, ids_vals = _flat_list(tokenized, "input_ids")
-    lab_start, lab_len, lab_vals = _flat_list(tokenized, "labels")
+
+def _part_documents(batch: pa.RecordBatch | pa.Table, row_ids: np.ndarray, M: int, overlong: str,
+                    truncate_side: str, reasons: dict[int, str], counts: dict) -> tuple[np.ndarray, np.ndarray,
+                                                                                        np.ndarray, np.ndarray]:
+    """(src_ids, src_lab, length, survived per row) of one part's documents that have a trainable
+    token; a row with none, or malformed, gets its reason in `reasons` (by its row id)."""
+    n = batch.num_rows
+    ids_start, ids_len, _ = _flat_list(batch, "input_ids")
+    lab_start, lab_len, lab_vals = _flat_list(batch, "labels")
     # trainable flags over the flat label buffer (+1 sentinel so reduceat can end at len)
     lab_tr = np.zeros(len(lab_vals) + 1, dtype=np.int8)
     np.not_equal(lab_vals, IGNORE_INDEX, out=lab_tr[:-1].view(bool))
 
-    reasons: dict[int, str] = {}
+    row_reasons: dict[int, str] = {}
     mismatch = ids_len != lab_len
     for i in np.flatnonzero(mismatch):
-        reasons[int(i)] = f"input_ids and labels differ in length ({ids_len[i]} != {lab_len[i]})"
+        row_reasons[int(i)] = f"input_ids and labels differ in length ({ids_len[i]} != {lab_len[i]})"
     empty = ~mismatch & (ids_len == 0)
     for i in np.flatnonzero(empty):
-        reasons[int(i)] = "empty row"
+        row_reasons[int(i)] = "empty row"
     valid = ~mismatch & ~empty
     L = ids_len
     long = valid & (L > M)
@@ -216,26 +209,24 @@ def pack(
     # Documents: npieces per row, then (row, rel start, length) per piece, in row order.
     npieces = valid.astype(np.int64)
     base_rel = np.zeros(n, dtype=np.int64)
-    n_truncated = n_split_rows = n_dropped = 0
-    truncated_tokens = 0
     if overlong == "drop":
         for i in np.flatnonzero(long):
-            reasons[int(i)] = f"too long: {int(L[i])} tokens > max_length {M}"
+            row_reasons[int(i)] = f"too long: {int(L[i])} tokens > max_length {M}"
         npieces[long] = 0
-        n_dropped = int(long.sum())
+        counts["dropped_too_long"] += int(long.sum())
     elif overlong == "truncate":
-        n_truncated = int(long.sum())
-        truncated_tokens = int((L[long] - M).sum())
+        counts["truncated"] += int(long.sum())
+        counts["truncated_tokens"] += int((L[long] - M).sum())
         if truncate_side == "keep_end":
             base_rel[long] = L[long] - M
     else:  # split
         npieces[long] = -(-L[long] // M)
-        n_split_rows = int(long.sum())
+        counts["split_rows"] += int(long.sum())
 
-    ndocs_all = int(npieces.sum())
+    ndocs = int(npieces.sum())
     doc_row = np.repeat(np.arange(n, dtype=np.int64), npieces)
     first_piece = np.cumsum(npieces) - npieces
-    piece_idx = np.arange(ndocs_all, dtype=np.int64) - np.repeat(first_piece, npieces)
+    piece_idx = np.arange(ndocs, dtype=np.int64) - np.repeat(first_piece, npieces)
     doc_rel = base_rel[doc_row] + piece_idx * M
     doc_len = np.minimum(M, L[doc_row] - doc_rel)
     src_lab = lab_start[doc_row] + doc_rel
@@ -243,96 +234,198 @@ def pack(
     doc_tr = _range_sums(lab_tr, src_lab + 1, src_lab + doc_len)
     keep = doc_tr > 0
     survived = np.bincount(doc_row[keep], minlength=n)
-    from_split = long[doc_row] if overlong == "split" else np.zeros(ndocs_all, dtype=bool)
-    split_pieces = int((keep & from_split).sum())
-    split_pieces_without_loss = int((~keep & from_split).sum())
+    if overlong == "split":
+        from_split = long[doc_row]
+        counts["split_pieces"] += int((keep & from_split).sum())
+        counts["split_pieces_without_loss"] += int((~keep & from_split).sum())
 
     for i in np.flatnonzero((npieces > 0) & (survived == 0)):
         i = int(i)
         if long[i] and overlong == "truncate":
-            reasons[i] = f"no trainable token after truncation to max_length {M} ({truncate_side})"
+            row_reasons[i] = f"no trainable token after truncation to max_length {M} ({truncate_side})"
         elif long[i] and overlong == "split":
-            reasons[i] = f"no trainable token in any of its {int(npieces[i])} pieces after split"
+            row_reasons[i] = f"no trainable token in any of its {int(npieces[i])} pieces after split"
         else:
-            reasons[i] = "no trainable token"
-    rejects = [(int(row_ids[i]), reasons[i]) for i in sorted(reasons)]
+            row_reasons[i] = "no trainable token"
+    for i in sorted(row_reasons):
+        reasons[int(row_ids[i])] = row_reasons[i]
+    src_ids = ids_start[doc_row[keep]] + doc_rel[keep]
+    return src_ids, src_lab[keep], doc_len[keep], survived
 
-    doc_row = doc_row[keep]
-    doc_len = doc_len[keep]
-    src_ids = (ids_start[doc_row] + doc_rel[keep]).astype(np.int64)
-    src_lab = src_lab[keep]
-    ndocs = len(doc_len)
 
-    # Segments: contiguous token runs, each copied whole into one output row.
-    wrapped_masked = 0
-    mid_doc = None  # segment starts that are not document starts (wrapped only)
+def _segments(docs: _Documents, M: int, strategy: str, seed: Optional[int], progress: bool
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray], int]:
+    """The packing plan: segments (contiguous token runs of one document, each copied whole into
+    one output row) as (document, offset in it, length, output row), sorted by output row; which
+    segments start mid-document (wrapped only); the number of rows."""
+    ndocs = len(docs.length)
+    doc_len = docs.length
+    zero = np.zeros(ndocs, dtype=np.int64)
     if strategy == "none":
-        seg_ids, seg_lab, seg_len = src_ids, src_lab, doc_len
-        seg_row = np.arange(ndocs, dtype=np.int64)
-        nrows = ndocs
-    elif strategy == "bfd":
+        return np.arange(ndocs, dtype=np.int64), zero, doc_len, np.arange(ndocs, dtype=np.int64), None, ndocs
+    if strategy == "bfd":
         order = np.argsort(-doc_len, kind="stable")
         bins, nbins = _bfd_bins(doc_len[order].tolist(), M, progress=progress)
         bins = np.asarray(bins, dtype=np.int64)
         if seed is not None and nbins:
             bins = np.random.default_rng(seed).permutation(nbins)[bins]
         within = np.argsort(bins, kind="stable")  # bin order, insertion order inside a bin
-        docs = order[within]
-        seg_ids, seg_lab, seg_len = src_ids[docs], src_lab[docs], doc_len[docs]
-        seg_row = bins[within]
-        nrows = nbins
-    else:  # wrapped
-        doc_end = np.cumsum(doc_len)
-        total = int(doc_end[-1]) if ndocs else 0
-        doc_begin = doc_end - doc_len
-        starts = np.union1d(doc_begin, np.arange(0, total, M, dtype=np.int64))
-        seg_len = np.diff(np.append(starts, total))
-        d = np.searchsorted(doc_end, starts, side="right")
-        off = starts - doc_begin[d]
-        seg_ids, seg_lab = src_ids[d] + off, src_lab[d] + off
-        seg_row = starts // M
-        mid_doc = off > 0
-        nrows = -(-total // M)
+        seg_doc = order[within]
+        return seg_doc, zero, doc_len[seg_doc], bins[within], None, nbins
+    # wrapped
+    doc_end = np.cumsum(doc_len)
+    total = int(doc_end[-1]) if ndocs else 0
+    doc_begin = doc_end - doc_len
+    starts = np.union1d(doc_begin, np.arange(0, total, M, dtype=np.int64))
+    seg_len = np.diff(np.append(starts, total))
+    d = np.searchsorted(doc_end, starts, side="right")
+    off = starts - doc_begin[d]
+    return d, off, seg_len, starts // M, off > 0, -(-total // M)
 
-    # Gather tokens: one index array for all segments at once.
-    seg_len = seg_len.astype(np.int64)
+
+def _gather(values: dict[int, np.ndarray], part: np.ndarray, src: np.ndarray, seg_len: np.ndarray,
+            seg_out: np.ndarray, total: int) -> np.ndarray:
+    """Tokens of every segment, copied from its part's flat buffer to its place in the output."""
+    out = np.empty(total, dtype=np.int32)
+    for p in np.unique(part):
+        mine = part == p
+        lengths = seg_len[mine]
+        # position of each token inside its segment: 0, 1, … along every run
+        within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[np.repeat(seg_out[mine], lengths) + within] = values[int(p)][np.repeat(src[mine], lengths) + within]
+    return out
+
+
+class _Parts:
+    """The input's record batches, by part number, read memory-mapped while a group of output
+    rows is gathered and released after (mapped pages count as the process's memory while mapped)."""
+
+    def __init__(self, paths: Sequence[Path]):
+        self.paths = [Path(p) for p in paths]
+        self.index: list[tuple[int, int]] = []  # part -> (file, batch)
+        for f, path in enumerate(self.paths):
+            with pa.OSFile(str(path), "rb") as source:
+                self.index += [(f, b) for b in range(pa.ipc.open_file(source).num_record_batches)]
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        for path in self.paths:
+            yield from iter_batches(path)
+
+    def buffers(self, parts: np.ndarray) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list]:
+        """Flat ids and labels of the given parts, and the open maps to close when done."""
+        ids, labels, maps, readers = {}, {}, [], {}
+        for p in parts.tolist():
+            f, b = self.index[p]
+            if f not in readers:
+                maps.append(pa.memory_map(str(self.paths[f]), "r"))
+                readers[f] = pa.ipc.open_file(maps[-1])
+            batch = readers[f].get_batch(b)
+            ids[p] = _flat_list(batch, "input_ids")[2]
+            labels[p] = _flat_list(batch, "labels")[2]
+        return ids, labels, maps
+
+
+class _InMemoryParts:
+    def __init__(self, table: pa.Table):
+        self._batches = table.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        return iter(self._batches)
+
+    def buffers(self, parts: np.ndarray) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list]:
+        return ({p: _flat_list(self._batches[p], "input_ids")[2] for p in parts.tolist()},
+                {p: _flat_list(self._batches[p], "labels")[2] for p in parts.tolist()}, [])
+
+
+@dataclass
+class _Plan:
+    docs: _Documents
+    seg_doc: np.ndarray
+    seg_off: np.ndarray
+    seg_len: np.ndarray
+    seg_row: np.ndarray
+    mid_doc: Optional[np.ndarray]
+    nrows: int
+    rejects: list[tuple[int, str]]
+    counts: dict
+
+
+def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, overlong: str, truncate_side: str,
+          seed: Optional[int], progress: bool) -> _Plan:
+    """Pass 1 over the input (a batch at a time): documents and their lengths; then the global plan."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
+    if truncate_side not in TRUNCATE_SIDES:
+        raise ValueError(f"truncate_side must be one of {TRUNCATE_SIDES}, got {truncate_side!r}")
+    if M < 1:
+        raise ValueError(f"max_length must be ≥ 1, got {M}")
+    counts = dict.fromkeys(("rows_in", "rows_out", "truncated", "truncated_tokens", "split_rows", "split_pieces",
+                            "split_pieces_without_loss", "dropped_too_long"), 0)
+    reasons: dict[int, str] = {}
+    columns: list[list[np.ndarray]] = [[], [], [], []]
+    file_of_part = getattr(parts, "index", None)
+    for p, batch in enumerate(parts.batches()):
+        n = batch.num_rows
+        if "row_id" in batch.schema.names:
+            row_ids = batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            row_ids = np.arange(counts["rows_in"], counts["rows_in"] + n, dtype=np.int64)
+        if row_bases is not None:
+            row_ids = row_ids + row_bases[file_of_part[p][0]]
+        src_ids, src_lab, length, survived = _part_documents(batch, row_ids, M, overlong, truncate_side, reasons,
+                                                             counts)
+        for column, values in zip(columns, (np.full(len(length), p, dtype=np.int64), src_ids, src_lab, length)):
+            column.append(values)
+        counts["rows_in"] += n
+        counts["rows_out"] += int((survived > 0).sum())
+    docs = _Documents(*(np.concatenate(c) if c else np.zeros(0, dtype=np.int64) for c in columns))
+    seg_doc, seg_off, seg_len, seg_row, mid_doc, nrows = _segments(docs, M, strategy, seed, progress)
+    rejects = sorted(reasons.items())
+    counts["rejects"] = len(rejects)
+    counts["documents"] = len(docs.length)
+    return _Plan(docs, seg_doc, seg_off, seg_len.astype(np.int64), seg_row, mid_doc, nrows, rejects, counts)
+
+
+def _rows(plan: _Plan, parts: Any, row_start: int, row_end: int, M: int) -> tuple[pa.Table, dict]:
+    """Output rows [row_start, row_end) of the plan, gathered from the parts; rows with nothing to
+    train are left out and counted."""
+    lo, hi = np.searchsorted(plan.seg_row, [row_start, row_end])
+    seg_doc, seg_len = plan.seg_doc[lo:hi], plan.seg_len[lo:hi]
+    seg_row = plan.seg_row[lo:hi] - row_start
+    nrows = row_end - row_start
+    part = plan.docs.part[seg_doc]
     total = int(seg_len.sum())
     seg_out = np.cumsum(seg_len) - seg_len
-    small = max(total, len(ids_vals), len(lab_vals)) < 2**31 - 1
-    itype = np.int32 if small else np.int64
-    idx = np.repeat((seg_ids - seg_out).astype(itype), seg_len)
-    idx += np.arange(total, dtype=itype)
-    out_ids = ids_vals[idx]
-    delta = seg_lab - seg_ids  # labels usually share the ids' offsets: reuse the index
-    if len(delta) and (delta == delta[0]).all():
-        if delta[0]:
-            idx += itype(delta[0])
-    else:
-        idx = np.repeat((seg_lab - seg_out).astype(itype), seg_len)
-        idx += np.arange(total, dtype=itype)
-    out_lab = lab_vals[idx]  # fancy indexing copies: the input buffers are never written
-    del idx
-    if mid_doc is not None:
-        wrapped_masked = int((out_lab[seg_out[mid_doc]] != IGNORE_INDEX).sum())
-    out_lab[seg_out] = IGNORE_INDEX
+    ids, labels, maps = parts.buffers(np.unique(part))
+    try:
+        out_ids = _gather(ids, part, plan.docs.src_ids[seg_doc] + plan.seg_off[lo:hi], seg_len, seg_out, total)
+        out_lab = _gather(labels, part, plan.docs.src_lab[seg_doc] + plan.seg_off[lo:hi], seg_len, seg_out, total)
+    finally:
+        del ids, labels
+        for m in maps:
+            m.close()
+    wrapped_masked = 0
+    if plan.mid_doc is not None:
+        mid = plan.mid_doc[lo:hi]
+        wrapped_masked = int((out_lab[seg_out[mid]] != IGNORE_INDEX).sum())
+    out_lab[seg_out] = IGNORE_INDEX  # nothing in the row predicts a segment's first token
 
     row_tokens = np.bincount(seg_row, weights=seg_len, minlength=nrows).astype(np.int64)
     row_offsets = np.zeros(nrows + 1, dtype=np.int64)
     np.cumsum(row_tokens, out=row_offsets[1:])
     seq_offsets = np.zeros(nrows + 1, dtype=np.int64)
     np.cumsum(np.bincount(seg_row, minlength=nrows), out=seq_offsets[1:])
-    if total >= 2**31 or len(seg_len) >= 2**31:
-        raise ValueError("packed output exceeds 2**31 tokens; pack in parts")
+    if total >= 2**31:
+        raise ValueError("packed output exceeds 2**31 tokens in one file; lower data.rows_per_shard")
     ro = pa.array(row_offsets.astype(np.int32))
-    so = pa.array(seq_offsets.astype(np.int32))
-    table = pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(ro, pa.array(out_ids.astype(np.int32, copy=False))),
-            "labels": pa.ListArray.from_arrays(ro, pa.array(out_lab.astype(np.int32, copy=False))),
-            "seq_lengths": pa.ListArray.from_arrays(so, pa.array(seg_len.astype(np.int32))),
-        }
-    )
-
+    table = pa.table({
+        "input_ids": pa.ListArray.from_arrays(ro, pa.array(out_ids)),
+        "labels": pa.ListArray.from_arrays(ro, pa.array(out_lab)),
+        "seq_lengths": pa.ListArray.from_arrays(pa.array(seq_offsets.astype(np.int32)),
+                                                pa.array(seg_len.astype(np.int32))),
+    })
     out_tr = np.zeros(total + 1, dtype=np.int8)
     np.not_equal(out_lab, IGNORE_INDEX, out=out_tr[:-1].view(bool))
     row_trainable = _range_sums(out_tr, row_offsets[:-1], row_offsets[1:])
@@ -342,36 +435,75 @@ def pack(
     dropped_tokens = int(row_tokens[lossless].sum())
     if lossless.any():
         table = table.filter(pa.array(~lossless))
-        total -= dropped_tokens
-        nrows = table.num_rows
-    trainable = int(row_trainable.sum())
-    rows_out = int((survived > 0).sum())
-    counts = {
-        "rows_in": n,
-        "rows_out": rows_out,
-        "rejects": len(rejects),
-        "documents": ndocs,
-        "truncated": n_truncated,
-        "truncated_tokens": truncated_tokens,
-        "split_rows": n_split_rows,
-        "split_pieces": split_pieces,
-        "split_pieces_without_loss": split_pieces_without_loss,
-        "dropped_too_long": n_dropped,
-        "wrapped_boundary_labels_masked": wrapped_masked,
-        "tokens": total,
-        "trainable_tokens": trainable,
-        "packed_rows": nrows,
-        "untrainable_rows_dropped": int(lossless.sum()),
-        "untrainable_tokens_dropped": dropped_tokens,
-        "padding_tokens": nrows * M - total,
-        "packing_efficiency": (total / (nrows * M)) if nrows else 0.0,
-        "max_length": M,
-        "strategy": strategy,
-        "overlong": overlong,
-        "truncate_side": truncate_side,
-    }
+    return table, {"wrapped_boundary_labels_masked": wrapped_masked, "tokens": total - dropped_tokens,
+                   "trainable_tokens": int(row_trainable.sum()), "packed_rows": table.num_rows,
+                   "untrainable_rows_dropped": int(lossless.sum()), "untrainable_tokens_dropped": dropped_tokens}
+
+
+def _finish(plan: _Plan, written: list[dict], M: int, strategy: str, overlong: str, truncate_side: str) -> dict:
+    counts = dict(plan.counts)
+    for key in ("wrapped_boundary_labels_masked", "tokens", "trainable_tokens", "packed_rows",
+                "untrainable_rows_dropped", "untrainable_tokens_dropped"):
+        counts[key] = sum(w[key] for w in written)
+    nrows, total = counts["packed_rows"], counts["tokens"]
+    counts.update(padding_tokens=nrows * M - total, packing_efficiency=(total / (nrows * M)) if nrows else 0.0,
+                  max_length=M, strategy=strategy, overlong=overlong, truncate_side=truncate_side)
     assert counts["rows_in"] == counts["rows_out"] + counts["rejects"], counts
-    return PackResult(table=table, rejects=rejects, counts=counts, doc_lengths=doc_len.copy())
+    return counts
+
+
+def pack(
+    tokenized: pa.Table,
+    max_length: int,
+    strategy: str = "bfd",
+    overlong: str = "truncate",
+    truncate_side: str = "keep_start",
+    seed: Optional[int] = 0,
+    progress: bool = False,
+) -> PackResult:
+    """Pack a tokenized table (``row_id``, ``input_ids``, ``labels``) into rows ≤ ``max_length``, in memory.
+
+    ``seed``: bfd rows (bins) are shuffled deterministically with this seed; ``None`` keeps
+    them in bin creation order. ``wrapped`` and ``none`` keep document order.
+    """
+    M = int(max_length)
+    parts = _InMemoryParts(tokenized)
+    plan = _plan(parts, None, M, strategy, overlong, truncate_side, seed, progress)
+    table, written = _rows(plan, parts, 0, plan.nrows, M)
+    counts = _finish(plan, [written], M, strategy, overlong, truncate_side)
+    return PackResult(table=table, rejects=plan.rejects, counts=counts, doc_lengths=plan.docs.length.copy())
+
+
+@dataclass
+class PackedFiles:
+    files: list[str]
+    rows_per_file: list[int]
+    rejects: list[tuple[int, str]]
+    counts: dict
+    doc_lengths: np.ndarray
+
+
+def pack_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int, out_dir: Path, rows_per_file: int,
+               strategy: str = "bfd", overlong: str = "truncate", truncate_side: str = "keep_start",
+               seed: Optional[int] = 0, progress: bool = False) -> PackedFiles:
+    """Pack tokenized Arrow files (rows of file i numbered from `row_bases[i]`) into
+    `shard-00000.arrow`, … of at most `rows_per_file` rows, exactly as `pack` packs them together:
+    one pass reads the lengths for the global plan, then each file's rows are gathered on their own,
+    so memory is set by the documents' count and one output file, not by the tokens."""
+    M = int(max_length)
+    parts = _Parts(paths)
+    plan = _plan(parts, row_bases, M, strategy, overlong, truncate_side, seed, progress)
+    files, sizes, written = [], [], []
+    starts = range(0, max(plan.nrows, 1), rows_per_file)
+    for index, start in enumerate(tqdm(starts, desc="pack: write", unit="file", disable=not progress)):
+        table, counts = _rows(plan, parts, start, min(start + rows_per_file, plan.nrows), M)
+        name = f"shard-{index:05d}.arrow"
+        write_table(Path(out_dir) / name, table)
+        files.append(name)
+        sizes.append(table.num_rows)
+        written.append(counts)
+    counts = _finish(plan, written, M, strategy, overlong, truncate_side)
+    return PackedFiles(files, sizes, plan.rejects, counts, plan.docs.length.copy())
 
 
 def length_histogram(lengths, max_length: int, bins: int = 16) -> list[dict]:

@@ -28,10 +28,13 @@ from trainer.core.config import Experiment
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
 from trainer.data.formatting_code import formatting_func_identity, refresh_formatting_func
-from trainer.data.sources import source_fingerprint
-from trainer.models.gguf import GGUFError, gguf_digest, gguf_file, is_gguf_base
+from trainer.data.parallel import ShardBuilder
+from trainer.data.shards import SourceShard
+from trainer.data.sources import plan_shards, shards_fingerprint
 from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_packed, build_raw,
-                                 build_templated, build_tokenized, source_for)
+                                 build_templated, build_tokenized, hold_tokenizer, source_for,
+                                 stored_tokenizer)  # noqa: F401  (stored_tokenizer: read here by callers)
+from trainer.models.gguf import GGUFError, gguf_digest, gguf_file, is_gguf_base
 
 
 @dataclass
@@ -151,16 +154,6 @@ def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
     return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete)
 
 
-@functools.lru_cache(maxsize=4)
-def stored_tokenizer(path: str) -> tuple[Any, Any]:
-    """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
-    from transformers import AutoTokenizer
-
-    from trainer.core.template_setup import load_template_setup
-
-    return AutoTokenizer.from_pretrained(path), load_template_setup(path)
-
-
 class DataPipeline:
     """The data stages of one experiment. A stage's output is built from its upstream outputs,
     which are given (a Dagster asset receives them) or else produced here first."""
@@ -173,7 +166,8 @@ class DataPipeline:
         self._stages: dict[tuple[str, str | None], Stage] = {}
         self._keys: dict[tuple[str, str | None, tuple[str, ...]], str] = {}
         self._outputs: dict[tuple[str, str], StageOutput] = {}
-        self._fingerprints: dict[int, dict[str, Any]] = {}
+        self._plans: dict[int, list[SourceShard]] = {}
+        self.builder = ShardBuilder(self.store, self.data.num_proc, progress)
         # A formatting function's module edited since this process ran it is reloaded now, before
         # `templated` takes the function (its key then names the code that runs).
         refresh_formatting_func(self.data.formatting_func)
@@ -189,6 +183,7 @@ class DataPipeline:
             raise RuntimeError(
                 f"tokenizer {self.exp.tokenizer.path!r} / template {self.data.template.source!r} changed while "
                 f"preparing (keys name tokenizer {known[:12]}, the files now give {bundle.identity[:12]}); run again")
+        hold_tokenizer(bundle.identity, bundle.tokenizer, bundle.setup)  # shards built here use it
         return bundle
 
     @functools.cached_property
@@ -225,14 +220,6 @@ class DataPipeline:
         save_tokenizer(bundle.tokenizer, bundle.setup, out_dir)
         return {"identity": bundle.identity, "source": self.exp.tokenizer.path, "vocab_size": len(bundle.tokenizer)}
 
-    def _tokenizer_of(self, tokenizer: StageOutput) -> tuple[Any, Any]:
-        """(tokenizer, template set-up) of a tokenizer stage: the one this pipeline loaded when it
-        is that one, else read where it is stored."""
-        loaded = self.__dict__.get("tokenizer_bundle")
-        if loaded is not None and loaded.identity == tokenizer.key:
-            return loaded.tokenizer, loaded.setup
-        return stored_tokenizer(str(tokenizer.path))
-
     # -- splits ------------------------------------------------------------------------------
     @property
     def has_eval(self) -> bool:
@@ -246,13 +233,16 @@ class DataPipeline:
         retraining compare."""
         return "+".join(self.raw_key(split) for split in self.splits())
 
-    def _fingerprint(self, split: str) -> dict[str, Any]:
-        """The source's fingerprint; train and a carved eval split share one source: hashed once."""
+    def shards(self, split: str) -> list[SourceShard]:
+        """The split's source cut into shards; train and a carved eval split share one source: planned once."""
         source, _ = source_for(self.data, split)
-        marker = id(source)
-        if marker not in self._fingerprints:
-            self._fingerprints[marker] = source_fingerprint(source, self.exp.base_dir)
-        return self._fingerprints[marker]
+        if id(source) not in self._plans:
+            self._plans[id(source)] = plan_shards(source, self.exp.base_dir, self.data.source_rows_per_shard)
+        return self._plans[id(source)]
+
+    def _fingerprint(self, split: str) -> dict[str, Any]:
+        """What identifies the split's source records: its shards' bytes, and its `where`."""
+        return shards_fingerprint(source_for(self.data, split)[0], self.shards(split))
 
     # -- stages ------------------------------------------------------------------------------
     def stage(self, name: str, split: str | None = None) -> Stage:
@@ -264,21 +254,20 @@ class DataPipeline:
         return self._stages[memo]
 
     def _make_stage(self, name: str, split: str | None) -> Stage:
-        exp, progress = self.exp, self.progress
+        exp, progress, builder = self.exp, self.progress, self.builder
         if name == "tokenizer":
             return IdentityStage(name, (), {"identity": self.tokenizer_identity}, self._save_tokenizer)
         if name == "raw":
             params = keys.raw_params(exp, split, self._fingerprint(split), source_for(self.data, split)[1])
-            return Stage(name, (), params, functools.partial(build_raw, exp, split))
+            return Stage(name, (), params, functools.partial(build_raw, exp, split, self.shards(split), builder))
         if name == "templated":
             # reload=False: `__init__` reloaded an edited formatting module; an edit since then is
             # an error, since the function this stage builds with may already be the old one.
-            params = keys.templated_params(exp, formatting_func_identity(self.data.formatting_func, reload=False))
-            return Stage(name, ("raw", "tokenizer"), params,
-                         functools.partial(build_templated, exp, split, self._tokenizer_of, progress))
+            identity = formatting_func_identity(self.data.formatting_func, reload=False)
+            return Stage(name, ("raw", "tokenizer"), keys.templated_params(exp, identity),
+                         functools.partial(build_templated, exp, split, builder, identity))
         if name == "tokenized":
-            return Stage(name, ("templated", "tokenizer"), {},
-                         functools.partial(build_tokenized, split, self._tokenizer_of, progress))
+            return Stage(name, ("templated", "tokenizer"), {}, functools.partial(build_tokenized, split, builder))
         if name == "packed":
             return Stage(name, ("tokenized",), keys.packed_params(exp, split),
                          functools.partial(build_packed, exp, split, progress))

@@ -13,13 +13,14 @@ import hashlib
 import inspect
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from trainer.core.config import EvalConfig, SourceConfig
-from trainer.core.store import file_digest
+from trainer.core.config import DataConfig, EvalConfig, SourceConfig
+from trainer.data.shards import SourceShard, file_shard, jsonl_shards
 
 RAW_SCHEMA = pa.schema([
     ("row_id", pa.int64()),
@@ -64,52 +65,93 @@ def _file_format(path: Path, source: SourceConfig) -> str:
     raise SourceError(f"{path}: cannot tell the format from the extension; set {source.key}.file_format")
 
 
-def source_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, Any]:
-    """What identifies the source's records: file contents, hub coordinates, or generator code,
-    and the `where` selecting among them (absent when unset: those keys stay as they were)."""
-    selection = {"where": source.where} if source.where else {}
-    return {**_bytes_fingerprint(source, base_dir), **selection}
-
-
-def _bytes_fingerprint(source: SourceConfig, base_dir: str | Path) -> dict[str, Any]:
+def plan_shards(source: SourceConfig, base_dir: str | Path, rows_per_shard: int) -> list[SourceShard]:
+    """The source's shards in reading order: a file each, a JSONL file every `rows_per_shard`
+    lines, one for a hub split or a generated dataset."""
     if source.path:
-        return {"files": [[p.name, file_digest(p)] for p in resolve_files(source, base_dir)],
-                "file_format": source.file_format}
+        shards = []
+        for path in resolve_files(source, base_dir):
+            fmt = _file_format(path, source)
+            if fmt not in ("json", "jsonl", "csv", "parquet"):
+                raise SourceError(f"{path}: unsupported file_format {fmt!r} (json, jsonl, csv, parquet)")
+            shards.extend(jsonl_shards(path, rows_per_shard) if fmt == "jsonl" else [file_shard(path, fmt)])
+        return shards
     if source.hub:
-        return {"hub": source.hub, "config": source.hub_config, "split": source.split, "revision": source.revision}
+        coordinates = {"hub": source.hub, "config": source.hub_config, "split": source.split, "revision": source.revision}
+        return [SourceShard(f"{source.hub}", _digest(coordinates), file_format="hub")]
     from trainer.data import default_data
 
+    if source.builtin not in default_data.BUILTIN_DATASETS:
+        raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} "
+                          f"(known: {', '.join(repr(k) for k in default_data.BUILTIN_DATASETS)})")
     code = hashlib.sha256(inspect.getsource(default_data).encode()).hexdigest()[:16]
-    return {"builtin": source.builtin, "split": source.split, "rows": source.rows, "seed": source.seed,
-            "generator_code": code}
+    coordinates = {"builtin": source.builtin, "split": source.split, "rows": source.rows, "seed": source.seed,
+                   "generator_code": code}
+    return [SourceShard(f"builtin:{source.builtin}", _digest(coordinates), file_format="builtin")]
 
 
-def _json_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]:
-    name = path.name
-    if fmt == "jsonl":
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{name}:{lineno}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield where, None, f"invalid JSON: {e.msg} (column {e.colno})"
-                    continue
-                # Keep the line as it is: re-serialising every record would cost as much as parsing.
-                yield where, RawJson(line.rstrip("\r\n"), record), None
-        return
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def source_fingerprint(source: SourceConfig, base_dir: str | Path,
+                       rows_per_shard: int = DataConfig.source_rows_per_shard) -> dict[str, Any]:
+    return shards_fingerprint(source, plan_shards(source, base_dir, rows_per_shard))
+
+
+def shards_fingerprint(source: SourceConfig, shards: list[SourceShard]) -> dict[str, Any]:
+    """What identifies the source's records: its shards' bytes (file contents, hub coordinates,
+    generator code), and the `where` selecting among them (absent when unset)."""
+    selection = {"where": source.where} if source.where else {}
+    return {"shards": [s.fingerprint() for s in shards], "file_format": source.file_format, **selection}
+
+
+def _jsonl_records(shard: SourceShard) -> Iterator[tuple[str, Any, str | None]]:
+    """The records of a JSONL shard (its byte range), each with its file and line."""
+    name = Path(shard.path).name
+    digest = hashlib.sha256()
+    with open(shard.path, "rb") as f:
+        f.seek(shard.start)
+        position, lineno = shard.start, shard.first_line - 1
+        while position < shard.end:
+            raw = f.readline(shard.end - position)
+            if not raw:
+                break
+            digest.update(raw)
+            position += len(raw)
+            lineno += 1
+            where = f"{name}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, None, f"invalid UTF-8 (column {e.start + 1})"
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield where, None, f"invalid JSON: {e.msg} (column {e.colno})"
+                continue
+            # Keep the line as it is: re-serialising every record would cost as much as parsing.
+            yield where, RawJson(line.rstrip("\r\n"), record), None
+    if digest.hexdigest() != shard.digest:
+        # The rows would be stored under the key of bytes they are not made of.
+        raise SourceError(f"{shard.path}: lines {shard.label.rsplit(':', 1)[1]} changed while being prepared; run again")
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise SourceError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}: not UTF-8"
+        raise SourceError(f"{path}: invalid JSON at {where}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
         raise SourceError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
     for index, item in enumerate(data):
-        yield f"{name}[{index}]", item, None
+        yield f"{path.name}[{index}]", item, None
 
 
 def _table_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]:
@@ -121,8 +163,11 @@ def _table_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]
         return
     import pyarrow.parquet as pq
 
-    for index, item in enumerate(pq.read_table(path).to_pylist()):
-        yield f"{path.name}[{index}]", item, None
+    index = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # a batch at a time: bounded memory
+        for item in batch.to_pylist():
+            yield f"{path.name}[{index}]", item, None
+            index += 1
 
 
 def _hub_records(source: SourceConfig) -> Iterator[tuple[str, Any, str | None]]:
@@ -133,67 +178,102 @@ def _hub_records(source: SourceConfig) -> Iterator[tuple[str, Any, str | None]]:
         yield f"{source.hub}[{index}]", item, None
 
 
-def iter_records(source: SourceConfig, base_dir: str | Path) -> Iterator[tuple[str, Any, str | None]]:
-    """Yield (where, record, error) in a stable order."""
-    if source.path:
-        for path in resolve_files(source, base_dir):
-            fmt = _file_format(path, source)
-            if fmt in ("json", "jsonl"):
-                yield from _json_records(path, fmt)
-            elif fmt in ("csv", "parquet"):
-                yield from _table_records(path, fmt)
-            else:
-                raise SourceError(f"{path}: unsupported file_format {fmt!r} (json, jsonl, csv, parquet)")
-    elif source.hub:
+def _builtin_records(source: SourceConfig) -> Iterator[tuple[str, Any, str | None]]:
+    from trainer.data import default_data
+
+    generate = default_data.BUILTIN_DATASETS.get(source.builtin)
+    if generate is None:
+        raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} "
+                          f"(known: {', '.join(repr(k) for k in default_data.BUILTIN_DATASETS)})")
+    split = source.split if source.split in ("train", "test") else "train"
+    default_rows = default_data.DEFAULT_TRAIN_ROWS if split == "train" else default_data.DEFAULT_TEST_ROWS
+    for index, item in enumerate(generate(split, source.rows or default_rows, seed=source.seed)):
+        yield f"{source.builtin}/{split}[{index}]", item, None
+
+
+def shard_records(shard: SourceShard, source: SourceConfig) -> Iterator[tuple[str, Any, str | None]]:
+    """Yield (where, record, error) of one shard, in a stable order."""
+    fmt = shard.file_format
+    if fmt == "jsonl":
+        yield from _jsonl_records(shard)
+    elif fmt == "json":
+        yield from _json_records(Path(shard.path))
+    elif fmt in ("csv", "parquet"):
+        yield from _table_records(Path(shard.path), fmt)
+    elif fmt == "hub":
         yield from _hub_records(source)
     else:
-        from trainer.data import default_data
-
-        generate = default_data.BUILTIN_DATASETS.get(source.builtin)
-        if generate is None:
-            raise SourceError(f"{source.key}.builtin: unknown builtin dataset {source.builtin!r} "
-                              f"(known: {', '.join(repr(k) for k in default_data.BUILTIN_DATASETS)})")
-        split = source.split if source.split in ("train", "test") else "train"
-        default_rows = default_data.DEFAULT_TRAIN_ROWS if split == "train" else default_data.DEFAULT_TEST_ROWS
-        for index, item in enumerate(generate(split, source.rows or default_rows, seed=source.seed)):
-            yield f"{source.builtin}/{split}[{index}]", item, None
+        yield from _builtin_records(source)
 
 
-def holdout_mask(num_rows: int, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of the rows held out for evaluation: a seeded, exact-size random choice."""
-    mask = np.zeros(num_rows, dtype=bool)
-    count = int(round(num_rows * fraction))
-    if count:
-        mask[np.random.default_rng(seed).choice(num_rows, size=count, replace=False)] = True
-    return mask
+def is_held_out(text: str, holdout: EvalConfig) -> bool:
+    """Whether a record belongs to the eval split carved out of its source: a seeded hash of the
+    record's text below `fraction`. Decided per record, so a grown source keeps every earlier
+    record on its side (and a duplicated record on one side: no eval row is also trained on)."""
+    h = hashlib.blake2b(text.encode("utf-8"), digest_size=8, salt=holdout.seed.to_bytes(8, "little", signed=True)
+                        .ljust(16, b"\0"))
+    return int.from_bytes(h.digest(), "little") < holdout.fraction * 2**64
 
 
-def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalConfig | None = None,
-                    side: str = "train") -> tuple[pa.Table, int]:
-    """Load a source into the raw table; with `holdout`, keep only the train or eval side of it.
-    Also returns how many well-formed records the source's `where` left out."""
-    wheres, records, errors = [], [], []
-    not_selected = 0
-    for where, record, error in iter_records(source, base_dir):
+@dataclass
+class RawCounts:
+    records: int = 0  # rows numbered in the shard (the selected ones, malformed included), both sides
+    not_selected: int = 0  # well-formed records `where` left out
+    selected: int = 0  # well-formed records it kept, both sides
+
+
+def raw_batches(source: SourceConfig, shard: SourceShard, holdout: EvalConfig | None, side: str,
+                counts: RawCounts, batch_rows: int) -> Iterator[pa.Table]:
+    """The shard's raw table (RAW_SCHEMA) in batches, its rows numbered from 0; with `holdout`,
+    only the train or eval side (malformed records are rejects of the train side)."""
+    carve = holdout is not None and holdout.fraction > 0
+    columns: tuple[list, list, list, list] = ([], [], [], [])
+    for where, record, error in shard_records(shard, source):
         text = None
         if isinstance(record, RawJson):
             text, record = record.text, record.value
         if error is None and not isinstance(record, dict):
             record, error = None, f"expected a JSON object, got {type(record).__name__}"
         if error is None and source.where and not source.selects(record):
-            not_selected += 1
+            counts.not_selected += 1
             continue
-        wheres.append(where)
+        row_id = counts.records
+        counts.records += 1
+        counts.selected += error is None
         if record is not None and text is None:
             text = json.dumps(record, ensure_ascii=False, default=str)
-        records.append(text if record is not None else None)
-        errors.append(error)
-    row_ids = np.arange(len(records), dtype=np.int64)
-    table = pa.table([pa.array(row_ids), pa.array(wheres, pa.string()), pa.array(records, pa.string()),
-                      pa.array(errors, pa.string())], schema=RAW_SCHEMA)
-    if holdout is not None and holdout.fraction > 0:
-        mask = holdout_mask(table.num_rows, holdout.fraction, holdout.seed)
-        table = table.filter(pa.array(mask if side == "eval" else ~mask))
-    if source.where and not_selected and not any(r is not None for r in records):
+        if carve and (error is None and is_held_out(text, holdout)) != (side == "eval"):
+            continue
+        for column, value in zip(columns, (row_id, where, text if record is not None else None, error)):
+            column.append(value)
+        if len(columns[0]) >= batch_rows:
+            yield _raw_table(columns)
+            columns = ([], [], [], [])
+    yield _raw_table(columns)
+
+
+def _raw_table(columns: tuple[list, list, list, list]) -> pa.Table:
+    return pa.table([pa.array(c, t.type) for c, t in zip(columns, RAW_SCHEMA)], schema=RAW_SCHEMA)
+
+
+def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalConfig | None = None,
+                    side: str = "train", rows_per_shard: int = DataConfig.source_rows_per_shard) -> tuple[pa.Table, int]:
+    """The whole source's raw table in memory, rows numbered over all its shards (for small
+    sources and tests; the raw stage writes shard by shard). Also returns how many well-formed
+    records the source's `where` left out."""
+    tables, base, not_selected, selected = [], 0, 0, 0
+    for shard in plan_shards(source, base_dir, rows_per_shard):
+        counts = RawCounts()
+        for table in raw_batches(source, shard, holdout, side, counts, batch_rows=1 << 30):
+            tables.append(table.set_column(0, "row_id", pa.compute.add(table.column("row_id"), base)))
+        base += counts.records
+        not_selected += counts.not_selected
+        selected += counts.selected
+    check_selection(source, selected, not_selected)
+    return pa.concat_tables(tables) if tables else _raw_table(([], [], [], [])), not_selected
+
+
+def check_selection(source: SourceConfig, selected: int, not_selected: int) -> None:
+    """A `where` that keeps nothing is one clear line, not an empty dataset."""
+    if source.where and not_selected and not selected:
         raise SourceError(f"{source.key}.where: no record matches {source.where} ({not_selected} records read)")
-    return table, not_selected

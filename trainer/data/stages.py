@@ -4,36 +4,48 @@ upstream stages it reads, and a `build(inputs, out_dir) -> manifest` that receiv
 raw → templated → tokenized → packed, per split; templated and tokenized also read the
 tokenizer stage. `trainer.data.prepare.DataPipeline` makes the stage values of an experiment and
 runs them through the store; what enters each key is decided in `trainer.core.keys`.
+
+raw, templated and tokenized work shard by shard (`trainer.data.shards`): each shard is its own
+stage output under its own key (built in parallel, `trainer.data.parallel`), streamed in record
+batches so memory is set by the batch, its rows numbered from 0. The split's output of such a
+stage is an index: a manifest listing its shards in order with the number of their first row
+(`row_base`), the counts summed, and the rejects and held-out prompts of all shards with their
+split-wide row numbers. `read_rows` reads a split's rows whole (small splits, tests). The packed
+stage reads every tokenized shard's lengths, plans globally and writes its files batch by batch.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
-from trainer.core.arrow_io import read_table, write_shards, write_table
-from trainer.core.config import DataConfig, Experiment, SourceConfig
-from trainer.core.keys import packing_strategy
-from trainer.core.schemas import HELD_OUT, IGNORE_INDEX
-from trainer.core.store import CODE_VERSIONS, StageOutput, content_key
+from trainer.core import keys
+from trainer.core.arrow_io import BatchWriter, iter_batches, read_table
+from trainer.core.config import DataConfig, EvalConfig, Experiment, SourceConfig
+from trainer.core.schemas import HELD_OUT
+from trainer.core.store import CODE_VERSIONS, StageOutput, Store, content_key
 from trainer.data.formats import RowError, load_formatting_func, normalize
-from trainer.data.packing import length_histogram, pack
-from trainer.data.sources import build_raw_table
+from trainer.data.parallel import ShardBuilder
+from trainer.data.shards import SourceShard
+from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_batches
 
 # The per-split stages, in build order.
 DATA_STAGES = ("raw", "templated", "tokenized", "packed")
+
+ROWS = "rows.arrow"
+# Rows per record batch: what a stage holds in memory at a time.
+BATCH_ROWS = 8192
 
 REJECTS_SCHEMA = pa.schema([("row_id", pa.int64()), ("stage", pa.string()), ("reason", pa.string())])
 
 # A stage's upstream outputs, by stage name.
 Inputs = dict[str, StageOutput]
-# (tokenizer, template set-up) of a tokenizer stage output.
-TokenizerOf = Callable[[StageOutput], tuple[Any, Any]]
 
 
 @dataclass(frozen=True)
@@ -72,63 +84,109 @@ def source_for(data: DataConfig, split: str) -> tuple[SourceConfig, bool]:
 def write_rejects(directory: Path, stage: str, rejects: list[tuple[int, str]]) -> dict[str, int]:
     table = pa.table([pa.array([r for r, _ in rejects], pa.int64()), pa.array([stage] * len(rejects), pa.string()),
                       pa.array([why for _, why in rejects], pa.string())], schema=REJECTS_SCHEMA)
-    write_table(directory / "rejects.arrow", table)
+    with BatchWriter(directory / "rejects.arrow", REJECTS_SCHEMA) as out:
+        out.write(table)
+    return reject_kinds(why for _, why in rejects)
+
+
+def reject_kinds(reasons) -> dict[str, int]:
     # Reasons grouped by their kind (the text before the first colon), so counts stay readable.
-    return dict(Counter(why.split(":")[0] for _, why in rejects).most_common())
+    return dict(Counter(why.split(":")[0] for why in reasons).most_common())
 
 
 def read_rejects(stage_output: StageOutput) -> pa.Table:
     return read_table(stage_output.path / "rejects.arrow")
 
 
-def _write_rows(out_dir: Path, stage: str, split: str, rows_in: int, table: pa.Table,
-                rejects: list[tuple[int, str]], **counts: int) -> dict[str, Any]:
-    """Write a stage's rows and rejects; its manifest's counts (rows_in == rows_out + rejects)."""
-    write_table(out_dir / "rows.arrow", table)
-    return {"split": split, "counts": {"rows_in": rows_in, "rows_out": table.num_rows, "rejects": len(rejects),
-                                       **counts},
+# -- the tokenizer a shard is built with -----------------------------------------------------------
+
+# Set-up tokenizers this process already holds, by identity (the tokenizer stage's key): a shard
+# built here uses the one the pipeline loaded; a worker process reads it where the store keeps it.
+_HELD: "OrderedDict[str, tuple[Any, Any]]" = OrderedDict()
+
+
+def hold_tokenizer(identity: str, tok: Any, setup: Any) -> None:
+    _HELD[identity] = (tok, setup)
+    _HELD.move_to_end(identity)
+    while len(_HELD) > 4:
+        _HELD.popitem(last=False)
+
+
+@functools.lru_cache(maxsize=4)
+def stored_tokenizer(path: str) -> tuple[Any, Any]:
+    """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
+    from transformers import AutoTokenizer
+
+    from trainer.core.template_setup import load_template_setup
+
+    return AutoTokenizer.from_pretrained(path), load_template_setup(path)
+
+
+def tokenizer_of(tokenizer: StageOutput) -> tuple[Any, Any]:
+    """(tokenizer, template set-up) of a tokenizer stage output."""
+    return _HELD.get(tokenizer.key) or stored_tokenizer(str(tokenizer.path))
+
+
+# -- one shard: read in record batches, written in record batches -----------------------------------
+
+def _shard_manifest(split: str, rows_in: int, rows_out: int, stage: str, rejects: list[tuple[int, str]],
+                    out_dir: Path, **counts: int) -> dict[str, Any]:
+    """A stage's counts (rows_in == rows_out + rejects) and its rejects file."""
+    return {"split": split, "counts": {"rows_in": rows_in, "rows_out": rows_out, "rejects": len(rejects), **counts},
             "reject_reasons": write_rejects(out_dir, stage, rejects)}
 
 
-# -- builds: each receives its bound settings, then (inputs, out_dir). Templating, tokenization and
-# pyarrow.compute are imported where they build: a cached preparation never loads them.
-
-def build_raw(exp: Experiment, split: str, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    """The split's records (no inputs: it reads the source); malformed ones are rejects."""
-    source, carved = source_for(exp.data, split)
-    table, not_selected = build_raw_table(source, exp.base_dir, exp.data.eval if carved else None, side=split)
-    bad = table.column("error").is_valid()
-    rejects = [(int(r), f"malformed record at {w}: {e}") for r, w, e in zip(
-        table.column("row_id").filter(bad).to_pylist(), table.column("source").filter(bad).to_pylist(),
-        table.column("error").filter(bad).to_pylist())]
+def build_raw_shard(source: SourceConfig, holdout: EvalConfig | None, split: str, shard: SourceShard,
+                    out_dir: Path) -> dict[str, Any]:
+    """A shard's records of the split; malformed ones are rejects naming their file and line."""
+    counts, rejects, rows_in = RawCounts(), [], 0
+    with BatchWriter(out_dir / ROWS, RAW_SCHEMA) as out:
+        for table in raw_batches(source, shard, holdout, split, counts, BATCH_ROWS):
+            rows_in += table.num_rows
+            bad = table.filter(table.column("error").is_valid())
+            rejects += [(r, f"malformed record at {w}: {e}") for r, w, e in zip(
+                bad.column("row_id").to_pylist(), bad.column("source").to_pylist(), bad.column("error").to_pylist())]
+            out.write(table.filter(table.column("error").is_null()))
     # Records `where` leaves out are not rows of this stage (rows_in counts the selected ones).
-    selection = {"not_selected": not_selected} if source.where else {}
-    return _write_rows(out_dir, "raw", split, table.num_rows, table.filter(table.column("error").is_null()), rejects,
-                       **selection)
+    selection = {"not_selected": counts.not_selected} if source.where else {}
+    manifest = _shard_manifest(split, rows_in, out.rows, "raw", rejects, out_dir, **selection)
+    return {**manifest, "shard": shard.label, "records": counts.records, "selected": counts.selected}
 
 
-def build_templated(exp: Experiment, split: str, tokenizer_of: TokenizerOf, progress: bool,
-                    inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    from trainer.data.templating import template_rows
+def build_templated_shard(data: DataConfig, split: str, tokenizer: StageOutput, raw: Path,
+                          out_dir: Path) -> dict[str, Any]:
+    from trainer.data.templating import TEMPLATED_SCHEMA, template_rows
 
-    data = exp.data
     func = load_formatting_func(data.formatting_func) if data.formatting_func else None
-    tok, setup = tokenizer_of(inputs["tokenizer"])
-    raw_table = read_table(inputs["raw"].path / "rows.arrow")
-    rows = list(zip(raw_table.column("row_id").to_pylist(), map(json.loads, raw_table.column("record").to_pylist())))
-    table, rejects = template_rows(rows, tok, setup, data, formatting_func=func, progress=progress)
-    manifest = _write_rows(out_dir, "templated", split, len(rows), table, rejects)
+    tok, setup = tokenizer_of(tokenizer)
+    rejects: list[tuple[int, str]] = []
+    rows_in = prompts = differs = 0
+    held_out = open(out_dir / HELD_OUT, "w", encoding="utf-8") if split == "eval" else None
+    try:
+        with BatchWriter(out_dir / ROWS, TEMPLATED_SCHEMA) as out:
+            for batch in iter_batches(raw / ROWS):
+                rows = list(zip(batch.column("row_id").to_pylist(), map(json.loads, batch.column("record").to_pylist())))
+                table, batch_rejects = template_rows(rows, tok, setup, data, formatting_func=func, progress=False)
+                out.write(table)
+                rows_in += len(rows)
+                rejects += batch_rejects
+                if held_out is not None:
+                    rejected = {r for r, _ in batch_rejects}
+                    written, different = _write_held_out(held_out, [(r, rec) for r, rec in rows if r not in rejected],
+                                                         tok, setup, data, func)
+                    prompts, differs = prompts + written, differs + different
+    finally:
+        if held_out is not None:
+            held_out.close()
+    manifest = _shard_manifest(split, rows_in, out.rows, "templated", rejects, out_dir)
     manifest["template"] = {"end_of_turn": setup.eot_token, "markers_not_special": setup.markers_not_special,
                             "generation_prompt_matches_training": setup.generation_prompt_matches_training}
-    if split == "eval":
-        rejected = {r for r, _ in rejects}
-        kept = [(row_id, record) for row_id, record in rows if row_id not in rejected]
-        manifest["held_out_prompts"], manifest["generation_prompt_differs"] = _write_held_out(
-            out_dir / HELD_OUT, kept, tok, setup, data, func)
+    if held_out is not None:
+        manifest["held_out_prompts"], manifest["generation_prompt_differs"] = prompts, differs
     return manifest
 
 
-def _write_held_out(path: Path, rows: list[tuple[int, Any]], tok: Any, setup: Any, data: DataConfig,
+def _write_held_out(f, rows: list[tuple[int, Any]], tok: Any, setup: Any, data: DataConfig,
                     func: Callable[[dict], str] | None) -> tuple[int, int]:
     """The eval rows' prompts exactly as inference sends them (the template's generation prompt),
     with their references. Returns (prompts written, rows whose training text before the answer
@@ -136,43 +194,153 @@ def _write_held_out(path: Path, rows: list[tuple[int, Any]], tok: Any, setup: An
     from trainer.data.templating import generation_prompt
 
     written = differs = 0
-    with open(path, "w", encoding="utf-8") as f:
-        for row_id, record in rows:
-            try:
-                gp = generation_prompt(normalize(record, data, func), tok, setup, data)
-            except RowError:
-                continue
-            reference = gp.reference
-            if isinstance(record, dict) and isinstance(record.get("answer"), str):
-                reference = record["answer"]
-            differs += not gp.matches_training
-            f.write(json.dumps({"row_id": row_id, "prompt": gp.prompt, "reference": reference}) + "\n")
-            written += 1
+    for row_id, record in rows:
+        try:
+            gp = generation_prompt(normalize(record, data, func), tok, setup, data)
+        except RowError:
+            continue
+        reference = gp.reference
+        if isinstance(record, dict) and isinstance(record.get("answer"), str):
+            reference = record["answer"]
+        differs += not gp.matches_training
+        f.write(json.dumps({"row_id": row_id, "prompt": gp.prompt, "reference": reference}) + "\n")
+        written += 1
     return written, differs
 
 
-def build_tokenized(split: str, tokenizer_of: TokenizerOf, progress: bool, inputs: Inputs,
-                    out_dir: Path) -> dict[str, Any]:
+def build_tokenized_shard(split: str, tokenizer: StageOutput, templated: Path, out_dir: Path) -> dict[str, Any]:
+    import numpy as np
+
+    from trainer.core.schemas import IGNORE_INDEX
+    from trainer.data.tokenization import TOKENIZED_SCHEMA, tokenize_rows
+
+    tok = tokenizer_of(tokenizer)[0]
+    rejects: list[tuple[int, str]] = []
+    rows_in = tokens = trainable = 0
+    with BatchWriter(out_dir / ROWS, TOKENIZED_SCHEMA) as out:
+        for batch in iter_batches(templated / ROWS):
+            table, batch_rejects = tokenize_rows(pa.Table.from_batches([batch]), tok, progress=False)
+            out.write(table)
+            rows_in += batch.num_rows
+            rejects += batch_rejects
+            labels = table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False)
+            tokens += len(labels)
+            trainable += int(np.count_nonzero(labels != IGNORE_INDEX))
+    return _shard_manifest(split, rows_in, out.rows, "tokenized", rejects, out_dir, tokens=tokens,
+                           trainable_tokens=trainable)
+
+
+# -- a split: its shards, in order -------------------------------------------------------------------
+
+def shard_outputs(index: StageOutput) -> list[tuple[StageOutput, int]]:
+    """(shard output, number of its first row in the split) of a sharded stage's split output."""
+    store = Store(index.path.parents[1])
+    return [(store.get(index.stage, entry["key"]), entry["row_base"]) for entry in index.manifest["shards"]]
+
+
+def read_rows(index: StageOutput) -> pa.Table:
+    """A sharded stage's rows of one split as one table, rows numbered over the split (in memory:
+    for small splits, the loop's prompts, and tests)."""
+    tables = [_rebased(read_table(out.path / ROWS), base) for out, base in shard_outputs(index)]
+    return pa.concat_tables(tables) if tables else None
+
+
+def _rebased(table: pa.Table, base: int) -> pa.Table:
     import pyarrow.compute as pc
 
-    from trainer.data.tokenization import tokenize_rows
+    return table.set_column(0, "row_id", pc.add(table.column("row_id"), pa.scalar(base, pa.int64())))
 
-    table_in = read_table(inputs["templated"].path / "rows.arrow")
-    table, rejects = tokenize_rows(table_in, tokenizer_of(inputs["tokenizer"])[0], progress=progress)
-    labels = table.column("labels").combine_chunks().flatten()
-    trainable = int(pc.sum(pc.not_equal(labels, IGNORE_INDEX)).as_py() or 0)
-    return _write_rows(out_dir, "tokenized", split, table_in.num_rows, table, rejects,
-                       tokens=len(labels), trainable_tokens=trainable)
+
+def _write_index(stage: str, split: str, shards: list[StageOutput], bases: list[int], labels: list[str],
+                 out_dir: Path) -> dict[str, Any]:
+    """The split's output of a sharded stage: its shards in order, the counts summed, and the
+    rejects (and held-out prompts) of all shards numbered over the split."""
+    totals: Counter = Counter()
+    reasons: Counter = Counter()
+    with BatchWriter(out_dir / "rejects.arrow", REJECTS_SCHEMA) as rejects:
+        for out, base in zip(shards, bases):
+            totals.update({k: v for k, v in out.manifest["counts"].items() if isinstance(v, int)})
+            reasons.update(out.manifest["reject_reasons"])
+            rejects.write(_rebased(read_rejects(out), base))
+    manifest = {"split": split, "counts": dict(totals), "reject_reasons": dict(reasons.most_common()),
+                "shards_built": sum(not out.cache_hit for out in shards),  # the others were in the store already
+                "shards": [{"key": out.key, "label": label, "row_base": base, "counts": out.manifest["counts"]}
+                           for out, base, label in zip(shards, bases, labels)]}
+    if stage == "templated":
+        if shards:
+            manifest["template"] = shards[0].manifest["template"]
+        if split == "eval":
+            manifest["held_out_prompts"] = sum(out.manifest["held_out_prompts"] for out in shards)
+            manifest["generation_prompt_differs"] = sum(out.manifest["generation_prompt_differs"] for out in shards)
+            with open(out_dir / HELD_OUT, "w", encoding="utf-8") as f:
+                for out, base in zip(shards, bases):
+                    with open(out.path / HELD_OUT, encoding="utf-8") as shard_prompts:
+                        for line in shard_prompts:
+                            prompt = json.loads(line)
+                            f.write(json.dumps({**prompt, "row_id": prompt["row_id"] + base}) + "\n")
+    return manifest
+
+
+# -- builds: each receives its bound settings, then (inputs, out_dir). Templating, tokenization and
+# pyarrow.compute are imported where they build: a cached preparation never loads them.
+
+def build_raw(exp: Experiment, split: str, shards: list[SourceShard], builder: ShardBuilder, inputs: Inputs,
+              out_dir: Path) -> dict[str, Any]:
+    """The split's records (no inputs: it reads the source's shards)."""
+    source, carved = source_for(exp.data, split)
+    holdout = exp.data.eval if carved else None
+    tasks = [(raw_shard_key(exp, split, shard), functools.partial(build_raw_shard, source, holdout, split, shard))
+             for shard in shards]
+    outputs = builder.build("raw", tasks, f"raw/{split}")
+    bases, base = [], 0
+    for out in outputs:
+        bases.append(base)
+        base += out.manifest["records"]
+    check_selection(source, sum(out.manifest["selected"] for out in outputs),
+                    sum(out.manifest["counts"].get("not_selected", 0) for out in outputs))
+    return _write_index("raw", split, outputs, bases, [s.label for s in shards], out_dir)
+
+
+def raw_shard_key(exp: Experiment, split: str, shard: SourceShard) -> str:
+    source, carved = source_for(exp.data, split)
+    return content_key("raw", inputs=[], params=keys.raw_shard_params(exp, split, source.where, shard.fingerprint(),
+                                                                      carved))
+
+
+def _derived_shards(stage: str, index: StageOutput, tokenizer: StageOutput, params: dict[str, Any],
+                    build: Callable[..., dict[str, Any]], builder: ShardBuilder, split: str,
+                    out_dir: Path) -> dict[str, Any]:
+    """A stage built shard by shard from its input's shards and the tokenizer: each shard's key is
+    its input shard's key, the tokenizer's and the stage's parameters."""
+    upstream = index.manifest["shards"]
+    tasks = [(content_key(stage, inputs=[entry["key"], tokenizer.key], params=params),
+              functools.partial(build, Store(index.path.parents[1]).path(index.stage, entry["key"])))
+             for entry in upstream]
+    outputs = builder.build(stage, tasks, f"{stage}/{split}")
+    return _write_index(stage, split, outputs, [e["row_base"] for e in upstream], [e["label"] for e in upstream],
+                        out_dir)
+
+
+def build_templated(exp: Experiment, split: str, builder: ShardBuilder, formatting_identity: str | None,
+                    inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+    build = functools.partial(build_templated_shard, exp.data, split, inputs["tokenizer"])
+    return _derived_shards("templated", inputs["raw"], inputs["tokenizer"],
+                           keys.templated_params(exp, formatting_identity), build, builder, split, out_dir)
+
+
+def build_tokenized(split: str, builder: ShardBuilder, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+    build = functools.partial(build_tokenized_shard, split, inputs["tokenizer"])
+    return _derived_shards("tokenized", inputs["templated"], inputs["tokenizer"], {}, build, builder, split, out_dir)
 
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+    from trainer.data.packing import length_histogram, pack_files
+
     d = exp.data
-    result = pack(read_table(inputs["tokenized"].path / "rows.arrow"), d.max_length,
-                  strategy=packing_strategy(exp, split), overlong=d.overlong, truncate_side=d.truncate_side,
-                  progress=progress)
-    files = write_shards(out_dir, result.table, d.rows_per_shard)
-    return {"split": split, "counts": dict(result.counts), "files": files,
-            "rows_per_file": [min(d.rows_per_shard, result.table.num_rows - i * d.rows_per_shard)
-                              for i in range(len(files))],
+    shards = shard_outputs(inputs["tokenized"])
+    result = pack_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length, out_dir,
+                        rows_per_file=d.rows_per_shard, strategy=keys.packing_strategy(exp, split),
+                        overlong=d.overlong, truncate_side=d.truncate_side, progress=progress)
+    return {"split": split, "counts": dict(result.counts), "files": result.files, "rows_per_file": result.rows_per_file,
             "length_histogram": length_histogram(result.doc_lengths, d.max_length),
             "reject_reasons": write_rejects(out_dir, "packed", result.rejects)}

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core import keys
-from trainer.core.arrow_io import read_table
 from trainer.core.config import EvalConfig, Experiment, FieldNames, SourceConfig
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
 from trainer.data.formats import RowError, normalize
 from trainer.data.prepare import DataPipeline
+from trainer.data.stages import read_rows
 from trainer.loop.filters import build_pipeline, resolve_function
 from trainer.training.generate import SamplingSettings, read_samples
 from trainer.loop.sample import SamplingSpec
@@ -120,7 +120,7 @@ def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, str
 
 def _prompt_rows(exp: Experiment, prompts: dict[str, StageOutput]) -> dict[str, dict[str, Any]]:
     """{prompt id: {"record": the raw row, "reference": …}} of the prompts that were sampled."""
-    raw = read_table(prompts["raw"].path / "rows.arrow")
+    raw = read_rows(prompts["raw"])
     records = dict(zip(map(str, raw.column("row_id").to_pylist()), map(json.loads, raw.column("record").to_pylist())))
     rows = {}
     with open(prompts["templated"].path / HELD_OUT, encoding="utf-8") as f:

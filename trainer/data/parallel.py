@@ -1,0 +1,99 @@
+"""Building a stage's shards side by side: one process per core (`data.num_proc`), each shard
+through `Store.get_or_build` in the process that builds it (its own temporary directory and
+rename, so a killed worker leaves nothing that looks complete). Shards already in the store are
+not rebuilt: a grown source prepares only its new shards.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from tqdm.auto import tqdm
+
+from trainer.core.store import StageOutput, Store
+
+# (key, build(out_dir) -> manifest): a shard to have in the store. A build run by a worker must
+# pickle: a partial of a module-level function over plain values.
+ShardTask = tuple[str, Callable[[Path], dict[str, Any]]]
+
+
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _worker_init(threads: int) -> None:
+    # The Rust tokenizers pool would start a thread per core in every worker: share the cores instead.
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))
+
+
+# Worker pools by size, kept for the life of the process: starting one costs seconds (a spawned
+# Python importing the tokenizers), and every stage of every split would pay it again.
+_POOLS: dict[int, ProcessPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ProcessPoolExecutor:
+    pool = _POOLS.get(workers)
+    if pool is None or getattr(pool, "_broken", False):
+        # spawn: the parent may hold threads (Dagster, the tokenizers pool) that fork would copy mid-lock.
+        threads = max(1, default_num_proc() // workers)
+        pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                     initializer=_worker_init, initargs=(threads,))
+    return pool
+
+
+@atexit.register
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
+def _build(location: str, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
+    return Store(location).get_or_build(stage, key, build)
+
+
+@dataclass
+class ShardBuilder:
+    store: Store
+    num_proc: int | None = None  # None: the cores
+    progress: bool = True
+
+    def build(self, stage: str, tasks: list[ShardTask], what: str) -> list[StageOutput]:
+        """The outputs of `tasks`, in order: found in the store, else built (in parallel when more
+        than one is missing). The first failure stops the others and is raised as it was."""
+        outputs: list[StageOutput | None] = [None] * len(tasks)
+        missing = []
+        for index, (key, _) in enumerate(tasks):
+            if self.store.has(stage, key):
+                outputs[index] = self.store.get(stage, key)
+            else:
+                missing.append(index)
+        workers = min(self.num_proc or default_num_proc(), len(missing))
+        bar = tqdm(total=len(missing), desc=f"{what} ({len(tasks) - len(missing)} of {len(tasks)} shards cached)",
+                   unit="shard", disable=not self.progress or not missing)
+        with bar:
+            if workers <= 1:
+                for index in missing:
+                    outputs[index] = self.store.get_or_build(stage, *tasks[index])
+                    bar.update()
+                return outputs  # type: ignore[return-value]
+            pool = _pool(workers)
+            futures = {pool.submit(_build, self.store.location, stage, *tasks[index]): index for index in missing}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        wait(pending)  # the ones already running finish (or fail) before this returns
+                        raise future.exception()
+                    outputs[futures[future]] = future.result()
+                    bar.update()
+        return outputs  # type: ignore[return-value]
