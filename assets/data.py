@@ -7,12 +7,15 @@ same data settings hang off the same assets. The assets are thin: the work and t
 
 
 import base64
+import dataclasses
+import json
 
 import dagster as dg
 
 from trainer.core.config import Experiment
 from trainer.data.packing import plot_length_histogram
 from trainer.data.prepare import DataPipeline
+from trainer.data.shards import SourceShard
 from trainer.core.template_setup import load_template_setup
 from trainer.core.store import CODE_VERSIONS, StageOutput
 
@@ -124,25 +127,30 @@ def build_data_assets(exp: Experiment) -> list:
         setup = load_template_setup(out.path)
         return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
             "path": dg.MetadataValue.path(str(out.path)), "vocab_size": int(out.manifest["vocab_size"]),
+            "cache_hit": dg.MetadataValue.bool(out.cache_hit),
             "end_of_turn": dg.MetadataValue.text(repr(setup.eot_token)),
             "added_tokens": dg.MetadataValue.json(setup.added_tokens)})
 
-    @asset("raw", deps=[raw_files_key(group)])
-    def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output:
-        p = pipeline()
-        return result("raw", {split: p.raw(split) for split in p.splits()}, context)
+    if exp.data.step_per_shard:
+        raw_dataset, templated_text, tokenized_rows = _step_per_shard_assets(exp, pipeline, result)
+    else:
+        @asset("raw", deps=[raw_files_key(group)])
+        def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output:
+            p = pipeline()
+            return result("raw", {split: p.raw(split) for split in p.splits()}, context)
 
-    @asset("templated", ins={"raw": dg.AssetIn(data_asset_key(group, "raw")),
-                             "tok": dg.AssetIn(tokenizer_asset_key(group))})
-    def templated_text(context: dg.AssetExecutionContext, raw: dict, tok: StageOutput) -> dg.Output:
-        p = pipeline()
-        return result("templated", {split: p.templated(split, raw[split], tok) for split in raw}, context)
+        @asset("templated", ins={"raw": dg.AssetIn(data_asset_key(group, "raw")),
+                                 "tok": dg.AssetIn(tokenizer_asset_key(group))})
+        def templated_text(context: dg.AssetExecutionContext, raw: dict, tok: StageOutput) -> dg.Output:
+            p = pipeline()
+            return result("templated", {split: p.templated(split, raw[split], tok) for split in raw}, context)
 
-    @asset("tokenized", ins={"templated": dg.AssetIn(data_asset_key(group, "templated")),
-                             "tok": dg.AssetIn(tokenizer_asset_key(group))})
-    def tokenized_rows(context: dg.AssetExecutionContext, templated: dict, tok: StageOutput) -> dg.Output:
-        p = pipeline()
-        return result("tokenized", {split: p.tokenized(split, templated[split], tok) for split in templated}, context)
+        @asset("tokenized", ins={"templated": dg.AssetIn(data_asset_key(group, "templated")),
+                                 "tok": dg.AssetIn(tokenizer_asset_key(group))})
+        def tokenized_rows(context: dg.AssetExecutionContext, templated: dict, tok: StageOutput) -> dg.Output:
+            p = pipeline()
+            return result("tokenized", {split: p.tokenized(split, templated[split], tok) for split in templated},
+                          context)
 
     packed_key = data_asset_key(group, "packed")
 
@@ -177,3 +185,108 @@ def _packed_checks(exp: Experiment, packed: dict[str, StageOutput],
                             metadata={"reject_rate": rate, "rejects": rejects, "rows_in": rows_in,
                                       "threshold": thresholds.max_reject_rate}),
     ]
+
+
+# -- one Dagster step per shard ------------------------------------------------------------------
+# raw, templated and tokenized as graphs: a step lists the split's shards missing from the store,
+# one step builds each (the executor spreads them: processes here, pods on Kubernetes), and a last
+# step writes the split's index, exactly as the one-step asset does. The shards' source plan is
+# hashed once, by the first step, and kept in the store for the others (`.plans/<run id>.json`).
+
+_UPSTREAM = {"raw": {}, "templated": {"raw": "raw", "tok": "tokenizer"},
+             "tokenized": {"templated": "templated", "tok": "tokenizer"}}
+
+
+def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
+    group = exp.data_group
+
+    def given(stage: str, inputs: dict, split: str) -> dict[str, StageOutput]:
+        """The stage's inputs as DataPipeline takes them: {"raw": output of the split, "tokenizer": …}."""
+        return {stage_name: (inputs[name] if stage_name == "tokenizer" else inputs[name][split])
+                for name, stage_name in _UPSTREAM[stage].items()}
+
+    def plan_file(p: DataPipeline, run_id: str):
+        return p.store.root / "raw" / ".plans" / f"{run_id}.json"
+
+    def opened(stage: str, context, inputs: dict) -> tuple[DataPipeline, list[str]]:
+        """A pipeline for this step, and the splits; raw's shards as the plan step hashed them."""
+        p = pipeline()
+        splits = p.splits() if stage == "raw" else list(inputs[next(iter(_UPSTREAM[stage]))])
+        if stage == "raw":
+            path = plan_file(p, context.run_id)
+            if path.is_file():
+                for split, shards in json.loads(path.read_text()).items():
+                    p.use_shards(split, [SourceShard(**s) for s in shards])
+        return p, splits
+
+    def ops(stage: str):
+        # raw reads no input: it follows the source files' observation (a Nothing input, never loaded)
+        ins = {name: dg.In() for name in _UPSTREAM[stage]} or {"raw_files": dg.In(dg.Nothing)}
+        prefix = f"{group}__{stage}"
+
+        @dg.op(name=f"{prefix}_plan", ins=ins, out=dg.DynamicOut(dg.Nothing))
+        def plan(context: dg.OpExecutionContext, **inputs):
+            p, splits = opened(stage, context, inputs)
+            if stage == "raw":
+                path = plan_file(p, context.run_id)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({split: [dataclasses.asdict(s) for s in p.shards(split)]
+                                            for split in splits}))
+            for split in splits:
+                if p.complete(stage, split, **given(stage, inputs, split)):
+                    continue
+                tasks = p.shard_tasks(stage, split, **given(stage, inputs, split))
+                missing = [i for i, (key, _) in enumerate(tasks) if not p.store.has(stage, key)]
+                context.log.info(f"{stage}/{split}: {len(missing)} of {len(tasks)} shards to build")
+                for i in missing:
+                    yield dg.DynamicOutput(None, mapping_key=f"{split}_{i}")
+
+        @dg.op(name=f"{prefix}_shard", ins={"planned": dg.In(dg.Nothing), **ins}, out=dg.Out(dg.Nothing))
+        def shard(context: dg.OpExecutionContext, **inputs) -> None:
+            p, _ = opened(stage, context, inputs)
+            split, index = context.get_mapping_key().rsplit("_", 1)
+            key, build = p.shard_tasks(stage, split, **given(stage, inputs, split))[int(index)]
+            out = p.store.get_or_build(stage, key, build)
+            context.log.info(f"{stage}/{split} shard {index}: {'cache hit' if out.cache_hit else 'built'} "
+                             f"{out.manifest.get('counts')}")
+
+        @dg.op(name=f"{prefix}_index", ins={"shards": dg.In(dg.Nothing), **ins})
+        def index(context: dg.OpExecutionContext, **inputs) -> dg.Output:
+            p, splits = opened(stage, context, inputs)
+            return result(stage, {split: p.output(stage, split, **given(stage, inputs, split)) for split in splits},
+                          context)
+
+        return plan, shard, index
+
+    raw_plan, raw_shard, raw_index = ops("raw")
+    templated_plan, templated_shard, templated_index = ops("templated")
+    tokenized_plan, tokenized_shard, tokenized_index = ops("tokenized")
+    tok_in = dg.AssetIn(tokenizer_asset_key(group))
+
+    def out(stage: str) -> dict:
+        return {"result": dg.AssetOut(key=data_asset_key(group, stage), code_version=CODE_VERSIONS[stage],
+                                      kinds={"arrow"}, description=f"{STAGE_ASSETS[stage].replace('_', ' ')}, one "
+                                      f"step per shard (data group `{group}`, defined by experiment `{exp.name}`)")}
+
+    @dg.graph_multi_asset(name=f"{group}__raw_dataset", outs=out("raw"), group_name=group,
+                          ins={"raw_files": dg.AssetIn(raw_files_key(group), dagster_type=dg.Nothing)})
+    def raw_dataset(raw_files):
+        planned = raw_plan(raw_files=raw_files)
+        return raw_index(shards=planned.map(lambda s: raw_shard(planned=s, raw_files=raw_files)).collect(),
+                         raw_files=raw_files)
+
+    @dg.graph_multi_asset(name=f"{group}__templated_text", outs=out("templated"), group_name=group,
+                          ins={"raw": dg.AssetIn(data_asset_key(group, "raw")), "tok": tok_in})
+    def templated_text(raw, tok):
+        planned = templated_plan(raw=raw, tok=tok)
+        return templated_index(shards=planned.map(lambda s: templated_shard(planned=s, raw=raw, tok=tok)).collect(),
+                               raw=raw, tok=tok)
+
+    @dg.graph_multi_asset(name=f"{group}__tokenized_rows", outs=out("tokenized"), group_name=group,
+                          ins={"templated": dg.AssetIn(data_asset_key(group, "templated")), "tok": tok_in})
+    def tokenized_rows(templated, tok):
+        planned = tokenized_plan(templated=templated, tok=tok)
+        done = planned.map(lambda s: tokenized_shard(planned=s, templated=templated, tok=tok)).collect()
+        return tokenized_index(shards=done, templated=templated, tok=tok)
+
+    return raw_dataset, templated_text, tokenized_rows

@@ -83,11 +83,22 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
 def materialized_data(exp, instance) -> dict:
     """{"tokenizer": …, "<stage>/<split>": …}: the stage outputs the last materialization recorded."""
     from assets.data import STAGE_ASSETS, data_asset_key, tokenizer_asset_key
-    from assets.store_io import latest_outputs
+    from assets.store_io import latest_metadata, latest_outputs
 
-    outputs = {"tokenizer": latest_outputs(instance, tokenizer_asset_key(exp.data_group))}
+    def built_or_found(key, outputs: dict) -> dict:
+        # Read back from the store, every output looks found; the materialization says what it did.
+        meta = latest_metadata(instance, key)
+        for split, out in outputs.items():
+            recorded = meta.get("cache_hit" if split in ("", "train") else f"{split}_cache_hit")
+            if recorded is not None:
+                out.cache_hit = bool(recorded.value)
+        return outputs
+
+    tokenizer = tokenizer_asset_key(exp.data_group)
+    outputs = {"tokenizer": built_or_found(tokenizer, {"": latest_outputs(instance, tokenizer)})[""]}
     for stage in STAGE_ASSETS:
-        for split, out in latest_outputs(instance, data_asset_key(exp.data_group, stage)).items():
+        key = data_asset_key(exp.data_group, stage)
+        for split, out in built_or_found(key, latest_outputs(instance, key)).items():
             outputs[f"{stage}/{split}"] = out
     return outputs
 

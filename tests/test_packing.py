@@ -464,3 +464,36 @@ def test_length_histogram_and_plot(tmp_path):
     assert length_histogram([1, 2], 3, bins=16)[0]["end"] == 1  # bins capped at max_length
     png = plot_length_histogram(length_histogram(lengths, 2048), 2048)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("strategy", ["bfd", "wrapped", "none"])
+@pytest.mark.parametrize("overlong", ["truncate", "split", "drop"])
+def test_packing_files_batch_by_batch_equals_packing_them_together(tmp_path, strategy, overlong):
+    """pack_files (the packed stage: lengths first, then one output file at a time read from the
+    files) writes exactly the rows, rejects and counts `pack` gives for all rows in memory."""
+    from trainer.core.arrow_io import BatchWriter, read_shards
+    from trainer.data.packing import pack_files
+    from trainer.data.tokenization import TOKENIZED_SCHEMA
+
+    rng = np.random.default_rng(7)
+    paths, tables, bases = [], [], [0, 400, 900]
+    for f, count in enumerate((400, 500, 300)):
+        rows = []
+        for i in range(count):
+            ids = rng.integers(0, 1000, int(rng.integers(1, 300))).tolist()
+            labels = [t if rng.random() < 0.4 else -100 for t in ids]
+            rows.append({"row_id": i, "input_ids": ids, "labels": labels})
+        table = pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
+        paths.append(tmp_path / f"tokenized-{f}.arrow")
+        with BatchWriter(paths[-1], TOKENIZED_SCHEMA) as out:
+            for batch in table.to_batches(max_chunksize=97):
+                out.write(batch)
+        tables.append(table.set_column(0, "row_id", pa.array([r + bases[f] for r in range(count)], pa.int64())))
+    expected = pack(pa.concat_tables(tables), 128, strategy=strategy, overlong=overlong)
+    out = tmp_path / "packed"
+    out.mkdir()
+    got = pack_files(paths, bases, 128, out, rows_per_file=37, strategy=strategy, overlong=overlong)
+    assert read_shards(out).to_pylist() == expected.table.to_pylist()
+    assert got.rejects == expected.rejects and got.counts == expected.counts
+    assert sum(got.rows_per_file) == expected.table.num_rows and max(got.rows_per_file) <= 37
+    assert got.files == [f"shard-{i:05d}.arrow" for i in range(len(got.files))]

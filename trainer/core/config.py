@@ -145,6 +145,9 @@ class DataConfig:
     source_rows_per_shard: int = 50_000
     # Processes that build shards side by side (not in any key: the bytes are the same); None: the cores.
     num_proc: Optional[int] = None
+    # One Dagster step per shard (an executor that spreads steps over processes or machines
+    # spreads them: multiprocess, Kubernetes) instead of one step building them with num_proc processes.
+    step_per_shard: bool = False
     eval: EvalConfig = field(default_factory=EvalConfig)
     checks: CheckThresholds = field(default_factory=CheckThresholds)
 
@@ -299,7 +302,9 @@ class Experiment:
 
     def data_fingerprint(self) -> str:
         """Hash of the settings that decide the data assets' bytes (not the training ones)."""
-        payload = {"data": _without(dataclasses.asdict(self.data), "name", "checks"),
+        # How shards are cut and built changes no byte of the packed data (and keeps group names as they were).
+        payload = {"data": _without(dataclasses.asdict(self.data), "name", "checks", "source_rows_per_shard",
+                                    "num_proc", "step_per_shard"),
                    "tokenizer": dataclasses.asdict(self.tokenizer)}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 

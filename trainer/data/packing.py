@@ -25,6 +25,7 @@ The output is built with numpy gathers over the flat Arrow buffers, never per to
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
@@ -283,46 +284,48 @@ def _segments(docs: _Documents, M: int, strategy: str, seed: Optional[int], prog
     return d, off, seg_len, starts // M, off > 0, -(-total // M)
 
 
-def _gather(values: dict[int, np.ndarray], part: np.ndarray, src: np.ndarray, seg_len: np.ndarray,
-            seg_out: np.ndarray, total: int) -> np.ndarray:
-    """Tokens of every segment, copied from its part's flat buffer to its place in the output."""
-    out = np.empty(total, dtype=np.int32)
-    for p in np.unique(part):
-        mine = part == p
-        lengths = seg_len[mine]
-        # position of each token inside its segment: 0, 1, … along every run
-        within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        out[np.repeat(seg_out[mine], lengths) + within] = values[int(p)][np.repeat(src[mine], lengths) + within]
-    return out
-
-
 class _Parts:
-    """The input's record batches, by part number, read memory-mapped while a group of output
-    rows is gathered and released after (mapped pages count as the process's memory while mapped)."""
+    """The input's record batches by part number: read one at a time for the plan, then each
+    output file's segments read with one `pread` each from where their tokens lie in the files.
+    (Gathering from memory-mapped files would be simpler, but every page a map touches, and the
+    pages the kernel maps around it, count as the process's memory until it is unmapped: with
+    best-fit rows drawing on documents all over the input, that is nearly the whole input.)"""
 
     def __init__(self, paths: Sequence[Path]):
         self.paths = [Path(p) for p in paths]
-        self.index: list[tuple[int, int]] = []  # part -> (file, batch)
+        self.where: list[tuple[int, dict[str, int]]] = []  # part -> (file, byte offset of each column's tokens)
         for f, path in enumerate(self.paths):
-            with pa.OSFile(str(path), "rb") as source:
-                self.index += [(f, b) for b in range(pa.ipc.open_file(source).num_record_batches)]
+            with pa.memory_map(str(path), "r") as source:
+                base = source.read_buffer(1).address  # zero-copy: the map's first byte
+                reader = pa.ipc.open_file(source)
+                for b in range(reader.num_record_batches):
+                    batch = reader.get_batch(b)  # metadata only: the token pages are not read
+                    offsets = {}
+                    for column in ("input_ids", "labels"):
+                        values = batch.column(column).values
+                        if values.type != pa.int32():
+                            raise TypeError(f"{path}: column {column!r} must hold int32 tokens, got {values.type}")
+                        offsets[column] = values.buffers()[1].address - base + values.offset * 4
+                    self.where.append((f, offsets))
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         for path in self.paths:
             yield from iter_batches(path)
 
-    def buffers(self, parts: np.ndarray) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list]:
-        """Flat ids and labels of the given parts, and the open maps to close when done."""
-        ids, labels, maps, readers = {}, {}, [], {}
-        for p in parts.tolist():
-            f, b = self.index[p]
-            if f not in readers:
-                maps.append(pa.memory_map(str(self.paths[f]), "r"))
-                readers[f] = pa.ipc.open_file(maps[-1])
-            batch = readers[f].get_batch(b)
-            ids[p] = _flat_list(batch, "input_ids")[2]
-            labels[p] = _flat_list(batch, "labels")[2]
-        return ids, labels, maps
+    def gather(self, column: str, part: np.ndarray, src: np.ndarray, seg_len: np.ndarray, seg_out: np.ndarray,
+               total: int) -> np.ndarray:
+        """Tokens of every segment, read from its part's file to its place in the output."""
+        out = np.empty(total, dtype=np.int32)
+        view = memoryview(out).cast("B")
+        files = [os.open(p, os.O_RDONLY) for p in self.paths]
+        try:
+            for p, start, length, at in zip(part.tolist(), src.tolist(), seg_len.tolist(), seg_out.tolist()):
+                f, offsets = self.where[p]
+                os.preadv(files[f], [view[at * 4:(at + length) * 4]], offsets[column] + start * 4)
+        finally:
+            for fd in files:
+                os.close(fd)
+        return out
 
 
 class _InMemoryParts:
@@ -332,9 +335,17 @@ class _InMemoryParts:
     def batches(self) -> Iterator[pa.RecordBatch]:
         return iter(self._batches)
 
-    def buffers(self, parts: np.ndarray) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], list]:
-        return ({p: _flat_list(self._batches[p], "input_ids")[2] for p in parts.tolist()},
-                {p: _flat_list(self._batches[p], "labels")[2] for p in parts.tolist()}, [])
+    def gather(self, column: str, part: np.ndarray, src: np.ndarray, seg_len: np.ndarray, seg_out: np.ndarray,
+               total: int) -> np.ndarray:
+        out = np.empty(total, dtype=np.int32)
+        for p in np.unique(part):
+            mine = part == p
+            lengths = seg_len[mine]
+            # position of each token inside its segment: 0, 1, … along every run
+            within = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+            values = _flat_list(self._batches[int(p)], column)[2]
+            out[np.repeat(seg_out[mine], lengths) + within] = values[np.repeat(src[mine], lengths) + within]
+        return out
 
 
 @dataclass
@@ -365,7 +376,6 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
                             "split_pieces_without_loss", "dropped_too_long"), 0)
     reasons: dict[int, str] = {}
     columns: list[list[np.ndarray]] = [[], [], [], []]
-    file_of_part = getattr(parts, "index", None)
     for p, batch in enumerate(parts.batches()):
         n = batch.num_rows
         if "row_id" in batch.schema.names:
@@ -373,7 +383,7 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
         else:
             row_ids = np.arange(counts["rows_in"], counts["rows_in"] + n, dtype=np.int64)
         if row_bases is not None:
-            row_ids = row_ids + row_bases[file_of_part[p][0]]
+            row_ids = row_ids + row_bases[parts.where[p][0]]
         src_ids, src_lab, length, survived = _part_documents(batch, row_ids, M, overlong, truncate_side, reasons,
                                                              counts)
         for column, values in zip(columns, (np.full(len(length), p, dtype=np.int64), src_ids, src_lab, length)):
@@ -398,14 +408,9 @@ def _rows(plan: _Plan, parts: Any, row_start: int, row_end: int, M: int) -> tupl
     part = plan.docs.part[seg_doc]
     total = int(seg_len.sum())
     seg_out = np.cumsum(seg_len) - seg_len
-    ids, labels, maps = parts.buffers(np.unique(part))
-    try:
-        out_ids = _gather(ids, part, plan.docs.src_ids[seg_doc] + plan.seg_off[lo:hi], seg_len, seg_out, total)
-        out_lab = _gather(labels, part, plan.docs.src_lab[seg_doc] + plan.seg_off[lo:hi], seg_len, seg_out, total)
-    finally:
-        del ids, labels
-        for m in maps:
-            m.close()
+    offset = plan.seg_off[lo:hi]
+    out_ids = parts.gather("input_ids", part, plan.docs.src_ids[seg_doc] + offset, seg_len, seg_out, total)
+    out_lab = parts.gather("labels", part, plan.docs.src_lab[seg_doc] + offset, seg_len, seg_out, total)
     wrapped_masked = 0
     if plan.mid_doc is not None:
         mid = plan.mid_doc[lo:hi]

@@ -48,7 +48,8 @@ def _pool(workers: int) -> ProcessPoolExecutor:
 
 
 @atexit.register
-def _close_pools() -> None:
+def close_pools() -> None:
+    """Stop the workers (a stage that runs in this process alone gives their memory back first)."""
     for pool in _POOLS.values():
         pool.shutdown(wait=False, cancel_futures=True)
     _POOLS.clear()

@@ -31,9 +31,10 @@ from trainer.data.formatting_code import formatting_func_identity, refresh_forma
 from trainer.data.parallel import ShardBuilder
 from trainer.data.shards import SourceShard
 from trainer.data.sources import plan_shards, shards_fingerprint
-from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_packed, build_raw,
-                                 build_templated, build_tokenized, hold_tokenizer, source_for,
-                                 stored_tokenizer)  # noqa: F401  (stored_tokenizer: read here by callers)
+from trainer.data.parallel import ShardTask
+from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_derived, build_packed, build_raw,
+                                 hold_tokenizer, raw_tasks, source_for, stored_tokenizer,  # noqa: F401  (read here)
+                                 templated_tasks, tokenized_tasks)
 from trainer.models.gguf import GGUFError, gguf_digest, gguf_file, is_gguf_base
 
 
@@ -259,15 +260,20 @@ class DataPipeline:
             return IdentityStage(name, (), {"identity": self.tokenizer_identity}, self._save_tokenizer)
         if name == "raw":
             params = keys.raw_params(exp, split, self._fingerprint(split), source_for(self.data, split)[1])
-            return Stage(name, (), params, functools.partial(build_raw, exp, split, self.shards(split), builder))
+            shards = self.shards(split)
+            return Stage(name, (), params, functools.partial(build_raw, exp, split, shards, builder),
+                         tasks=lambda inputs: raw_tasks(exp, split, shards))
         if name == "templated":
             # reload=False: `__init__` reloaded an edited formatting module; an edit since then is
             # an error, since the function this stage builds with may already be the old one.
             identity = formatting_func_identity(self.data.formatting_func, reload=False)
+            tasks = functools.partial(templated_tasks, exp, split, identity)
             return Stage(name, ("raw", "tokenizer"), keys.templated_params(exp, identity),
-                         functools.partial(build_templated, exp, split, builder, identity))
+                         functools.partial(build_derived, name, split, tasks, builder), tasks=tasks)
         if name == "tokenized":
-            return Stage(name, ("templated", "tokenizer"), {}, functools.partial(build_tokenized, split, builder))
+            tasks = functools.partial(tokenized_tasks, split)
+            return Stage(name, ("templated", "tokenizer"), {}, functools.partial(build_derived, name, split, tasks,
+                                                                                 builder), tasks=tasks)
         if name == "packed":
             return Stage(name, ("tokenized",), keys.packed_params(exp, split),
                          functools.partial(build_packed, exp, split, progress))
@@ -293,11 +299,26 @@ class DataPipeline:
             self._outputs[name, key] = self.store.get_or_build(name, key, functools.partial(stage.build, inputs))
         return self._outputs[name, key]
 
+    def shard_tasks(self, name: str, split: str, **given: StageOutput | None) -> list[ShardTask]:
+        """A sharded stage's shards as (key, build), from its inputs' outputs (those given, the
+        others produced here): what a Dagster step per shard builds one of."""
+        stage = self.stage(name, split)
+        return stage.tasks({up: given.get(up) or self.output(up, split) for up in stage.inputs})
+
+    def complete(self, name: str, split: str, **given: StageOutput) -> bool:
+        """Whether the stage's output for these inputs is in the store already."""
+        key = self.key(name, split, **{up: out.key for up, out in given.items()})
+        return self.store.has(name, key)
+
+    def use_shards(self, split: str, shards: list[SourceShard]) -> None:
+        """Take the split's source shards as planned elsewhere (a Dagster step that hashed them)."""
+        self._plans[id(source_for(self.data, split)[0])] = shards
+
     def run(self) -> dict[str, StageOutput]:
         """All data stages for every split, in order; returns {"<stage>/<split>": StageOutput}."""
         outputs: dict[str, StageOutput] = {"tokenizer": self.tokenizer_output()}
-        for split in self.splits():
-            for name in DATA_STAGES:
+        for name in DATA_STAGES:  # stage by stage, as the assets run: the shard workers serve every split
+            for split in self.splits():
                 outputs[f"{name}/{split}"] = self.output(name, split)
         return outputs
 

@@ -31,7 +31,7 @@ from trainer.core.config import DataConfig, EvalConfig, Experiment, SourceConfig
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import CODE_VERSIONS, StageOutput, Store, content_key
 from trainer.data.formats import RowError, load_formatting_func, normalize
-from trainer.data.parallel import ShardBuilder
+from trainer.data.parallel import ShardBuilder, ShardTask
 from trainer.data.shards import SourceShard
 from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_batches
 
@@ -54,6 +54,8 @@ class Stage:
     inputs: tuple[str, ...]  # upstream stage names, in the order their keys enter this key
     params: dict[str, Any]  # from trainer.core.keys
     build: Callable[[Inputs, Path], dict[str, Any]]
+    # A sharded stage: its shards as (key, build) from its inputs, each buildable on its own.
+    tasks: Callable[[Inputs], list[ShardTask]] | None = None
 
     @property
     def code_version(self) -> str:
@@ -284,14 +286,20 @@ def _write_index(stage: str, split: str, shards: list[StageOutput], bases: list[
 # -- builds: each receives its bound settings, then (inputs, out_dir). Templating, tokenization and
 # pyarrow.compute are imported where they build: a cached preparation never loads them.
 
+def raw_tasks(exp: Experiment, split: str, shards: list[SourceShard]) -> list[ShardTask]:
+    """The raw split's shards to have in the store: one per source shard."""
+    source, carved = source_for(exp.data, split)
+    holdout = exp.data.eval if carved else None
+    return [(content_key("raw", inputs=[], params=keys.raw_shard_params(exp, split, source.where, shard.fingerprint(),
+                                                                        carved)),
+             functools.partial(build_raw_shard, source, holdout, split, shard)) for shard in shards]
+
+
 def build_raw(exp: Experiment, split: str, shards: list[SourceShard], builder: ShardBuilder, inputs: Inputs,
               out_dir: Path) -> dict[str, Any]:
     """The split's records (no inputs: it reads the source's shards)."""
-    source, carved = source_for(exp.data, split)
-    holdout = exp.data.eval if carved else None
-    tasks = [(raw_shard_key(exp, split, shard), functools.partial(build_raw_shard, source, holdout, split, shard))
-             for shard in shards]
-    outputs = builder.build("raw", tasks, f"raw/{split}")
+    source, _ = source_for(exp.data, split)
+    outputs = builder.build("raw", raw_tasks(exp, split, shards), f"raw/{split}")
     bases, base = [], 0
     for out in outputs:
         bases.append(base)
@@ -301,41 +309,44 @@ def build_raw(exp: Experiment, split: str, shards: list[SourceShard], builder: S
     return _write_index("raw", split, outputs, bases, [s.label for s in shards], out_dir)
 
 
-def raw_shard_key(exp: Experiment, split: str, shard: SourceShard) -> str:
-    source, carved = source_for(exp.data, split)
-    return content_key("raw", inputs=[], params=keys.raw_shard_params(exp, split, source.where, shard.fingerprint(),
-                                                                      carved))
-
-
-def _derived_shards(stage: str, index: StageOutput, tokenizer: StageOutput, params: dict[str, Any],
-                    build: Callable[..., dict[str, Any]], builder: ShardBuilder, split: str,
-                    out_dir: Path) -> dict[str, Any]:
+def _derived_tasks(stage: str, index: StageOutput, tokenizer: StageOutput, params: dict[str, Any],
+                   build: Callable[..., dict[str, Any]]) -> list[ShardTask]:
     """A stage built shard by shard from its input's shards and the tokenizer: each shard's key is
     its input shard's key, the tokenizer's and the stage's parameters."""
-    upstream = index.manifest["shards"]
-    tasks = [(content_key(stage, inputs=[entry["key"], tokenizer.key], params=params),
-              functools.partial(build, Store(index.path.parents[1]).path(index.stage, entry["key"])))
-             for entry in upstream]
-    outputs = builder.build(stage, tasks, f"{stage}/{split}")
+    store = Store(index.path.parents[1])
+    return [(content_key(stage, inputs=[entry["key"], tokenizer.key], params=params),
+             functools.partial(build, store.path(index.stage, entry["key"]))) for entry in index.manifest["shards"]]
+
+
+def templated_tasks(exp: Experiment, split: str, formatting_identity: str | None, inputs: Inputs) -> list[ShardTask]:
+    return _derived_tasks("templated", inputs["raw"], inputs["tokenizer"], keys.templated_params(exp, formatting_identity),
+                          functools.partial(build_templated_shard, exp.data, split, inputs["tokenizer"]))
+
+
+def tokenized_tasks(split: str, inputs: Inputs) -> list[ShardTask]:
+    return _derived_tasks("tokenized", inputs["templated"], inputs["tokenizer"], {},
+                          functools.partial(build_tokenized_shard, split, inputs["tokenizer"]))
+
+
+def build_derived(stage: str, split: str, tasks: Callable[[Inputs], list[ShardTask]], builder: ShardBuilder,
+                  inputs: Inputs, out_dir: Path) -> dict[str, Any]:
+    """templated or tokenized: its shards (built where missing), then the split's index."""
+    outputs = builder.build(stage, tasks(inputs), f"{stage}/{split}")
+    upstream = inputs[STAGE_INPUT[stage]].manifest["shards"]
     return _write_index(stage, split, outputs, [e["row_base"] for e in upstream], [e["label"] for e in upstream],
                         out_dir)
 
 
-def build_templated(exp: Experiment, split: str, builder: ShardBuilder, formatting_identity: str | None,
-                    inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    build = functools.partial(build_templated_shard, exp.data, split, inputs["tokenizer"])
-    return _derived_shards("templated", inputs["raw"], inputs["tokenizer"],
-                           keys.templated_params(exp, formatting_identity), build, builder, split, out_dir)
-
-
-def build_tokenized(split: str, builder: ShardBuilder, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    build = functools.partial(build_tokenized_shard, split, inputs["tokenizer"])
-    return _derived_shards("tokenized", inputs["templated"], inputs["tokenizer"], {}, build, builder, split, out_dir)
+# The stage whose shards a sharded stage's shards are made from.
+STAGE_INPUT = {"templated": "raw", "tokenized": "templated"}
 
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     from trainer.data.packing import length_histogram, pack_files
 
+    from trainer.data.parallel import close_pools
+
+    close_pools()  # packing is one process: the shard workers' memory is given back first
     d = exp.data
     shards = shard_outputs(inputs["tokenized"])
     result = pack_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length, out_dir,
