@@ -174,3 +174,24 @@ def test_a_shard_that_fails_leaves_nothing_that_looks_complete(tmp_path, num_pro
     out = DataPipeline(experiment(tmp_path, "store", source_rows_per_shard=10, num_proc=num_proc),
                        progress=False).run()
     assert out["raw/train"].manifest["counts"]["rows_in"] == 30
+
+
+def test_a_script_without_a_main_guard_stops_with_the_reason_instead_of_hanging(tmp_path):
+    """Spawned workers import the script that started them: one that prepares data at import would
+    prepare again in each worker and wait for its parent's locks for ever."""
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "data" / "a.jsonl", small_rows(30))
+    script = tmp_path / "prepare_here.py"
+    script.write_text(
+        "from trainer.core.config import experiment_from_dict\n"
+        "from trainer.data.prepare import DataPipeline\n"
+        f"exp = experiment_from_dict({{'name': 'x', 'store': {str(tmp_path / 'store')!r}, 'data': {{'source': "
+        f"{{'path': {str(tmp_path / 'data' / 'a.jsonl')!r}}}, 'source_rows_per_shard': 10, 'num_proc': 2}}}})\n"
+        "DataPipeline(exp, progress=False).run()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].endswith(
+        'put the script\'s work under `if __name__ == "__main__":`'), done.stderr[-2000:]

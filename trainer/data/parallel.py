@@ -10,6 +10,7 @@ import atexit
 import multiprocessing
 import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -55,6 +56,17 @@ def close_pools() -> None:
     _POOLS.clear()
 
 
+SCRIPT_GUARD = ("shards are built in spawned processes, which import the script that started them: put the "
+                "script's work under `if __name__ == \"__main__\":`")
+
+
+def refuse_in_a_starting_worker() -> None:
+    """A spawned worker imports its parent's main script; a script that prepares data at import
+    would prepare again in every worker (and wait for the parent's locks for good): stop it."""
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(SCRIPT_GUARD)
+
+
 def _build(location: str, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
     return Store(location).get_or_build(stage, key, build)
 
@@ -90,6 +102,10 @@ class ShardBuilder:
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for future in done:
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        _POOLS.pop(workers, None)
+                        raise RuntimeError(f"a shard worker died ({future.exception()}); if it was started from "
+                                           f"a script: {SCRIPT_GUARD}") from future.exception()
                     if future.exception() is not None:
                         for other in pending:
                             other.cancel()

@@ -28,10 +28,9 @@ from trainer.core.config import Experiment
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
 from trainer.data.formatting_code import formatting_func_identity, refresh_formatting_func
-from trainer.data.parallel import ShardBuilder
+from trainer.data.parallel import ShardBuilder, ShardTask, refuse_in_a_starting_worker
 from trainer.data.shards import SourceShard
 from trainer.data.sources import plan_shards, shards_fingerprint
-from trainer.data.parallel import ShardTask
 from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_derived, build_packed, build_raw,
                                  hold_tokenizer, raw_tasks, source_for, stored_tokenizer,  # noqa: F401  (read here)
                                  templated_tasks, tokenized_tasks)
@@ -160,6 +159,7 @@ class DataPipeline:
     which are given (a Dagster asset receives them) or else produced here first."""
 
     def __init__(self, experiment: Experiment, store: Store | None = None, progress: bool = True):
+        refuse_in_a_starting_worker()
         self.exp = experiment
         self.data = experiment.data
         self.store = store or Store(experiment.store_root)
