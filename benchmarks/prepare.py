@@ -1,12 +1,14 @@
 """Data preparation throughput, as ratios against raw batch tokenization measured in the same run.
 
     python benchmarks/prepare.py --data ../shared/data [--rows 48000] [--max-length 2048] [--format messages]
+        [--num-proc 1,2]
 
 On the same prompt/completion rows (GSM8K train + both CodeAlpaca files, repeated to --rows),
 with the Llama-3 tokenizer:
   1. raw batch tokenization of prompt+completion text (the baseline: nothing else);
   2. sftdag's full preparation (load, template, tokenize with completion masks, BFD pack,
-     write Arrow shards) into an empty store;
+     write Arrow shards) into an empty store, in this process (no Dagster), once per --num-proc
+     (data.num_proc: processes building the source's shards; each run starts its own workers);
   3. a second experiment over the same data settings (every stage a cache hit);
   4. TRL SFTTrainer's preparation of the same rows (tokenize, completion masks, BFD packing),
      when `trl` is installed.
@@ -27,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.core.config import experiment_from_dict  # noqa: E402
+from trainer.data.parallel import close_pools  # noqa: E402
 from trainer.data.prepare import DataPipeline, _clear_tokenizer_bundles  # noqa: E402
 
 
@@ -48,10 +51,11 @@ def load_rows(data_dir: Path, rows: int) -> list[dict]:
     return [base[i % len(base)] for i in range(rows)]
 
 
-def experiment(name: str, data_file: Path, store: Path, max_length: int):
+def experiment(name: str, data_file: Path, store: Path, max_length: int, num_proc: int | None = None):
     return experiment_from_dict({
         "name": name, "store": str(store),
-        "data": {"source": {"path": str(data_file)}, "max_length": max_length, "packing": "bfd"},
+        "data": {"source": {"path": str(data_file)}, "max_length": max_length, "packing": "bfd",
+                 "num_proc": num_proc},
         "tokenizer": {"path": "builtin:llama3"},
     })
 
@@ -104,6 +108,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--skip-trl", action="store_true")
     parser.add_argument("--format", choices=["prompt_completion", "messages"], default="prompt_completion")
+    parser.add_argument("--num-proc", default="1,2", help="data.num_proc values to time, comma-separated")
     args = parser.parse_args()
 
     rows = load_rows(args.data, args.rows)
@@ -119,14 +124,19 @@ def main() -> None:
         tokenizer = DataPipeline(first, progress=False).tokenizer_bundle.tokenizer
         raw_s, raw_tokens = bench_raw(tokenizer, rows)
 
-        start = time.perf_counter()
-        outputs = DataPipeline(first, progress=False).run()
-        full_s = time.perf_counter() - start
+        full = {}
+        for num_proc in map(int, args.num_proc.split(",")):
+            close_pools()  # each run starts its own workers
+            exp = experiment("bench_a", data_file, tmp / f"store-{num_proc}", args.max_length, num_proc)
+            start = time.perf_counter()
+            outputs = DataPipeline(exp, progress=False).run()
+            full[num_proc] = (time.perf_counter() - start, outputs)
+        outputs = full[min(full)][1]
         counts = outputs["packed/train"].manifest["counts"]
 
         # A second experiment: other training settings, same data settings; new tokenizer load too.
         _clear_tokenizer_bundles()
-        second = experiment("bench_b", data_file, tmp / "store", args.max_length)
+        second = experiment("bench_b", data_file, tmp / f"store-{min(full)}", args.max_length)
         second.training.learning_rate = 1e-5
         start = time.perf_counter()
         again = DataPipeline(second, progress=False).run()
@@ -134,15 +144,18 @@ def main() -> None:
         assert all(o.cache_hit for o in again.values()), "second experiment should be all cache hits"
 
     raw_tps = raw_tokens / raw_s
-    full_tps = counts["tokens"] / full_s
     print(f"format: {args.format}  rows: {len(rows)}  tokens: {counts['tokens']}  max_length: {args.max_length}  cores: {os.cpu_count()}")
     print(f"{'stage':<44}{'seconds':>9}{'tokens/s':>12}{'x raw':>8}{'packing':>9}")
     print(f"{'raw batch tokenization (baseline)':<44}{raw_s:>9.2f}{raw_tps:>12,.0f}{1.0:>8.2f}{'':>9}")
-    print(f"{'sftdag full preparation':<44}{full_s:>9.2f}{full_tps:>12,.0f}{full_tps / raw_tps:>8.2f}"
-          f"{counts['packing_efficiency']:>9.2%}")
-    stages = ", ".join(f"{name.split('/')[0]} {o.manifest['build_seconds']:.1f}s" for name, o in outputs.items()
-                       if name == "tokenizer" or name.endswith("/train"))
-    print(f"  by stage: {stages}")
+    for num_proc, (seconds, run_outputs) in full.items():
+        tps = counts["tokens"] / seconds
+        print(f"{f'sftdag full preparation, num_proc {num_proc}':<44}{seconds:>9.2f}{tps:>12,.0f}{tps / raw_tps:>8.2f}"
+              f"{counts['packing_efficiency']:>9.2%}")
+        stages = ", ".join(f"{name.split('/')[0]} {o.manifest['build_seconds']:.1f}s"
+                           for name, o in run_outputs.items() if name == "tokenizer" or name.endswith("/train"))
+        print(f"  by stage: {stages}")
+    if len(full) > 1:
+        print(f"  {max(full)} processes / 1: {full[min(full)][0] / full[max(full)][0]:.2f}x faster")
     print(f"{'second experiment, same data (cache hits)':<44}{second_s:>9.2f}", flush=True)
     trl_result = None if args.skip_trl or args.format != "prompt_completion" else bench_trl(rows, args.max_length)
     if trl_result:

@@ -468,12 +468,19 @@ def test_length_histogram_and_plot(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["bfd", "wrapped", "none"])
 @pytest.mark.parametrize("overlong", ["truncate", "split", "drop"])
-def test_packing_files_batch_by_batch_equals_packing_them_together(tmp_path, strategy, overlong):
-    """pack_files (the packed stage: lengths first, then one output file at a time read from the
-    files) writes exactly the rows, rejects and counts `pack` gives for all rows in memory."""
+@pytest.mark.parametrize("stored_counts", [False, True])
+def test_packing_files_batch_by_batch_equals_packing_them_together(tmp_path, monkeypatch, strategy, overlong,
+                                                                   stored_counts):
+    """pack_files (the packed stage: lengths first, then a few output files at a time read from
+    the files) writes exactly the rows, rejects and counts `pack` gives for all rows in memory,
+    with the rows' trainable counts read from the labels or stored beside them."""
     from trainer.core.arrow_io import BatchWriter, read_shards
-    from trainer.data.packing import pack_files
+    from trainer.data import packing
+    from trainer.data.packing import pack_files, trainable_after_first
+    from trainer.data.stages import ROW_TRAINABLE_SCHEMA
     from trainer.data.tokenization import TOKENIZED_SCHEMA
+
+    monkeypatch.setattr(packing, "GATHER_TOKENS", 37 * 128 * 2)  # two output files per gather
 
     rng = np.random.default_rng(7)
     paths, tables, bases = [], [], [0, 400, 900]
@@ -485,14 +492,19 @@ def test_packing_files_batch_by_batch_equals_packing_them_together(tmp_path, str
             rows.append({"row_id": i, "input_ids": ids, "labels": labels})
         table = pa.Table.from_pylist(rows, schema=TOKENIZED_SCHEMA)
         paths.append(tmp_path / f"tokenized-{f}.arrow")
-        with BatchWriter(paths[-1], TOKENIZED_SCHEMA) as out:
+        with BatchWriter(paths[-1], TOKENIZED_SCHEMA) as out, \
+                BatchWriter(tmp_path / f"trainable-{f}.arrow", ROW_TRAINABLE_SCHEMA) as counts:
             for batch in table.to_batches(max_chunksize=97):
                 out.write(batch)
+                counts.write(pa.table([pa.array(trainable_after_first(batch.column("labels")))],
+                                      ROW_TRAINABLE_SCHEMA))
         tables.append(table.set_column(0, "row_id", pa.array([r + bases[f] for r in range(count)], pa.int64())))
     expected = pack(pa.concat_tables(tables), 128, strategy=strategy, overlong=overlong)
     out = tmp_path / "packed"
     out.mkdir()
-    got = pack_files(paths, bases, 128, out, rows_per_file=37, strategy=strategy, overlong=overlong)
+    stored = [tmp_path / f"trainable-{f}.arrow" for f in range(3)] if stored_counts else None
+    got = pack_files(paths, bases, 128, out, rows_per_file=37, strategy=strategy, overlong=overlong,
+                     row_trainable=stored)
     assert read_shards(out).to_pylist() == expected.table.to_pylist()
     assert got.rejects == expected.rejects and got.counts == expected.counts
     assert sum(got.rows_per_file) == expected.table.num_rows and max(got.rows_per_file) <= 37

@@ -37,6 +37,8 @@ from trainer.core.arrow_io import iter_batches, write_table
 from trainer.core.schemas import IGNORE_INDEX
 
 STRATEGIES = ("bfd", "wrapped", "none")
+# Output tokens gathered at a time by `pack_files` (ids and labels: 8 bytes each): its memory.
+GATHER_TOKENS = 1 << 25
 OVERLONG = ("truncate", "split", "drop")
 TRUNCATE_SIDES = ("keep_start", "keep_end")
 
@@ -186,15 +188,24 @@ class _Documents:
     length: np.ndarray
 
 
+def trainable_after_first(labels: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
+    """Per row, the trainable tokens after its first (what packing asks of every whole document):
+    the tokenized stage stores them beside its rows, so packing need not read the labels."""
+    offsets, lengths, values = _flat_list(pa.table({"labels": labels}), "labels")
+    return _range_sums(values != IGNORE_INDEX, offsets + 1, offsets + lengths).astype(np.int32)
+
+
 def _part_documents(batch: pa.RecordBatch | pa.Table, row_ids: np.ndarray, M: int, overlong: str,
-                    truncate_side: str, reasons: dict[int, str], counts: dict) -> tuple[np.ndarray, np.ndarray,
-                                                                                        np.ndarray, np.ndarray]:
+                    truncate_side: str, reasons: dict[int, str], counts: dict,
+                    row_trainable: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                        np.ndarray]:
     """(src_ids, src_lab, length, survived per row) of one part's documents that have a trainable
-    token; a row with none, or malformed, gets its reason in `reasons` (by its row id)."""
+    token; a row with none, or malformed, gets its reason in `reasons` (by its row id).
+    `row_trainable`: `trainable_after_first` of the rows, when known (then only the labels of
+    rows longer than M are read)."""
     n = batch.num_rows
     ids_start, ids_len, _ = _flat_list(batch, "input_ids")
     lab_start, lab_len, lab_vals = _flat_list(batch, "labels")
-    lab_tr = lab_vals != IGNORE_INDEX  # trainable flags over the flat label buffer
 
     row_reasons: dict[int, str] = {}
     mismatch = ids_len != lab_len
@@ -232,7 +243,12 @@ def _part_documents(batch: pa.RecordBatch | pa.Table, row_ids: np.ndarray, M: in
     doc_len = np.minimum(M, L[doc_row] - doc_rel)
     src_lab = lab_start[doc_row] + doc_rel
     # trainable tokens of each document, its first token (label forced to −100) excluded
-    doc_tr = _range_sums(lab_tr, src_lab + 1, src_lab + doc_len)
+    if row_trainable is None:
+        doc_tr = _range_sums(lab_vals != IGNORE_INDEX, src_lab + 1, src_lab + doc_len)
+    else:  # whole rows: as stored; pieces of long rows: read from their labels
+        doc_tr = row_trainable[doc_row].astype(np.int64)
+        for d in np.flatnonzero(long[doc_row]).tolist():
+            doc_tr[d] = np.count_nonzero(lab_vals[src_lab[d] + 1:src_lab[d] + doc_len[d]] != IGNORE_INDEX)
     keep = doc_tr > 0
     survived = np.bincount(doc_row[keep], minlength=n)
     if overlong == "split":
@@ -301,8 +317,9 @@ class _Parts:
 
     COLUMNS = ("input_ids", "labels")
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], row_trainable: Optional[Sequence[Optional[Path]]] = None):
         self.paths = [Path(p) for p in paths]
+        self.row_trainable = list(row_trainable) if row_trainable is not None else None
         self.where: list[tuple[int, dict[str, int]]] = []  # part -> (file, where each column's tokens start)
         for f, path in enumerate(self.paths):
             with pa.memory_map(str(path), "r") as source:
@@ -320,9 +337,17 @@ class _Parts:
                         starts[column] = at // 4
                     self.where.append((f, starts))
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        for path in self.paths:
-            yield from iter_batches(path)
+    def batches(self) -> Iterator[tuple[pa.RecordBatch, Optional[np.ndarray]]]:
+        """(batch, its rows' `trainable_after_first` if stored), memory-mapped, a file at a time:
+        the plan reads the offsets (and the labels of what it must), never the ids."""
+        for f, path in enumerate(self.paths):
+            stored = self.row_trainable[f] if self.row_trainable is not None else None
+            trainable = iter_batches(stored) if stored is not None else None
+            with pa.memory_map(str(path), "r") as source:
+                reader = pa.ipc.open_file(source)
+                for b in range(reader.num_record_batches):
+                    counts = next(trainable).column(0).to_numpy() if trainable is not None else None
+                    yield reader.get_batch(b), counts
 
     def gather(self, part: np.ndarray, src: dict[str, np.ndarray], seg_len: np.ndarray, seg_out: np.ndarray,
                total: int) -> dict[str, np.ndarray]:
@@ -346,8 +371,8 @@ class _InMemoryParts:
     def __init__(self, table: pa.Table):
         self._batches = table.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        return iter(self._batches)
+    def batches(self) -> Iterator[tuple[pa.RecordBatch, None]]:
+        return ((batch, None) for batch in self._batches)
 
     def gather(self, part: np.ndarray, src: dict[str, np.ndarray], seg_len: np.ndarray, seg_out: np.ndarray,
                total: int) -> dict[str, np.ndarray]:
@@ -388,7 +413,7 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
                             "split_pieces_without_loss", "dropped_too_long"), 0)
     reasons: dict[int, str] = {}
     columns: list[list[np.ndarray]] = [[], [], [], []]
-    for p, batch in enumerate(parts.batches()):
+    for p, (batch, row_trainable) in enumerate(parts.batches()):
         n = batch.num_rows
         if "row_id" in batch.schema.names:
             row_ids = batch.column("row_id").to_numpy(zero_copy_only=False).astype(np.int64)
@@ -397,7 +422,7 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
         if row_bases is not None:
             row_ids = row_ids + row_bases[parts.where[p][0]]
         src_ids, src_lab, length, survived = _part_documents(batch, row_ids, M, overlong, truncate_side, reasons,
-                                                             counts)
+                                                             counts, row_trainable)
         for column, values in zip(columns, (np.full(len(length), p, dtype=np.int64), src_ids, src_lab, length)):
             column.append(values)
         counts["rows_in"] += n
@@ -503,23 +528,32 @@ class PackedFiles:
 
 def pack_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int, out_dir: Path, rows_per_file: int,
                strategy: str = "bfd", overlong: str = "truncate", truncate_side: str = "keep_start",
-               seed: Optional[int] = 0, progress: bool = False) -> PackedFiles:
+               seed: Optional[int] = 0, progress: bool = False,
+               row_trainable: Optional[Sequence[Optional[Path]]] = None) -> PackedFiles:
     """Pack tokenized Arrow files (rows of file i numbered from `row_bases[i]`) into
     `shard-00000.arrow`, … of at most `rows_per_file` rows, exactly as `pack` packs them together:
     one pass reads the lengths for the global plan, then each file's rows are gathered on their own,
-    so memory is set by the documents' count and one output file, not by the tokens."""
+    so memory is set by the documents' count and one output file, not by the tokens.
+    `row_trainable`: per file, an Arrow file of its rows' `trainable_after_first` (one int32 column,
+    batch by batch as the file; None: count from the labels), so the plan reads no labels but
+    those of rows longer than max_length."""
     M = int(max_length)
-    parts = _Parts(paths)
+    parts = _Parts(paths, row_trainable)
     plan = _plan(parts, row_bases, M, strategy, overlong, truncate_side, seed, progress)
     files, sizes, written = [], [], []
-    starts = range(0, max(plan.nrows, 1), rows_per_file)
-    for index, start in enumerate(tqdm(starts, desc="pack: write", unit="file", disable=not progress)):
-        table, counts = _rows(plan, parts, start, min(start + rows_per_file, plan.nrows), M)
-        name = f"shard-{index:05d}.arrow"
-        write_table(Path(out_dir) / name, table)
-        files.append(name)
-        sizes.append(table.num_rows)
+    # Several output files per gather: every gather maps each input file once more.
+    step = rows_per_file * max(1, GATHER_TOKENS // (rows_per_file * M))
+    bar = tqdm(total=plan.nrows, desc="pack: write", unit="row", disable=not progress)
+    for start in range(0, max(plan.nrows, 1), step):
+        table, counts = _rows(plan, parts, start, min(start + step, plan.nrows), M)
         written.append(counts)
+        for offset in range(0, max(table.num_rows, 1), rows_per_file):
+            name = f"shard-{len(files):05d}.arrow"
+            write_table(Path(out_dir) / name, table.slice(offset, rows_per_file))
+            files.append(name)
+            sizes.append(min(rows_per_file, table.num_rows - offset))
+        bar.update(min(start + step, plan.nrows) - start)
+    bar.close()
     counts = _finish(plan, written, M, strategy, overlong, truncate_side)
     return PackedFiles(files, sizes, plan.rejects, counts, plan.docs.length.copy())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,43 +46,47 @@ _PLANS: dict[tuple, list[SourceShard]] = {}
 
 
 def jsonl_shards(path: Path, rows_per_shard: int) -> list[SourceShard]:
-    """Cut a JSONL file every `rows_per_shard` lines, hashing each shard's bytes in one pass."""
+    """Cut a JSONL file every `rows_per_shard` lines and hash each shard's bytes (in threads:
+    hashlib lets go of the GIL, so the cores share a large file)."""
     stat = os.stat(path)
     memo = (str(path), stat.st_size, stat.st_mtime_ns, rows_per_shard)
-    if memo in _PLANS:
-        return _PLANS[memo]
-    shards: list[SourceShard] = []
+    if memo not in _PLANS:
+        ranges = _line_ranges(path, rows_per_shard)
+        with ThreadPoolExecutor(max(1, min(len(ranges), os.cpu_count() or 1))) as pool:
+            digests = list(pool.map(lambda r: _digest(path, r[0], r[1]), ranges))
+        _PLANS[memo] = [SourceShard(f"{path.name}:{first}-{last}", digest, str(path), "jsonl", start, end, first)
+                        for (start, end, first, last), digest in zip(ranges, digests)]
+    return _PLANS[memo]
+
+
+def _line_ranges(path: Path, rows_per_shard: int) -> list[tuple[int, int, int, int]]:
+    """(start byte, end byte, first line, last line) of every `rows_per_shard` lines."""
+    ranges = []
     start, first_line, lines, offset = 0, 1, 0, 0
-    digest = hashlib.sha256()
-
-    def close(end: int, last_line: int) -> None:
-        shards.append(SourceShard(f"{path.name}:{first_line}-{last_line}", digest.hexdigest(), str(path), "jsonl",
-                                  start, end, first_line))
-
     with open(path, "rb") as f:
         while block := f.read(_BLOCK):
             i = 0
-            while True:
-                need = rows_per_shard - lines
-                if block.count(b"\n", i) < need:
-                    lines += block.count(b"\n", i)
-                    digest.update(block[i:])
-                    break
-                j = i
-                for _ in range(need):
-                    j = block.index(b"\n", j) + 1
-                digest.update(block[i:j])
-                close(offset + j, first_line + rows_per_shard - 1)
-                start, first_line, lines, i = offset + j, first_line + rows_per_shard, 0, j
-                digest = hashlib.sha256()
+            while block.count(b"\n", i) >= rows_per_shard - lines:
+                for _ in range(rows_per_shard - lines):
+                    i = block.index(b"\n", i) + 1
+                ranges.append((start, offset + i, first_line, first_line + rows_per_shard - 1))
+                start, first_line, lines = offset + i, first_line + rows_per_shard, 0
+            lines += block.count(b"\n", i)
             offset += len(block)
+            last_byte = block[-1:]
     if offset > start:  # the last shard: fewer lines, or a last line without its newline
-        with open(path, "rb") as f:
-            f.seek(offset - 1)
-            unterminated = f.read(1) != b"\n"
-        close(offset, first_line + lines - 1 + unterminated)
-    _PLANS[memo] = shards
-    return shards
+        ranges.append((start, offset, first_line, first_line + lines - 1 + (last_byte != b"\n")))
+    return ranges
+
+
+def _digest(path: Path, start: int, end: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(start)
+        while start < end and (block := f.read(min(_BLOCK, end - start))):
+            digest.update(block)
+            start += len(block)
+    return digest.hexdigest()
 
 
 def file_shard(path: Path, file_format: str) -> SourceShard:

@@ -39,6 +39,9 @@ from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_bat
 DATA_STAGES = ("raw", "templated", "tokenized", "packed")
 
 ROWS = "rows.arrow"
+# A tokenized shard's rows' trainable tokens after their first, batch by batch as rows.arrow.
+ROW_TRAINABLE = "row_trainable.arrow"
+ROW_TRAINABLE_SCHEMA = pa.schema([("trainable_after_first", pa.int32())])
 # Rows per record batch: what a stage holds in memory at a time.
 BATCH_ROWS = 8192
 
@@ -216,13 +219,18 @@ def build_tokenized_shard(split: str, tokenizer: StageOutput, templated: Path, o
     from trainer.core.schemas import IGNORE_INDEX
     from trainer.data.tokenization import TOKENIZED_SCHEMA, tokenize_rows
 
+    from trainer.data.packing import trainable_after_first
+
     tok = tokenizer_of(tokenizer)[0]
     rejects: list[tuple[int, str]] = []
     rows_in = tokens = trainable = 0
-    with BatchWriter(out_dir / ROWS, TOKENIZED_SCHEMA) as out:
+    with BatchWriter(out_dir / ROWS, TOKENIZED_SCHEMA) as out, \
+            BatchWriter(out_dir / ROW_TRAINABLE, ROW_TRAINABLE_SCHEMA) as counts:
         for batch in iter_batches(templated / ROWS):
             table, batch_rejects = tokenize_rows(pa.Table.from_batches([batch]), tok, progress=False)
             out.write(table)
+            # beside each batch of rows, their trainable tokens: packing plans without reading the labels
+            counts.write(pa.table([pa.array(trainable_after_first(table.column("labels")))], ROW_TRAINABLE_SCHEMA))
             rows_in += batch.num_rows
             rejects += batch_rejects
             labels = table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False)
@@ -351,7 +359,9 @@ def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, ou
     shards = shard_outputs(inputs["tokenized"])
     result = pack_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length, out_dir,
                         rows_per_file=d.rows_per_shard, strategy=keys.packing_strategy(exp, split),
-                        overlong=d.overlong, truncate_side=d.truncate_side, progress=progress)
+                        overlong=d.overlong, truncate_side=d.truncate_side, progress=progress,
+                        row_trainable=[out.path / ROW_TRAINABLE if (out.path / ROW_TRAINABLE).is_file() else None
+                                       for out, _ in shards])
     return {"split": split, "counts": dict(result.counts), "files": result.files, "rows_per_file": result.rows_per_file,
             "length_histogram": length_histogram(result.doc_lengths, d.max_length),
             "reject_reasons": write_rejects(out_dir, "packed", result.rejects)}
