@@ -300,20 +300,32 @@ def _segments(docs: _Documents, M: int, strategy: str, seed: Optional[int], prog
     return d, off, seg_len, starts // M, off > 0, -(-total // M)
 
 
+def _run_indices(starts: np.ndarray, lengths: np.ndarray, itype: type) -> np.ndarray:
+    """starts[0], starts[0]+1, … (lengths[0] of them), then the same for every run, in order: one
+    cumulative sum of steps (1 inside a run, a jump at its start), not an index array per step."""
+    step = np.ones(int(lengths.sum()), dtype=itype)
+    if len(step):
+        first = np.cumsum(lengths) - lengths
+        step[first[1:]] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+        step[0] = starts[0]
+    return np.cumsum(step, dtype=itype)
+
+
 def _copy_segments(out: np.ndarray, values: np.ndarray, src: np.ndarray, seg_len: np.ndarray,
                    seg_out: np.ndarray) -> None:
     """out[seg_out[i]:+seg_len[i]] = values[src[i]:+seg_len[i]] for every segment, in one gather."""
-    # position of each token inside its segment: 0, 1, … along every run
-    within = np.arange(int(seg_len.sum()), dtype=np.int64) - np.repeat(np.cumsum(seg_len) - seg_len, seg_len)
-    out[np.repeat(seg_out, seg_len) + within] = values[np.repeat(src, seg_len) + within]
+    keep = seg_len > 0
+    src, seg_len, seg_out = src[keep], seg_len[keep], seg_out[keep]
+    itype = np.int32 if max(len(values), len(out)) < 2**31 else np.int64
+    out[_run_indices(seg_out, seg_len, itype)] = values[_run_indices(src, seg_len, itype)]
 
 
 class _Parts:
-    """The input files' record batches by part number: read one batch at a time for the plan; for
-    each output file, every input file is memory-mapped in turn, its segments copied out in one
-    gather and the map closed. (Pages a map touches, and those the kernel maps around them, count
-    as the process's memory until it is unmapped: with best-fit rows drawing on documents all over
-    the input, keeping the maps open would hold nearly the whole input.)"""
+    """The input files' record batches by part number: read a batch at a time for the plan; for
+    each group of output rows, every input file is read in turn into one reused buffer and its
+    segments copied out in one gather. (Memory-mapping the input instead would keep every page a
+    gather touches, and the pages the kernel maps around them, as the process's memory: with
+    best-fit rows drawing on documents all over the input, nearly the whole input.)"""
 
     COLUMNS = ("input_ids", "labels")
 
@@ -358,13 +370,21 @@ class _Parts:
         files = file_of[part]
         for f in np.unique(files).tolist():
             mine = files == f
-            with pa.memory_map(str(self.paths[f]), "r") as source:
-                whole = np.frombuffer(source.read_buffer(source.size()), dtype=np.int32, count=source.size() // 4)
-                for column, starts in src.items():
-                    _copy_segments(out[column], whole, start_of[column][part[mine]] + starts[mine], seg_len[mine],
-                                   seg_out[mine])
-                del whole
+            whole = self._read(f)
+            for column, starts in src.items():
+                _copy_segments(out[column], whole, start_of[column][part[mine]] + starts[mine], seg_len[mine],
+                               seg_out[mine])
         return out
+
+    def _read(self, f: int) -> np.ndarray:
+        """Input file `f` as int32, read into one buffer reused for every file: random reads from a
+        memory map cost a page fault each, a plain read of the file costs a copy."""
+        size = self.paths[f].stat().st_size
+        if getattr(self, "_buffer", None) is None or len(self._buffer) < size:
+            self._buffer = np.empty(size, dtype=np.uint8)
+        with open(self.paths[f], "rb") as source:
+            source.readinto(memoryview(self._buffer)[:size])
+        return self._buffer[:size - size % 4].view(np.int32)
 
 
 class _InMemoryParts:

@@ -252,7 +252,12 @@ def read_rows(index: StageOutput) -> pa.Table:
     """A sharded stage's rows of one split as one table, rows numbered over the split (in memory:
     for small splits, the loop's prompts, and tests)."""
     tables = [_rebased(read_table(out.path / ROWS), base) for out, base in shard_outputs(index)]
-    return pa.concat_tables(tables) if tables else None
+    if tables:
+        return pa.concat_tables(tables)
+    from trainer.data.templating import TEMPLATED_SCHEMA
+    from trainer.data.tokenization import TOKENIZED_SCHEMA
+
+    return {"raw": RAW_SCHEMA, "templated": TEMPLATED_SCHEMA, "tokenized": TOKENIZED_SCHEMA}[index.stage].empty_table()
 
 
 def _rebased(table: pa.Table, base: int) -> pa.Table:
