@@ -136,7 +136,9 @@ def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
     try:
         while True:  # round 0 sampled, and its adapter has a checkpoint
             sampled = list(store.glob("samples/*/manifest.json"))
-            checkpoints = [p for p in store.glob("adapter/*.partial/checkpoint-*")
+            # a complete checkpoint: Trainer writes trainer_state.json last (a kill before it leaves
+            # a checkpoint that resuming rightly skips)
+            checkpoints = [p for p in store.glob("adapter/*.partial/checkpoint-*/trainer_state.json")
                            if sampled and p.stat().st_mtime > sampled[0].stat().st_mtime]
             if checkpoints or proc.poll() is not None or time.time() > deadline:
                 break

@@ -113,6 +113,9 @@ def test_a_grown_source_prepares_only_its_new_shards(tmp_path):
         # built now: the new shard and the split's new index, nothing else
         assert built(store, stage) - existing[stage] == {new[3], grown[f"{stage}/train"].key}, stage
     assert not grown["packed/train"].cache_hit
+    from trainer.data.prepare import summarize
+
+    assert summarize(grown)["shards_built"] == {"raw": "1 of 4", "templated": "1 of 4", "tokenized": "1 of 4"}
 
     # A file added before the others (in glob order) is its own shards: the others keep theirs.
     write_jsonl(tmp_path / "data" / "0.jsonl", rows[35:60])

@@ -368,6 +368,10 @@ def summarize(outputs: dict[str, StageOutput]) -> dict[str, Any]:
         "trainable_tokens": train["trainable_tokens"],
         "packing_efficiency": train["packing_efficiency"],
         "cache_hits": sorted(name for name, o in outputs.items() if o.cache_hit),
+        # A grown source builds only its new shards: how many each sharded stage built, of how many.
+        "shards_built": {name.split("/")[0]: f"{0 if o.cache_hit else o.manifest['shards_built']} of "
+                                             f"{len(o.manifest['shards'])}"
+                         for name, o in outputs.items() if name.endswith("/train") and "shards" in o.manifest},
     }
     if "not_selected" in outputs["raw/train"].manifest["counts"]:  # left out by data.source.where
         summary["not_selected"] = outputs["raw/train"].manifest["counts"]["not_selected"]

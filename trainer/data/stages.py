@@ -120,11 +120,16 @@ def hold_tokenizer(identity: str, tok: Any, setup: Any) -> None:
 @functools.lru_cache(maxsize=4)
 def stored_tokenizer(path: str) -> tuple[Any, Any]:
     """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
-    from transformers import AutoTokenizer
-
     from trainer.core.template_setup import load_template_setup
 
-    return AutoTokenizer.from_pretrained(path), load_template_setup(path)
+    config = json.loads((Path(path) / "tokenizer_config.json").read_text())
+    if config.get("tokenizer_class") in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        # The class AutoTokenizer would pick, without AutoTokenizer's import of torch (a second
+        # or more, in a process that prepares data and never needs torch).
+        from transformers import PreTrainedTokenizerFast as tokenizer_class  # TokenizersBackend in 5.x
+    else:
+        from transformers import AutoTokenizer as tokenizer_class
+    return tokenizer_class.from_pretrained(path), load_template_setup(path)
 
 
 def tokenizer_of(tokenizer: StageOutput) -> tuple[Any, Any]:
