@@ -56,17 +56,6 @@ def read_table(path: str | Path) -> pa.Table:
         return pa.ipc.open_file(source).read_all()
 
 
-def write_shards(directory: str | Path, table: pa.Table, rows_per_shard: int) -> list[str]:
-    """Split `table` into `shard-00000.arrow`, ... of at most `rows_per_shard` rows each."""
-    directory = Path(directory)
-    names = []
-    for index, start in enumerate(range(0, max(table.num_rows, 1), rows_per_shard)):
-        name = f"shard-{index:05d}.arrow"
-        write_table(directory / name, table.slice(start, rows_per_shard))
-        names.append(name)
-    return names
-
-
 def shard_paths(directory: str | Path) -> list[Path]:
     paths = sorted(Path(directory).glob(SHARD_GLOB))
     if not paths:

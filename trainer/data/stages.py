@@ -91,12 +91,8 @@ def write_rejects(directory: Path, stage: str, rejects: list[tuple[int, str]]) -
                       pa.array([why for _, why in rejects], pa.string())], schema=REJECTS_SCHEMA)
     with BatchWriter(directory / "rejects.arrow", REJECTS_SCHEMA) as out:
         out.write(table)
-    return reject_kinds(why for _, why in rejects)
-
-
-def reject_kinds(reasons) -> dict[str, int]:
     # Reasons grouped by their kind (the text before the first colon), so counts stay readable.
-    return dict(Counter(why.split(":")[0] for why in reasons).most_common())
+    return dict(Counter(why.split(":")[0] for _, why in rejects).most_common())
 
 
 def read_rejects(stage_output: StageOutput) -> pa.Table:
