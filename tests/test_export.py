@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from trainer.core.arrow_io import write_shards
+from tests.train_helpers import write_shards
 from trainer.data.export import packed_dataset
 from trainer.data.prepare import DataPipeline
 
