@@ -33,8 +33,8 @@ def _worker_init(threads: int) -> None:
     os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))
 
 
-# Worker pools by size, kept for the life of the process: starting one costs seconds (a spawned
-# Python importing the tokenizers), and every stage of every split would pay it again.
+# Worker pools by size, kept from stage to stage: starting one costs seconds (a spawned Python
+# importing the tokenizers), and every stage of every split would pay it again.
 _POOLS: dict[int, ProcessPoolExecutor] = {}
 
 
@@ -48,12 +48,14 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
-@atexit.register
-def close_pools() -> None:
+def close_pools(wait: bool = True) -> None:
     """Stop the workers (a stage that runs in this process alone gives their memory back first)."""
     for pool in _POOLS.values():
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=wait, cancel_futures=True)
     _POOLS.clear()
+
+
+atexit.register(close_pools, wait=False)
 
 
 SCRIPT_GUARD = ("shards are built in spawned processes, which import the script that started them: put the "
