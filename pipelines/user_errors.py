@@ -85,12 +85,12 @@ def _check_files(exp, through: str) -> None:
         # Compiled as transformers compiles it (its {% generation %} tag included): in the run, a
         # syntax error would only say "unexpected '}'", naming neither the setting nor the file.
         import jinja2
-        from transformers.utils.chat_template_utils import _compile_jinja_template
 
+        from trainer.data.templating import compile_template
         from trainer.data.tokenizer import read_template
 
         try:
-            _compile_jinja_template(read_template(template))
+            compile_template(read_template(template))
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"data.template.source: {template}:{e.lineno}: {e.message}") from e
 

@@ -320,89 +320,98 @@ def _copy_segments(out: np.ndarray, values: np.ndarray, src: np.ndarray, seg_len
     out[_run_indices(seg_out, seg_len, itype)] = values[_run_indices(src, seg_len, itype)]
 
 
-class _Parts:
+_TOKEN_COLUMNS = ("input_ids", "labels")
+
+
+class _Gather:
+    """Copies segments out of the input by part (a record batch): the parts are grouped in units
+    (an input file, or a batch in memory) whose tokens are one int32 array, where each part's
+    column starts at `_start[column][part]`."""
+
+    unit: np.ndarray  # part -> its unit (the file it is in; in memory, the batch itself)
+    _start: dict[str, np.ndarray]
+
+    def _values(self, unit: int, column: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def gather(self, part: np.ndarray, src: dict[str, np.ndarray], seg_len: np.ndarray, seg_out: np.ndarray,
+               total: int) -> dict[str, np.ndarray]:
+        """{column: the tokens of every segment, at its place in the output}."""
+        out = {column: np.empty(total, dtype=np.int32) for column in src}
+        units = self.unit[part]
+        for unit in np.unique(units).tolist():
+            mine = units == unit
+            for column, starts in src.items():
+                _copy_segments(out[column], self._values(unit, column), self._start[column][part[mine]] + starts[mine],
+                               seg_len[mine], seg_out[mine])
+        return out
+
+
+class _Parts(_Gather):
     """The input files' record batches by part number: read a batch at a time for the plan; for
     each group of output rows, every input file is read in turn into one reused buffer and its
     segments copied out in one gather. (Memory-mapping the input instead would keep every page a
     gather touches, and the pages the kernel maps around them, as the process's memory: with
     best-fit rows drawing on documents all over the input, nearly the whole input.)"""
 
-    COLUMNS = ("input_ids", "labels")
-
-    def __init__(self, paths: Sequence[Path], row_trainable: Optional[Sequence[Optional[Path]]] = None):
+    def __init__(self, paths: Sequence[Path], row_trainable: Optional[Sequence[Path]] = None):
         self.paths = [Path(p) for p in paths]
-        self.row_trainable = list(row_trainable) if row_trainable is not None else None
-        self.where: list[tuple[int, dict[str, int]]] = []  # part -> (file, where each column's tokens start)
+        self.row_trainable = row_trainable
+        units, starts = [], {column: [] for column in _TOKEN_COLUMNS}
         for f, path in enumerate(self.paths):
             with pa.memory_map(str(path), "r") as source:
                 base = source.read_buffer(1).address  # zero-copy: the map's first byte
                 reader = pa.ipc.open_file(source)
                 for b in range(reader.num_record_batches):
                     batch = reader.get_batch(b)  # metadata only: no token page is read
-                    starts = {}
-                    for column in self.COLUMNS:
+                    units.append(f)
+                    for column in _TOKEN_COLUMNS:
                         values = batch.column(column).values
                         if values.type != pa.int32():
                             raise TypeError(f"{path}: column {column!r} must hold int32 tokens, got {values.type}")
                         at = values.buffers()[1].address - base + values.offset * 4
                         assert at % 4 == 0  # Arrow aligns buffers: the file reads as int32 from 0
-                        starts[column] = at // 4
-                    self.where.append((f, starts))
+                        starts[column].append(at // 4)
+        self.unit = np.array(units, dtype=np.int64)  # part -> its file
+        self._start = {column: np.array(at, dtype=np.int64) for column, at in starts.items()}
+        self._buffer = np.empty(0, dtype=np.uint8)
+        self._loaded: Optional[int] = None
 
     def batches(self) -> Iterator[tuple[pa.RecordBatch, Optional[np.ndarray]]]:
         """(batch, its rows' `trainable_after_first` if stored), memory-mapped, a file at a time:
         the plan reads the offsets (and the labels of what it must), never the ids."""
         for f, path in enumerate(self.paths):
-            stored = self.row_trainable[f] if self.row_trainable is not None else None
-            trainable = iter_batches(stored) if stored is not None else None
+            trainable = iter_batches(self.row_trainable[f]) if self.row_trainable is not None else None
             with pa.memory_map(str(path), "r") as source:
                 reader = pa.ipc.open_file(source)
                 for b in range(reader.num_record_batches):
                     counts = next(trainable).column(0).to_numpy() if trainable is not None else None
                     yield reader.get_batch(b), counts
 
-    def gather(self, part: np.ndarray, src: dict[str, np.ndarray], seg_len: np.ndarray, seg_out: np.ndarray,
-               total: int) -> dict[str, np.ndarray]:
-        """{column: the tokens of every segment, at its place in the output}."""
-        out = {column: np.empty(total, dtype=np.int32) for column in src}
-        file_of = np.array([f for f, _ in self.where], dtype=np.int64)
-        start_of = {column: np.array([s[column] for _, s in self.where], dtype=np.int64) for column in src}
-        files = file_of[part]
-        for f in np.unique(files).tolist():
-            mine = files == f
-            whole = self._read(f)
-            for column, starts in src.items():
-                _copy_segments(out[column], whole, start_of[column][part[mine]] + starts[mine], seg_len[mine],
-                               seg_out[mine])
-        return out
-
-    def _read(self, f: int) -> np.ndarray:
-        """Input file `f` as int32, read into one buffer reused for every file: random reads from a
-        memory map cost a page fault each, a plain read of the file costs a copy."""
-        size = self.paths[f].stat().st_size
-        if getattr(self, "_buffer", None) is None or len(self._buffer) < size:
-            self._buffer = np.empty(size, dtype=np.uint8)
-        with open(self.paths[f], "rb") as source:
-            source.readinto(memoryview(self._buffer)[:size])
+    def _values(self, unit: int, column: str) -> np.ndarray:
+        """Input file `unit` as int32 (both columns), read into one buffer reused for every file:
+        random reads from a memory map cost a page fault each, a plain read of the file a copy."""
+        size = self.paths[unit].stat().st_size
+        if self._loaded != unit:
+            if len(self._buffer) < size:
+                self._buffer = np.empty(size, dtype=np.uint8)
+            with open(self.paths[unit], "rb") as source:
+                source.readinto(memoryview(self._buffer)[:size])
+            self._loaded = unit
         return self._buffer[:size - size % 4].view(np.int32)
 
 
-class _InMemoryParts:
+class _InMemoryParts(_Gather):
     def __init__(self, table: pa.Table):
         self._batches = table.combine_chunks().to_batches() or [pa.RecordBatch.from_pylist([], schema=table.schema)]
+        self.unit = np.arange(len(self._batches), dtype=np.int64)  # each batch its own unit, columns from 0
+        self._start = {column: np.zeros(len(self._batches), dtype=np.int64) for column in _TOKEN_COLUMNS}
 
     def batches(self) -> Iterator[tuple[pa.RecordBatch, None]]:
         return ((batch, None) for batch in self._batches)
 
-    def gather(self, part: np.ndarray, src: dict[str, np.ndarray], seg_len: np.ndarray, seg_out: np.ndarray,
-               total: int) -> dict[str, np.ndarray]:
-        out = {column: np.empty(total, dtype=np.int32) for column in src}
-        for p in np.unique(part).tolist():
-            mine = part == p
-            for column, starts in src.items():
-                _copy_segments(out[column], _flat_list(self._batches[p], column)[2], starts[mine], seg_len[mine],
-                               seg_out[mine])
-        return out
+    def _values(self, unit: int, column: str) -> np.ndarray:
+        return _flat_list(self._batches[unit], column)[2]
 
 
 @dataclass
@@ -440,7 +449,7 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
         else:
             row_ids = np.arange(counts["rows_in"], counts["rows_in"] + n, dtype=np.int64)
         if row_bases is not None:
-            row_ids = row_ids + row_bases[parts.where[p][0]]
+            row_ids = row_ids + row_bases[parts.unit[p]]
         src_ids, src_lab, length, survived = _part_documents(batch, row_ids, M, overlong, truncate_side, reasons,
                                                              counts, row_trainable)
         for column, values in zip(columns, (np.full(len(length), p, dtype=np.int64), src_ids, src_lab, length)):
@@ -549,14 +558,13 @@ class PackedFiles:
 def pack_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int, out_dir: Path, rows_per_file: int,
                strategy: str = "bfd", overlong: str = "truncate", truncate_side: str = "keep_start",
                seed: Optional[int] = 0, progress: bool = False,
-               row_trainable: Optional[Sequence[Optional[Path]]] = None) -> PackedFiles:
+               row_trainable: Optional[Sequence[Path]] = None) -> PackedFiles:
     """Pack tokenized Arrow files (rows of file i numbered from `row_bases[i]`) into
     `shard-00000.arrow`, … of at most `rows_per_file` rows, exactly as `pack` packs them together:
     one pass reads the lengths for the global plan, then each file's rows are gathered on their own,
     so memory is set by the documents' count and one output file, not by the tokens.
     `row_trainable`: per file, an Arrow file of its rows' `trainable_after_first` (one int32 column,
-    batch by batch as the file; None: count from the labels), so the plan reads no labels but
-    those of rows longer than max_length."""
+    batch by batch as the file), so the plan reads no labels but those of rows longer than max_length."""
     M = int(max_length)
     parts = _Parts(paths, row_trainable)
     plan = _plan(parts, row_bases, M, strategy, overlong, truncate_side, seed, progress)

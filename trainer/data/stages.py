@@ -357,7 +357,6 @@ STAGE_INPUT = {"templated": "raw", "tokenized": "templated"}
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     from trainer.data.packing import length_histogram, pack_files
-
     from trainer.data.parallel import close_pools
 
     close_pools()  # packing is one process: the shard workers' memory is given back first
@@ -366,8 +365,7 @@ def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, ou
     result = pack_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length, out_dir,
                         rows_per_file=d.rows_per_shard, strategy=keys.packing_strategy(exp, split),
                         overlong=d.overlong, truncate_side=d.truncate_side, progress=progress,
-                        row_trainable=[out.path / ROW_TRAINABLE if (out.path / ROW_TRAINABLE).is_file() else None
-                                       for out, _ in shards])
+                        row_trainable=[out.path / ROW_TRAINABLE for out, _ in shards])
     return {"split": split, "counts": dict(result.counts), "files": result.files, "rows_per_file": result.rows_per_file,
             "length_histogram": length_histogram(result.doc_lengths, d.max_length),
             "reject_reasons": write_rejects(out_dir, "packed", result.rejects)}

@@ -150,7 +150,7 @@ class _TemplateFacts:
 def _template_facts(tok: Any, template: str) -> _TemplateFacts:
     """End-of-turn text, marker strings, and whether the generation prompt is the training
     text's prefix, read off a probe rendering of `template` with `tok`'s special tokens."""
-    compiled = _compile(template)
+    compiled = compile_template(template)
     kwargs = dict(tok.special_tokens_map)
     msgs, text = _probe(compiled, kwargs)
     if not msgs:
@@ -244,7 +244,7 @@ def save_tokenizer(tok: Any, setup: TemplateSetup, out_dir: Union[str, Path]) ->
 # Rendering
 
 
-def _compile(template: str) -> Any:
+def compile_template(template: str) -> Any:
     # transformers' own compiled (sandboxed, cached) template: identical output to
     # apply_chat_template, {% generation %} supported, without its per-call overhead.
     from transformers.utils.chat_template_utils import _compile_jinja_template
@@ -260,7 +260,7 @@ class _Ctx:
         self.setup = setup
         self.data = data
         self.template = setup.chat_template
-        self.compiled = _compile(self.template) if self.template else None
+        self.compiled = compile_template(self.template) if self.template else None
         self.special_kwargs = dict(tok.special_tokens_map)
         self.eos = tok.eos_token or ""
         self.bos = (tok.bos_token or "") if setup.bos_in_text else ""
