@@ -22,6 +22,10 @@ import yaml
 from trainer.core.object_store import cache_dir, is_remote
 
 
+# The templates shipped with the project (trainer/data/tokenizer.py TEMPLATES_DIR).
+_TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "resources" / "templates"
+
+
 class ConfigError(ValueError):
     pass
 
@@ -301,12 +305,60 @@ class Experiment:
         return d
 
     def data_fingerprint(self) -> str:
-        """Hash of the settings that decide the data assets' bytes (not the training ones)."""
-        # How shards are cut and built changes no byte of the packed data (and keeps group names as they were).
-        payload = {"data": _without(dataclasses.asdict(self.data), "name", "checks", "source_rows_per_shard",
-                                    "num_proc", "step_per_shard"),
-                   "tokenizer": dataclasses.asdict(self.tokenizer)}
+        """Hash of the settings that decide the data assets' bytes (not the training ones), with
+        every local path the data stages read, and the store, as the location it resolves to: the
+        same text beside two YAMLs names two files, so two groups."""
+        # How shards are cut and built changes no byte of the packed data.
+        data = _without(dataclasses.asdict(self.data), "name", "checks", "source_rows_per_shard",
+                        "num_proc", "step_per_shard")
+        data["source"]["path"] = self._resolved_patterns(self.data.source)
+        if self.data.eval.source is not None:
+            data["eval"]["source"]["path"] = self._resolved_patterns(self.data.eval.source)
+        data["template"]["source"] = self._resolved_template(self.data.template.source)
+        data["formatting_func_file"] = self._formatting_func_file()
+        tokenizer = dataclasses.asdict(self.tokenizer)
+        tokenizer["path"] = self._resolved_tokenizer(self.tokenizer.path)
+        store = self.store if is_remote(self.store) else str(self.resolve_path(self.store))
+        payload = {"data": data, "tokenizer": tokenizer, "store": store}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+
+    # The rules below mirror where the data stages look (trainer/data/sources.py `resolve_files`,
+    # tokenizer.py `load_tokenizer` and `resolve_template_source`), without importing them.
+
+    def _resolved_patterns(self, source: SourceConfig) -> Optional[list[str]]:
+        """The source's globs against the YAML's folder (the patterns, not their matches: a file
+        added to a glob is new data of the same group)."""
+        if not source.path:
+            return None
+        patterns = [source.path] if isinstance(source.path, str) else source.path
+        return [str(self.resolve_path(p)) for p in patterns]
+
+    def _resolved_template(self, source: str) -> str:
+        if source in ("tokenizer", "chatml"):
+            return source
+        local = self.resolve_path(source)
+        shipped = "/" not in source and (_TEMPLATES_DIR / f"{source}.jinja").is_file()
+        return source if shipped and not local.is_file() else str(local)  # a file beside the YAML comes first
+
+    def _resolved_tokenizer(self, path: str) -> str:
+        if path.startswith("builtin:"):
+            return path
+        local = self.resolve_path(path)
+        looks_local = (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+                       or path.lower().endswith((".json", ".gguf")))
+        return str(local) if looks_local or local.exists() else path  # else a hub id
+
+    def _formatting_func_file(self) -> Optional[str]:
+        """The formatting function's module when it is a file beside the YAML."""
+        dotted = self.data.formatting_func
+        if not dotted:
+            return None
+        module = dotted.split(":", 1)[0] if ":" in dotted else dotted.rpartition(".")[0]
+        base = self.resolve_path(module.replace(".", "/"))
+        for file in (base.with_name(base.name + ".py"), base / "__init__.py"):
+            if file.is_file():
+                return str(file)
+        return None
 
     @property
     def data_group(self) -> str:

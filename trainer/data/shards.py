@@ -34,6 +34,8 @@ class SourceShard:
     start: int = 0
     end: int | None = None
     first_line: int = 1
+    # The dataset commit a hub shard is read at (also in its label and digest).
+    commit: str | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What its raw rows are made from: its bytes and where they are (the `source` column)."""

@@ -2,7 +2,8 @@
 
 Local JSON/JSONL are parsed record by record so that one malformed line becomes a reject
 naming its file and line instead of failing the whole load (as `datasets`' loader would).
-CSV and Parquet go through pyarrow; hub names through `datasets.load_dataset`.
+CSV and Parquet go through pyarrow; hub names through `datasets.load_dataset`, at the commit
+their revision named when planned.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ import csv
 import glob
 import hashlib
 import inspect
+import io
 import json
+import os
+import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -77,8 +81,10 @@ def plan_shards(source: SourceConfig, base_dir: str | Path, rows_per_shard: int)
             shards.extend(jsonl_shards(path, rows_per_shard) if fmt == "jsonl" else [file_shard(path, fmt)])
         return shards
     if source.hub:
-        coordinates = {"hub": source.hub, "config": source.hub_config, "split": source.split, "revision": source.revision}
-        return [SourceShard(f"{source.hub}", _digest(coordinates), file_format="hub")]
+        # Keyed by the commit, not the ref: a branch moves upstream under the same name.
+        commit = hub_commit(source)
+        coordinates = {"hub": source.hub, "config": source.hub_config, "split": source.split, "commit": commit}
+        return [SourceShard(f"{source.hub}@{commit}", _digest(coordinates), file_format="hub", commit=commit)]
     from trainer.data import default_data
 
     if source.builtin not in default_data.BUILTIN_DATASETS:
@@ -88,6 +94,41 @@ def plan_shards(source: SourceConfig, base_dir: str | Path, rows_per_shard: int)
     coordinates = {"builtin": source.builtin, "split": source.split, "rows": source.rows, "seed": source.seed,
                    "generator_code": code}
     return [SourceShard(f"builtin:{source.builtin}", _digest(coordinates), file_format="builtin")]
+
+
+def hub_commit(source: SourceConfig, cache_dir: str | Path | None = None) -> str:
+    """The commit `source.revision` (default: main) names: asked of the hub, or offline (or when
+    the hub cannot be reached) the commit the local Hugging Face cache holds for that ref."""
+    ref = source.revision or "main"
+    if re.fullmatch(r"[0-9a-f]{40}", ref):
+        return ref
+    from huggingface_hub import constants
+
+    where = f"{source.key}.hub {source.hub!r}"
+    # Read now, not when huggingface_hub was imported: a process may set them after.
+    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                                              for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    reason = "offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
+    if not offline:
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            sha = HfApi().dataset_info(source.hub, revision=ref).sha
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise SourceError(f"{where}: revision {ref!r}: {str(e).strip().splitlines()[0]}") from None
+        except Exception as e:  # no network: the cache may hold it
+            reason = f"the hub could not be reached ({type(e).__name__})"
+        else:
+            if sha:
+                return sha
+            reason = "the hub gave no commit"
+    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"datasets--{source.hub.replace('/', '--')}" / "refs" / ref
+    try:
+        return refs.read_text().strip()
+    except OSError:
+        raise SourceError(f"{where}: cannot resolve revision {ref!r} to a commit: {reason}, and the local "
+                          f"cache has no {refs}") from None
 
 
 def _digest(obj: Any) -> str:
@@ -140,9 +181,18 @@ def _jsonl_records(shard: SourceShard) -> Iterator[tuple[str, Any, str | None]]:
         raise SourceError(f"{shard.path}: lines {shard.label.rsplit(':', 1)[1]} changed while being prepared; run again")
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
+def _keyed_bytes(shard: SourceShard) -> bytes:
+    """The file's bytes, read once and checked against the digest it was planned (keyed) with:
+    parsed from these, no second read can differ from what the key names."""
+    data = Path(shard.path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != shard.digest:
+        raise SourceError(f"{shard.path}: changed while being prepared; run again")
+    return data
+
+
+def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any, str | None]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}: not UTF-8"
         raise SourceError(f"{path}: invalid JSON at {where}") from None
@@ -154,26 +204,27 @@ def _json_records(path: Path) -> Iterator[tuple[str, Any, str | None]]:
         yield f"{path.name}[{index}]", item, None
 
 
-def _table_records(path: Path, fmt: str) -> Iterator[tuple[str, Any, str | None]]:
+def _table_records(path: Path, fmt: str, data: bytes) -> Iterator[tuple[str, Any, str | None]]:
     if fmt == "csv":
         # Every CSV field is text: type inference would turn a completion " 4" into the int 4.
-        with open(path, newline="", encoding="utf-8") as f:
-            for index, item in enumerate(csv.DictReader(f)):
-                yield f"{path.name}[{index}]", item, None
+        text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")  # decoded as read
+        for index, item in enumerate(csv.DictReader(text)):
+            yield f"{path.name}[{index}]", item, None
         return
     import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):  # a batch at a time: bounded memory
+    # The file's bytes are in memory; its rows are decoded a batch at a time.
+    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=4096):
         for item in batch.to_pylist():
             yield f"{path.name}[{index}]", item, None
             index += 1
 
 
-def _hub_records(source: SourceConfig) -> Iterator[tuple[str, Any, str | None]]:
+def _hub_records(source: SourceConfig, commit: str | None) -> Iterator[tuple[str, Any, str | None]]:
     import datasets
 
-    ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split, revision=source.revision)
+    ds = datasets.load_dataset(source.hub, source.hub_config, split=source.split, revision=commit)
     for index, item in enumerate(ds):
         yield f"{source.hub}[{index}]", item, None
 
@@ -197,11 +248,11 @@ def shard_records(shard: SourceShard, source: SourceConfig) -> Iterator[tuple[st
     if fmt == "jsonl":
         yield from _jsonl_records(shard)
     elif fmt == "json":
-        yield from _json_records(Path(shard.path))
+        yield from _json_records(Path(shard.path), _keyed_bytes(shard))
     elif fmt in ("csv", "parquet"):
-        yield from _table_records(Path(shard.path), fmt)
+        yield from _table_records(Path(shard.path), fmt, _keyed_bytes(shard))
     elif fmt == "hub":
-        yield from _hub_records(source)
+        yield from _hub_records(source, shard.commit)
     else:
         yield from _builtin_records(source)
 
