@@ -303,9 +303,9 @@ def code_identity(obj: Any) -> dict[str, str]:
 # --- hub revisions -------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in {"1", "ON", "YES", "TRUE"}
+def _offline(repo_type: str) -> bool:
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") + (("HF_DATASETS_OFFLINE",) if repo_type == "dataset" else ())
+    return any(os.environ.get(name, "").upper() in {"1", "ON", "YES", "TRUE"} for name in names)
 
 
 def _one_line(e: BaseException) -> str:
@@ -324,7 +324,7 @@ def hub_commit(repo_id: str, revision: str | None = None, repo_type: str = "mode
     if ".." in Path(revision).parts:
         raise IdentityError(f"{where}: revision {revision!r} is not a branch, tag or commit")
     reason = "offline (HF_HUB_OFFLINE)"
-    if not _offline():
+    if not _offline(repo_type):
         try:
             from huggingface_hub import HfApi
 

@@ -14,8 +14,6 @@ import hashlib
 import inspect
 import io
 import json
-import os
-import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -97,38 +95,14 @@ def plan_shards(source: SourceConfig, base_dir: str | Path, rows_per_shard: int)
 
 
 def hub_commit(source: SourceConfig, cache_dir: str | Path | None = None) -> str:
-    """The commit `source.revision` (default: main) names: asked of the hub, or offline (or when
-    the hub cannot be reached) the commit the local Hugging Face cache holds for that ref."""
-    ref = source.revision or "main"
-    if re.fullmatch(r"[0-9a-f]{40}", ref):
-        return ref
-    from huggingface_hub import constants
+    """The commit `source.revision` (default: main) names (`trainer.core.identity.hub_commit`)."""
+    from trainer.core.identity import IdentityError
+    from trainer.core.identity import hub_commit as resolve
 
-    where = f"{source.key}.hub {source.hub!r}"
-    # Read now, not when huggingface_hub was imported: a process may set them after.
-    offline = constants.HF_HUB_OFFLINE or any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
-                                              for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    reason = "offline (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
-    if not offline:
-        from huggingface_hub import HfApi
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-        try:
-            sha = HfApi().dataset_info(source.hub, revision=ref).sha
-        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise SourceError(f"{where}: revision {ref!r}: {str(e).strip().splitlines()[0]}") from None
-        except Exception as e:  # no network: the cache may hold it
-            reason = f"the hub could not be reached ({type(e).__name__})"
-        else:
-            if sha:
-                return sha
-            reason = "the hub gave no commit"
-    refs = Path(cache_dir or constants.HF_HUB_CACHE) / f"datasets--{source.hub.replace('/', '--')}" / "refs" / ref
     try:
-        return refs.read_text().strip()
-    except OSError:
-        raise SourceError(f"{where}: cannot resolve revision {ref!r} to a commit: {reason}, and the local "
-                          f"cache has no {refs}") from None
+        return resolve(source.hub, source.revision, "dataset", cache_dir=cache_dir)
+    except IdentityError as e:
+        raise SourceError(f"{source.key}.hub {source.hub!r}: {e}") from None
 
 
 def _digest(obj: Any) -> str:
