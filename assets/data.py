@@ -17,14 +17,13 @@ from trainer.data.packing import plot_length_histogram
 from trainer.data.prepare import DataPipeline
 from trainer.data.shards import SourceShard
 from trainer.core.template_setup import load_template_setup
-from trainer.core.store import CODE_VERSIONS, StageOutput
+from trainer.core.graph import DATA_STAGES, NODES, STAGE_NODE, STAGES
+from trainer.core.store import StageOutput
 
-STAGE_ASSETS = {
-    "raw": "raw_dataset",
-    "templated": "templated_text",
-    "tokenized": "tokenized_rows",
-    "packed": "packed_shards",
-}
+from .graph import ins_and_deps
+
+# The per-split data stages' assets (from the declared graph).
+STAGE_ASSETS = {stage: STAGE_NODE[stage] for stage in DATA_STAGES}
 
 
 def data_asset_key(group: str, stage: str) -> dg.AssetKey:
@@ -108,17 +107,12 @@ def build_data_assets(exp: Experiment) -> list:
         return dg.Output(outputs, metadata=stage_metadata(stage, outputs),
                          data_version=dg.DataVersion(data_version(outputs)))
 
-    def asset(stage: str, **kwargs):
-        return dg.asset(key=data_asset_key(group, stage), group_name=group, code_version=CODE_VERSIONS[stage],
-                        kinds={"arrow"}, description=f"{STAGE_ASSETS[stage].replace('_', ' ')}{description_suffix}",
-                        **kwargs)
-
     @dg.observable_source_asset(key=raw_files_key(group), group_name=group,
                                 description="The raw source files; observing it hashes their content." + description_suffix)
     def raw_files():
         return dg.DataVersion(pipeline().raw_version())
 
-    @dg.asset(key=tokenizer_asset_key(group), group_name=group, code_version=CODE_VERSIONS["tokenizer"],
+    @dg.asset(key=tokenizer_asset_key(group), group_name=group, code_version=STAGES["tokenizer"].code_version,
               kinds={"huggingface"},
               description="The tokenizer with its chat template set up (its key is its content's identity)"
                           + description_suffix)
@@ -131,45 +125,48 @@ def build_data_assets(exp: Experiment) -> list:
             "end_of_turn": dg.MetadataValue.text(repr(setup.eot_token)),
             "added_tokens": dg.MetadataValue.json(setup.added_tokens)})
 
+    def given(stage: str, inputs: dict, split: str) -> dict[str, StageOutput]:
+        """A data node's upstream outputs as DataPipeline takes them, by stage: the tokenizer's
+        (shared by the splits), the others' of `split`."""
+        return {NODES[node].stage: (out if NODES[node].stage == "tokenizer" else out[split])
+                for node, out in inputs.items()}
+
+    def stage_asset(stage: str):
+        """The asset of one per-split data stage: its `ins` from the declared graph, its body the
+        stage itself (DataPipeline builds it from the given upstream outputs, per split)."""
+        node = STAGE_NODE[stage]
+        ins, deps = ins_and_deps(exp, node)
+        checks = _packed_check_specs(exp) if stage == "packed" else None
+
+        @dg.asset(name=node, key_prefix=[group], group_name=group, ins=ins, deps=deps, check_specs=checks,
+                  code_version=STAGES[stage].code_version, kinds={"arrow"},
+                  description=f"{node.replace('_', ' ')}{description_suffix}")
+        def data_stage(context: dg.AssetExecutionContext, **inputs):
+            p = pipeline()
+            keyed = {up: out for up, out in inputs.items() if up in NODES[node].inputs}
+            splits = p.splits() if not keyed else list(next(o for o in keyed.values() if isinstance(o, dict)))
+            outputs = {split: p.output(stage, split, **given(stage, keyed, split)) for split in splits}
+            yield result(stage, outputs, context)
+            if stage == "packed":
+                stages = [inputs["raw_dataset"], inputs["templated_text"], inputs["tokenized_rows"], outputs]
+                rows_in = inputs["raw_dataset"]["train"].manifest["counts"]["rows_in"]
+                yield from _packed_checks(exp, outputs, total_reject_rate(rows_in, stages))
+
+        return data_stage
+
     if exp.data.step_per_shard:
-        raw_dataset, templated_text, tokenized_rows = _step_per_shard_assets(exp, pipeline, result)
+        sharded = _step_per_shard_assets(exp, pipeline, result, given)
     else:
-        @asset("raw", deps=[raw_files_key(group)])
-        def raw_dataset(context: dg.AssetExecutionContext) -> dg.Output:
-            p = pipeline()
-            return result("raw", {split: p.raw(split) for split in p.splits()}, context)
+        sharded = [stage_asset(stage) for stage in DATA_STAGES if STAGES[stage].sharded]
+    return [raw_files, tokenizer, *sharded, stage_asset("packed")]
 
-        @asset("templated", ins={"raw": dg.AssetIn(data_asset_key(group, "raw")),
-                                 "tok": dg.AssetIn(tokenizer_asset_key(group))})
-        def templated_text(context: dg.AssetExecutionContext, raw: dict, tok: StageOutput) -> dg.Output:
-            p = pipeline()
-            return result("templated", {split: p.templated(split, raw[split], tok) for split in raw}, context)
 
-        @asset("tokenized", ins={"templated": dg.AssetIn(data_asset_key(group, "templated")),
-                                 "tok": dg.AssetIn(tokenizer_asset_key(group))})
-        def tokenized_rows(context: dg.AssetExecutionContext, templated: dict, tok: StageOutput) -> dg.Output:
-            p = pipeline()
-            return result("tokenized", {split: p.tokenized(split, templated[split], tok) for split in templated},
-                          context)
-
-    packed_key = data_asset_key(group, "packed")
-
-    @asset("packed", ins={"tokenized": dg.AssetIn(data_asset_key(group, "tokenized")),
-                          "templated": dg.AssetIn(data_asset_key(group, "templated")),
-                          "raw": dg.AssetIn(data_asset_key(group, "raw"))},
-           check_specs=[dg.AssetCheckSpec("packing_efficiency", asset=packed_key,
-                                          description="Packing efficiency of the train shards ≥ "
-                                                      "data.checks.min_packing_efficiency"),
-                        dg.AssetCheckSpec("reject_rate", asset=packed_key,
-                                          description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")])
-    def packed_shards(context: dg.AssetExecutionContext, tokenized: dict, templated: dict, raw: dict):
-        p = pipeline()
-        outputs = {split: p.packed(split, tokenized[split]) for split in tokenized}
-        yield result("packed", outputs, context)
-        rows_in = raw["train"].manifest["counts"]["rows_in"]
-        yield from _packed_checks(exp, outputs, total_reject_rate(rows_in, [raw, templated, tokenized, outputs]))
-
-    return [raw_files, tokenizer, raw_dataset, templated_text, tokenized_rows, packed_shards]
+def _packed_check_specs(exp: Experiment) -> list[dg.AssetCheckSpec]:
+    packed_key = data_asset_key(exp.data_group, "packed")
+    return [dg.AssetCheckSpec("packing_efficiency", asset=packed_key,
+                              description="Packing efficiency of the train shards ≥ data.checks.min_packing_efficiency"),
+            dg.AssetCheckSpec("reject_rate", asset=packed_key,
+                              description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")]
 
 
 def _packed_checks(exp: Experiment, packed: dict[str, StageOutput],
@@ -193,17 +190,8 @@ def _packed_checks(exp: Experiment, packed: dict[str, StageOutput],
 # step writes the split's index, exactly as the one-step asset does. The shards' source plan is
 # hashed once, by the first step, and kept in the store for the others (`.plans/<run id>.json`).
 
-_UPSTREAM = {"raw": {}, "templated": {"raw": "raw", "tok": "tokenizer"},
-             "tokenized": {"templated": "templated", "tok": "tokenizer"}}
-
-
-def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
+def _step_per_shard_assets(exp: Experiment, pipeline, result, given) -> list:
     group = exp.data_group
-
-    def given(stage: str, inputs: dict, split: str) -> dict[str, StageOutput]:
-        """The stage's inputs as DataPipeline takes them: {"raw": output of the split, "tokenizer": …}."""
-        return {stage_name: (inputs[name] if stage_name == "tokenizer" else inputs[name][split])
-                for name, stage_name in _UPSTREAM[stage].items()}
 
     def plan_file(p: DataPipeline, run_id: str):
         return p.store.root / "raw" / ".plans" / f"{run_id}.json"
@@ -211,7 +199,7 @@ def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
     def opened(stage: str, context, inputs: dict) -> tuple[DataPipeline, list[str]]:
         """A pipeline for this step, and the splits; raw's shards as the plan step hashed them."""
         p = pipeline()
-        splits = p.splits() if stage == "raw" else list(inputs[next(iter(_UPSTREAM[stage]))])
+        splits = list(next((o for o in inputs.values() if isinstance(o, dict)), None) or p.splits())
         if stage == "raw":
             path = plan_file(p, context.run_id)
             if path.is_file():
@@ -219,13 +207,21 @@ def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
                     p.use_shards(split, [SourceShard(**s) for s in shards])
         return p, splits
 
-    def ops(stage: str):
-        # raw reads no input: it follows the source files' observation (a Nothing input, never loaded)
-        ins = {name: dg.In() for name in _UPSTREAM[stage]} or {"raw_files": dg.In(dg.Nothing)}
+    def graph_asset(stage: str):
+        node = STAGE_NODE[stage]
+        asset_ins, deps = ins_and_deps(exp, node)
+        loaded = list(asset_ins)
+        # an observed source is a Nothing input: it orders the steps and is never loaded
+        asset_ins.update({key.path[-1]: dg.AssetIn(key, dagster_type=dg.Nothing) for key in deps})
+        ins = {name: dg.In() if name in loaded else dg.In(dg.Nothing) for name in asset_ins}
         prefix = f"{group}__{stage}"
+
+        def stage_inputs(inputs: dict) -> dict:
+            return {name: out for name, out in inputs.items() if name in loaded}
 
         @dg.op(name=f"{prefix}_plan", ins=ins, out=dg.DynamicOut(dg.Nothing))
         def plan(context: dg.OpExecutionContext, **inputs):
+            inputs = stage_inputs(inputs)
             p, splits = opened(stage, context, inputs)
             if stage == "raw":
                 path = plan_file(p, context.run_id)
@@ -243,6 +239,7 @@ def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
 
         @dg.op(name=f"{prefix}_shard", ins={"planned": dg.In(dg.Nothing), **ins}, out=dg.Out(dg.Nothing))
         def shard(context: dg.OpExecutionContext, **inputs) -> None:
+            inputs = stage_inputs(inputs)
             p, _ = opened(stage, context, inputs)
             split, index = context.get_mapping_key().rsplit("_", 1)
             key, build = p.shard_tasks(stage, split, **given(stage, inputs, split))[int(index)]
@@ -252,41 +249,19 @@ def _step_per_shard_assets(exp: Experiment, pipeline, result) -> tuple:
 
         @dg.op(name=f"{prefix}_index", ins={"shards": dg.In(dg.Nothing), **ins})
         def index(context: dg.OpExecutionContext, **inputs) -> dg.Output:
+            inputs = stage_inputs(inputs)
             p, splits = opened(stage, context, inputs)
             return result(stage, {split: p.output(stage, split, **given(stage, inputs, split)) for split in splits},
                           context)
 
-        return plan, shard, index
+        @dg.graph_multi_asset(name=f"{group}__{node}", group_name=group, ins=asset_ins, outs={"result": dg.AssetOut(
+            key=data_asset_key(group, stage), code_version=STAGES[stage].code_version, kinds={"arrow"},
+            description=f"{node.replace('_', ' ')}, one step per shard (data group `{group}`, defined by "
+                        f"experiment `{exp.name}`)")})
+        def stage_graph(**inputs):
+            planned = plan(**inputs)
+            return index(shards=planned.map(lambda s: shard(planned=s, **inputs)).collect(), **inputs)
 
-    raw_plan, raw_shard, raw_index = ops("raw")
-    templated_plan, templated_shard, templated_index = ops("templated")
-    tokenized_plan, tokenized_shard, tokenized_index = ops("tokenized")
-    tok_in = dg.AssetIn(tokenizer_asset_key(group))
+        return stage_graph
 
-    def out(stage: str) -> dict:
-        return {"result": dg.AssetOut(key=data_asset_key(group, stage), code_version=CODE_VERSIONS[stage],
-                                      kinds={"arrow"}, description=f"{STAGE_ASSETS[stage].replace('_', ' ')}, one "
-                                      f"step per shard (data group `{group}`, defined by experiment `{exp.name}`)")}
-
-    @dg.graph_multi_asset(name=f"{group}__raw_dataset", outs=out("raw"), group_name=group,
-                          ins={"raw_files": dg.AssetIn(raw_files_key(group), dagster_type=dg.Nothing)})
-    def raw_dataset(raw_files):
-        planned = raw_plan(raw_files=raw_files)
-        return raw_index(shards=planned.map(lambda s: raw_shard(planned=s, raw_files=raw_files)).collect(),
-                         raw_files=raw_files)
-
-    @dg.graph_multi_asset(name=f"{group}__templated_text", outs=out("templated"), group_name=group,
-                          ins={"raw": dg.AssetIn(data_asset_key(group, "raw")), "tok": tok_in})
-    def templated_text(raw, tok):
-        planned = templated_plan(raw=raw, tok=tok)
-        return templated_index(shards=planned.map(lambda s: templated_shard(planned=s, raw=raw, tok=tok)).collect(),
-                               raw=raw, tok=tok)
-
-    @dg.graph_multi_asset(name=f"{group}__tokenized_rows", outs=out("tokenized"), group_name=group,
-                          ins={"templated": dg.AssetIn(data_asset_key(group, "templated")), "tok": tok_in})
-    def tokenized_rows(templated, tok):
-        planned = tokenized_plan(templated=templated, tok=tok)
-        done = planned.map(lambda s: tokenized_shard(planned=s, templated=templated, tok=tok)).collect()
-        return tokenized_index(shards=done, templated=templated, tok=tok)
-
-    return raw_dataset, templated_text, tokenized_rows
+    return [graph_asset(stage) for stage in DATA_STAGES if STAGES[stage].sharded]

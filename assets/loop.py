@@ -1,34 +1,44 @@
 """The generate → filter → train loop of an experiment with a `loop:` section.
 
-Each round is a partition of the dynamic partitions `<exp>_rounds` ("0", "1", …), and each of
-its steps an asset: round_samples → round_accepted → round_adapter → round_eval (see
-`trainer.loop.rounds`). Dagster forbids an asset depending on another partition of itself (unless
-time-partitioned), so a round finds the previous round's outputs (its generator, and in
-continue mode its adapter) through the event log, by partition, and names them in its metadata.
-Generation, training and merging run in their own processes through Pipes.
+Each round is a partition of the dynamic partitions `<exp>_rounds` ("0", "1", …), and each of its
+steps an asset: prompts (the loop's prompts through raw → templated, the same every round) → round_samples →
+round_accepted → round_adapter → round_eval, with the `ins` the declared graph gives them
+(`trainer.core.graph`). Each step plans its round from its inputs with `rounds.plan_round`, so
+the steps agree on the generator and the round's experiment. Dagster forbids an asset depending
+on another partition of itself (unless time-partitioned), so a round finds the previous round's
+outputs (its generator, and in continue mode its adapter) through the event log, by partition,
+and names them in its metadata. Generation, training and merging run in their own processes
+through Pipes. A round records its lineage (`rounds.lineage`); the loop continues only from
+rounds of the current one.
 """
 
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 
 from trainer.core.config import Experiment
-from trainer.core.store import StageOutput, content_key
+from trainer.core.explain import value_changes
+from trainer.core.graph import NODES, STAGES
+from trainer.core.store import StageOutput, Store
 from trainer.loop import rounds
 from trainer.loop.settings import ACCEPTANCE, HELD_OUT, START_FROM_BASE, LoopConfig, loop_config
-from trainer.models.gguf import is_gguf_base
-from trainer.training.launch import held_out_file, merge_command, model_identity, plan_adapter, plan_merge, training_command
+from trainer.training.launch import model_identity
 from trainer.training.models import planned_base_model
 from trainer.training.spec import TrainingSummary
 
-from .data import data_asset_key, tokenizer_asset_key
-from .models import base_model_asset_key
+from .graph import START_MODEL_NODES, asset_key, ins_and_deps, upstream_keys
+from .launch import run_step
 from .store_io import latest_metadata, latest_outputs
-from .training import GPU_TAG, merged_asset_key
+from .training import GPU_TAG
 
 LOOP_TAG = "sftdag/loop"
-STEPS = ("round_samples", "round_accepted", "round_adapter", "round_eval")
+# A round's assets: its prompts (the same rows every round, a cache hit after the first: partitioned
+# like the others so that one run per round materializes them all) and its steps.
+STEPS = ("prompts", "round_samples", "round_accepted", "round_adapter", "round_eval")
+LINEAGE = "sftdag/lineage"  # round_eval's metadata: what the round was made with
 
 
 def rounds_partitions(exp: Experiment) -> dg.DynamicPartitionsDefinition:
@@ -36,7 +46,7 @@ def rounds_partitions(exp: Experiment) -> dg.DynamicPartitionsDefinition:
 
 
 def round_asset_key(exp: Experiment, step: str) -> dg.AssetKey:
-    return dg.AssetKey([exp.name, "loop", step])
+    return asset_key(exp, step)
 
 
 def loop_tags(exp: Experiment) -> dict[str, str]:
@@ -45,96 +55,143 @@ def loop_tags(exp: Experiment) -> dict[str, str]:
     return {LOOP_TAG: exp.name, **({GPU_TAG: "true"} if exp.training.gpu else {})}
 
 
-def round_history(instance: dg.DagsterInstance, exp: Experiment) -> list[dict]:
-    """The completed rounds, in order: each round's metrics as its round_eval recorded them."""
-    history = []
+def start_model(exp: Experiment, cfg: LoopConfig, loaded: StageOutput | None) -> StageOutput:
+    """The loop's starting model: the asset the table makes its input (the merged SFT model, a
+    GGUF base's conversion), else `loop.start_model` (a model directory, or `base`: model.base
+    itself), identified by its files' digests."""
+    if loaded is not None:
+        return loaded
+    if cfg.start_model == START_FROM_BASE:
+        if exp.model.base.startswith("builtin:"):
+            raise dg.Failure(f"loop.start_model: base needs a pretrained model.base, not {exp.model.base!r}")
+        path = Path(planned_base_model(exp.model, exp.store_root, 0, exp.base_dir))
+        setting = "loop.start_model: base"
+    else:
+        path, setting = exp.resolve_path(cfg.start_model), "loop.start_model"
+    if not (path / "config.json").is_file():
+        raise dg.Failure(f"{setting}: {path} is not a model directory (no config.json)")
+    key = Store(exp.store_root).key("merged", {}, {"start_model": model_identity(exp, str(path))})
+    return StageOutput("merged", key, path, {}, cache_hit=True)
+
+
+def start_dependencies(exp: Experiment, cfg: LoopConfig | None = None) -> list[dg.AssetKey]:
+    """What round 0's generator needs materialized: the SFT model, or a GGUF base's conversion."""
+    return [key for node, key in upstream_keys(exp, "round_samples").items() if node in START_MODEL_NODES]
+
+
+def _current_start_key(instance: dg.DagsterInstance, exp: Experiment, cfg: LoopConfig) -> str | None:
+    """The starting model's key now (its asset's last materialization), None when it has none yet."""
+    for key in start_dependencies(exp, cfg):
+        keys = latest_metadata(instance, key).get("sftdag/keys")
+        return keys.value.get("") if keys is not None else None
+    try:
+        return start_model(exp, cfg, None).key
+    except dg.Failure:
+        return None
+
+
+@dataclass
+class LoopState:
+    history: list[dict]  # the rounds made with the loop's current lineage, in order
+    redo_from: int | None = None  # the first round made otherwise (it and those after are made again)
+    changes: list[str] = field(default_factory=list)  # what differs from that round's lineage
+
+
+def loop_state(instance: dg.DagsterInstance, exp: Experiment) -> LoopState:
+    """The completed rounds that the loop continues from: each round's metrics as its round_eval
+    recorded them, up to the first round made with other settings (filters, their code, training,
+    the starting model: `rounds.lineage`), which is made again instead of continued from."""
+    current = current_lineage(instance, exp)
+    state = LoopState([])
     for partition in sorted(instance.get_dynamic_partitions(rounds_partitions(exp).name), key=int):
         meta = latest_metadata(instance, round_asset_key(exp, "round_eval"), partition)
         if "heldout_pass1" not in meta:
             break
-        history.append({name: value.value for name, value in meta.items() if not name.startswith("sftdag/")})
-    return history
+        made_with = meta[LINEAGE].value if LINEAGE in meta else {}
+        if made_with != current:
+            state.redo_from, state.changes = int(partition), value_changes(made_with, current, "lineage")
+            break
+        state.history.append({name: value.value for name, value in meta.items() if not name.startswith("sftdag/")})
+    return state
 
 
-def _start_model(context: dg.AssetExecutionContext, exp: Experiment, cfg: LoopConfig) -> StageOutput:
-    """The loop's starting model: `loop.start_model` (a local model directory), else the
-    experiment's merged SFT model (its latest materialization; a declared dependency)."""
-    if cfg.start_model is None:
-        return latest_outputs(context.instance, merged_asset_key(exp))
-    if cfg.start_model == START_FROM_BASE:
-        return _base_model(exp)
-    path = exp.resolve_path(cfg.start_model)
-    if not (path / "config.json").is_file():
-        raise dg.Failure(f"loop.start_model: {path} is not a model directory (no config.json)")
-    key = content_key("merged", inputs=[], params={"start_model": model_identity(exp, str(path))})
-    return StageOutput("merged", key, path, {}, cache_hit=True)
+def current_lineage(instance: dg.DagsterInstance, exp: Experiment) -> dict:
+    """`rounds.lineage` now, as JSON metadata holds it."""
+    cfg = loop_config(exp)
+    return _as_json(rounds.lineage(exp, cfg, _current_start_key(instance, exp, cfg)))
 
 
-def _base_model(exp: Experiment) -> StageOutput:
-    """`loop.start_model: base`: the experiment's pretrained base itself (ReST-EM starts there, no
-    SFT first); a GGUF base is its converted directory, a declared dependency."""
-    if not is_gguf_base(exp.model.base) and exp.model.base.startswith("builtin:"):
-        raise dg.Failure(f"loop.start_model: base needs a pretrained model.base, not {exp.model.base!r}")
-    path = Path(planned_base_model(exp.model, exp.store_root, 0, exp.base_dir))
-    if not (path / "config.json").is_file():
-        raise dg.Failure(f"loop.start_model: base: {path} is not a model directory yet: materialize "
-                         f"{base_model_asset_key(exp).to_user_string() if is_gguf_base(exp.model.base) else 'it'} first")
-    key = content_key("merged", inputs=[], params={"start_model": model_identity(exp, str(path))})
-    return StageOutput("merged", key, path, {}, cache_hit=True)
+def _as_json(value):
+    return json.loads(json.dumps(value, default=str))
 
 
-def start_dependencies(exp: Experiment, cfg: LoopConfig) -> list[dg.AssetKey]:
-    """What round 0's generator needs materialized: the SFT model, or a GGUF base's conversion."""
-    if cfg.start_model is None:
-        return [merged_asset_key(exp)]
-    if cfg.start_model == START_FROM_BASE and is_gguf_base(exp.model.base):
-        return [base_model_asset_key(exp)]
-    return []
+def round_history(instance: dg.DagsterInstance, exp: Experiment) -> list[dict]:
+    return loop_state(instance, exp).history
 
 
-def _previous(context: dg.AssetExecutionContext, exp: Experiment, step: str) -> StageOutput:
-    round_index = int(context.partition_key)
-    output = latest_outputs(context.instance, round_asset_key(exp, step), str(round_index - 1))
-    context.log.info(f"round {round_index - 1}'s {step}: {output.path}")
-    return output
+def _previous(context: dg.AssetExecutionContext, exp: Experiment, steps: tuple[str, ...]) -> dict[str, StageOutput]:
+    """Round r-1's outputs of `steps` (by the event log: Dagster has no edge from a partition to the one before)."""
+    r = int(context.partition_key)
+    if r == 0:
+        return {}
+    outputs = {step: latest_outputs(context.instance, round_asset_key(exp, step), str(r - 1)) for step in steps}
+    for step, out in outputs.items():
+        context.log.info(f"round {r - 1}'s {step}: {out.path}")
+    return outputs
 
 
 def build_loop_assets(exp: Experiment) -> list:
     cfg = loop_config(exp)
     partitions = rounds_partitions(exp)
-    group = exp.data_group
-    common = dict(partitions_def=partitions, group_name=f"{exp.name}_loop")
-    tok_in = {"tok": dg.AssetIn(tokenizer_asset_key(group))}
-    # With loop.start_model the SFT model is not needed (nor materialized by `sftdag loop`).
-    start_deps = start_dependencies(exp, cfg)
+    group = f"{exp.name}_loop"
+    # What each step needs of round r-1 (found by partition in the event log).
+    previous_steps = {"round_samples": ("round_eval",),
+                      "round_accepted": ("round_accepted",) if cfg.training.data == "all_rounds" else (),
+                      "round_adapter": ("round_adapter",) if cfg.training.adapter == "continue" else (),
+                      "round_eval": ()}
 
-    @dg.asset(key=round_asset_key(exp, "round_samples"), ins=tok_in, deps=start_deps, kinds={"pytorch"}, **common,
-              description="The round's generator samples every loop prompt (its own process).")
+    def plan(context: dg.AssetExecutionContext, node: str, inputs: dict) -> rounds.RoundPlan:
+        """The round, planned from this asset's inputs (as the declared graph gives them)."""
+        held_out = inputs.get("templated_text", {}).get("eval")
+        loaded_start = next((inputs[n] for n in START_MODEL_NODES if n in inputs), None)
+        needs_start = any(n in NODES[node].upstream for n in START_MODEL_NODES)
+        upstream = rounds.RoundUpstream(
+            start_model=start_model(exp, cfg, loaded_start) if needs_start else None, tokenizer=inputs.get("tokenizer"),
+            prompts=inputs.get("prompts", {}), held_out=held_out,
+            previous=_previous(context, exp, previous_steps[node]))
+        return rounds.plan_round(exp, int(context.partition_key), upstream)
+
+    def asset(node: str, kinds: set[str], description: str):
+        ins, deps = ins_and_deps(exp, node)
+        return dg.asset(key=asset_key(exp, node), ins=ins, deps=deps, kinds=kinds, group_name=group,
+                        partitions_def=partitions if NODES[node].partitioned else None,
+                        code_version=STAGES[NODES[node].stages[-1]].code_version, description=description)
+
+    @asset("prompts", {"arrow"}, "The loop's prompts through raw → templated (an eval split: each row's "
+                                 "generation prompt and reference); built once, the same for every round.")
+    def prompts(context: dg.AssetExecutionContext, **inputs) -> dg.Output:
+        outputs = rounds.build_prompts(exp, cfg, inputs["tokenizer"])
+        return dg.Output(outputs, data_version=dg.DataVersion(outputs["templated"].key), metadata={
+            "prompts": outputs["templated"].manifest.get("held_out_prompts", 0),
+            "path": dg.MetadataValue.path(str(outputs["templated"].path))})
+
+    @asset("round_samples", {"pytorch"}, "The round's generator samples every loop prompt (its own process).")
     def round_samples(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                      tok: StageOutput) -> dg.Output:
-        r = int(context.partition_key)
-        generator = _start_model(context, exp, cfg) if r == 0 else _previous(context, exp, "round_eval")
-        prompts = rounds.build_prompts(exp, cfg, tok)
-        plan = rounds.plan_samples(exp, cfg, r, generator, tok, prompts["templated"])
-        started, cache_hit = time.time(), plan.complete
-        if not cache_hit:
-            pipes_subprocess_client.run(command=rounds.sample_command(plan), context=context)
-            if not plan.complete:
-                raise dg.Failure(f"generation exited without completing {plan.out_dir}")
-        out = plan.output()
+                      **inputs) -> dg.Output:
+        round_plan = plan(context, "round_samples", inputs)
+        step = round_plan.samples()
+        started = time.time()
+        cache_hit = run_step(context, pipes_subprocess_client, step, "generation")
+        out = step.output()
         return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
-            "round": r, "generator": dg.MetadataValue.path(str(generator.path)), "samples": out.manifest["samples"],
-            "prompts": out.manifest["prompts"], "generated_tokens": out.manifest["tokens"],
-            "generate_seconds": round(time.time() - started, 2), "cache_hit": cache_hit})
+            "round": round_plan.index, "generator": dg.MetadataValue.path(str(round_plan.generator.path)),
+            "samples": out.manifest["samples"], "prompts": out.manifest["prompts"],
+            "generated_tokens": out.manifest["tokens"], "generate_seconds": round(time.time() - started, 2),
+            "cache_hit": cache_hit})
 
-    @dg.asset(key=round_asset_key(exp, "round_accepted"), kinds={"python"}, **common,
-              ins={"samples": dg.AssetIn(round_asset_key(exp, "round_samples")),
-                   "tok": dg.AssetIn(tokenizer_asset_key(group))},
-              description="The samples the loop's filters keep, as training rows; every rejection named.")
-    def round_accepted(context: dg.AssetExecutionContext, samples: StageOutput, tok: StageOutput) -> dg.Output:
-        r = int(context.partition_key)
-        previous = _previous(context, exp, "round_accepted") if r > 0 and cfg.training.data == "all_rounds" else None
-        accepted = rounds.build_accepted(exp, cfg, r, samples, rounds.build_prompts(exp, cfg, tok), previous)
+    @asset("round_accepted", {"python"}, "The samples the loop's filters keep, as training rows; every rejection named.")
+    def round_accepted(context: dg.AssetExecutionContext, **inputs) -> dg.Output:
+        accepted = plan(context, "round_accepted", inputs).accepted(inputs["round_samples"])
         metrics = accepted.manifest["metrics"]
         return dg.Output(accepted, data_version=dg.DataVersion(accepted.key), metadata={
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
@@ -143,67 +200,55 @@ def build_loop_assets(exp: Experiment) -> list:
             "repeated_from_earlier_rounds": accepted.manifest.get("repeated_from_earlier_rounds", 0),
             "path": dg.MetadataValue.path(str(accepted.path))})
 
-    @dg.asset(key=round_asset_key(exp, "round_adapter"), kinds={"pytorch", "mlflow"}, **common,
-              deps=start_deps, ins={"accepted": dg.AssetIn(round_asset_key(exp, "round_accepted")), **tok_in,
-                   "templated": dg.AssetIn(data_asset_key(group, "templated"))},
-              description="The round's accepted rows packed and trained on the starting model (its own process).")
+    @asset("round_adapter", {"pytorch", "mlflow"},
+           "The round's accepted rows packed and trained on the starting model (its own process).")
     def round_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                      accepted: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
-        r = int(context.partition_key)
+                      **inputs) -> dg.Output:
+        round_plan, accepted = plan(context, "round_adapter", inputs), inputs["round_accepted"]
         if not accepted.manifest["training_rows"]:
-            raise dg.Failure(f"round {r} accepted no samples: nothing to train (loop.stop.min_acceptance "
-                             "stops the loop before such a round)")
-        previous = _previous(context, exp, "round_adapter").path if r > 0 and cfg.training.adapter == "continue" else None
-        round_exp = rounds.round_experiment(exp, cfg, r, accepted, _start_model(context, exp, cfg).path, previous)
+            raise dg.Failure(f"round {round_plan.index} accepted no samples: nothing to train "
+                             "(loop.stop.min_acceptance stops the loop before such a round)")
         started = time.time()
-        data = rounds.pack_round(round_exp, tok)
+        _, step = round_plan.adapter(accepted, tags={"dagster_run_id": context.run.run_id,
+                                                     "round": str(round_plan.index)})
         pack_seconds = round(time.time() - started, 2)
-        plan = plan_adapter(round_exp, data, tags={"dagster_run_id": context.run.run_id, "round": str(r)},
-                            held_out=held_out_file(templated.get("eval")))
-        if not plan.complete:
-            pipes_subprocess_client.run(command=training_command(round_exp, plan.spec_path), context=context)
-            if not plan.complete:
-                raise dg.Failure(f"training exited without writing {plan.output_dir}")
-        summary = plan.summary()
-        return dg.Output(plan.output(), data_version=dg.DataVersion(plan.key), metadata={
-            "path": dg.MetadataValue.path(str(plan.output_dir)), "packed_rows": summary.train_rows,
+        run_step(context, pipes_subprocess_client, step, "training")
+        summary = step.summary()
+        continued = round_plan.previous_adapter
+        return dg.Output(step.output(), data_version=dg.DataVersion(step.key), metadata={
+            "path": dg.MetadataValue.path(str(step.output_dir)), "packed_rows": summary.train_rows,
             "tokens_trained": summary.trainable_tokens, "train_loss": summary.train_loss,
             "train_seconds": round(summary.train_runtime, 2), "pack_seconds": pack_seconds,
-            "continued_from": dg.MetadataValue.text(str(previous) if previous else "")})
+            "continued_from": dg.MetadataValue.text(str(continued) if continued else "")})
 
-    @dg.asset(key=round_asset_key(exp, "round_eval"), kinds={"pytorch", "safetensors"}, **common,
-              ins={"adapter": dg.AssetIn(round_asset_key(exp, "round_adapter")),
-                   "accepted": dg.AssetIn(round_asset_key(exp, "round_accepted")),
-                   "tok": dg.AssetIn(tokenizer_asset_key(group)),
-                   "templated": dg.AssetIn(data_asset_key(group, "templated"))},
-              description="The round's adapter merged into the starting model and scored on the held-out "
-                          "prompts (its own process): the next round's generator.")
+    @asset("round_eval", {"pytorch", "safetensors"},
+           "The round's adapter merged into the starting model and scored on the held-out prompts (its own "
+           "process): the next round's generator.")
     def round_eval(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                   adapter: StageOutput, accepted: StageOutput, tok: StageOutput, templated: dict) -> dg.Output:
-        r = int(context.partition_key)
-        merge = plan_merge(exp, adapter, tok.path, held_out_file(templated.get("eval")))
+                   **inputs) -> dg.Output:
+        round_plan = plan(context, "round_eval", inputs)
+        adapter, accepted, r = inputs["round_adapter"], inputs["round_accepted"], round_plan.index
+        merge = round_plan.evaluation(accepted, adapter)
         started = time.time()
-        if not merge.complete:
-            pipes_subprocess_client.run(command=merge_command(merge), context=context)
-            if not merge.complete:
-                raise dg.Failure(f"merging exited without writing {merge.score_path}")
+        run_step(context, pipes_subprocess_client, merge, "merging")
         summary = TrainingSummary.from_dict(adapter.manifest)
-        metrics = round_metrics(context.instance, exp, r, accepted, summary, merge.result())
-        k = cfg.generation.samples_per_prompt
-        if k > 1 and "eval" in templated:  # pass@k: k samples per held-out prompt, as the loop samples
-            plan = rounds.plan_samples(exp, cfg, r, merge.output(), tok, templated["eval"])
-            if not plan.complete:
-                pipes_subprocess_client.run(command=rounds.sample_command(plan), context=context)
-            metrics[f"heldout_pass{k}"] = rounds.pass_at_k(plan.output(), templated["eval"])
+        metrics = round_metrics(context.instance, exp, r, accepted, summary, merge.score())
+        sampling = round_plan.pass_at_k_samples(merge.output())
+        if sampling is not None:  # pass@k: k samples per held-out prompt, as the loop samples
+            run_step(context, pipes_subprocess_client, sampling, "pass@k sampling")
+            k = cfg.generation.samples_per_prompt
+            metrics[f"heldout_pass{k}"] = rounds.pass_at_k(sampling.output(), round_plan.upstream.held_out)
         metrics["eval_seconds"] = round(time.time() - started, 2)
         context.log.info(f"round {r}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
         _log_to_mlflow(exp, r, metrics)
         out = merge.output()
-        return dg.Output(out, data_version=dg.DataVersion(out.key),
-                         metadata={**metrics, "path": dg.MetadataValue.path(str(out.path)),
-                                   "adapter_dir": dg.MetadataValue.path(str(adapter.path))})
+        made_with = rounds.lineage(exp, cfg, round_plan.upstream.start_model.key)
+        return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
+            **metrics, "path": dg.MetadataValue.path(str(out.path)), "score_version": merge.score_key,
+            "adapter_dir": dg.MetadataValue.path(str(adapter.path)),
+            LINEAGE: dg.MetadataValue.json(_as_json(made_with))})
 
-    return [round_samples, round_accepted, round_adapter, round_eval]
+    return [prompts, round_samples, round_accepted, round_adapter, round_eval]
 
 
 def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepted: StageOutput,

@@ -21,11 +21,14 @@ class StageStoreIOManager(dg.ConfigurableIOManager):
     def handle_output(self, context: dg.OutputContext, obj: Outputs) -> None:
         outputs = obj if isinstance(obj, dict) else {"": obj}
         first = next(iter(outputs.values()))
-        context.add_output_metadata({
+        metadata = {
             "sftdag/store": str(Store(first.path.parents[1]).location),  # a URL for a remote store: other machines read it
             "sftdag/stage": first.stage,
             "sftdag/keys": dg.MetadataValue.json({split: out.key for split, out in outputs.items()}),
-        })
+        }
+        if any(out.stage != first.stage for out in outputs.values()):  # outputs of several stages (the loop's prompts)
+            metadata["sftdag/stages"] = dg.MetadataValue.json({name: out.stage for name, out in outputs.items()})
+        context.add_output_metadata(metadata)
 
     def load_input(self, context: dg.InputContext) -> Outputs:
         partition = context.asset_partition_key if context.has_asset_partitions else None
@@ -46,10 +49,12 @@ def latest_outputs(instance: dg.DagsterInstance, key: dg.AssetKey, partition: st
         what = key.to_user_string() + (f" partition {partition}" if partition is not None else "")
         raise dg.Failure(f"{what} has not been materialized yet: materialize it first")
     store, stage = Store(meta["sftdag/store"].value), meta["sftdag/stage"].value
+    stages = meta["sftdag/stages"].value if "sftdag/stages" in meta else {}
     outputs = {}
     for split, stage_key in meta["sftdag/keys"].value.items():
-        if not store.has(stage, stage_key):
-            raise dg.Failure(f"{key.to_user_string()}: {stage}/{stage_key} is no longer in {store.root}; "
+        its_stage = stages.get(split, stage)
+        if not store.has(its_stage, stage_key):
+            raise dg.Failure(f"{key.to_user_string()}: {its_stage}/{stage_key} is no longer in {store.root}; "
                              "materialize it again")
-        outputs[split] = store.get(stage, stage_key)
+        outputs[split] = store.get(its_stage, stage_key)
     return outputs[""] if list(outputs) == [""] else outputs

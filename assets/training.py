@@ -4,22 +4,23 @@
 import dagster as dg
 
 from trainer.core.config import Experiment
-from trainer.training.launch import held_out_file, merge_command, plan_adapter, plan_merge, training_command
-from trainer.core.store import CODE_VERSIONS, StageOutput
+from trainer.training.launch import held_out_file, plan_adapter, plan_merge
+from trainer.core.graph import NODES, STAGES
+from trainer.core.store import StageOutput
 from trainer.training.spec import TrainingSummary
 
-from .data import data_asset_key, tokenizer_asset_key
-from .models import base_model_asset_key
+from .graph import asset_key, ins_and_deps
+from .launch import run_step
 
 GPU_TAG = "sftdag/gpu"
 
 
 def adapter_asset_key(exp: Experiment) -> dg.AssetKey:
-    return dg.AssetKey([exp.name, "trained_adapter"])
+    return asset_key(exp, "trained_adapter")
 
 
 def merged_asset_key(exp: Experiment) -> dg.AssetKey:
-    return dg.AssetKey([exp.name, "merged_model"])
+    return asset_key(exp, "merged_model")
 
 
 def _mlflow_metadata(summary: TrainingSummary) -> dict:
@@ -33,44 +34,28 @@ def _mlflow_metadata(summary: TrainingSummary) -> dict:
     return meta
 
 
-def _data_ins(exp: Experiment) -> dict[str, dg.AssetIn]:
-    """What training reads of the data group: shards, held-out prompts, tokenizer, raw version."""
-    group = exp.data_group
-    return {"packed": dg.AssetIn(data_asset_key(group, "packed")),
-            "templated": dg.AssetIn(data_asset_key(group, "templated")),
-            "raw": dg.AssetIn(data_asset_key(group, "raw")),
-            "tok": dg.AssetIn(tokenizer_asset_key(group))}
-
-
-def _data(packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dict[str, StageOutput]:
-    data = {"tokenizer": tok}
-    for stage, outputs in (("packed", packed), ("templated", templated), ("raw", raw)):
-        data.update({f"{stage}/{split}": out for split, out in outputs.items()})
+def _data(inputs: dict) -> dict[str, StageOutput]:
+    """The data stages' outputs as the planner takes them: {"tokenizer": …, "<stage>/<split>": …}."""
+    data = {"tokenizer": inputs["tokenizer"]}
+    for node in ("packed_shards", "templated_text", "raw_dataset"):
+        data.update({f"{NODES[node].stage}/{split}": out for split, out in inputs[node].items()})
     return data
 
 
 def build_training_assets(exp: Experiment) -> list:
-    group = exp.data_group
+    def asset(node: str, kinds: set[str], description: str):
+        # A GGUF base is converted by its own asset: training waits for it, never loads it here.
+        ins, deps = ins_and_deps(exp, node, loaded=tuple(n for n in NODES[node].upstream if n != "base_model"))
+        return dg.asset(key=asset_key(exp, node), ins=ins, deps=deps, group_name=exp.name, kinds=kinds,
+                        code_version=STAGES[NODES[node].stage].code_version, description=description)
 
-    base_model = base_model_asset_key(exp)
-
-    @dg.asset(key=adapter_asset_key(exp), ins=_data_ins(exp), group_name=exp.name,
-              deps=[base_model] if base_model is not None else [],
-              code_version=CODE_VERSIONS["adapter"], kinds={"pytorch", "mlflow"},
-              description=f"{exp.training.mode} training of `{exp.model.base}` on the packed shards "
-                          f"(experiment `{exp.name}`); runs `trainer.training.train` in its own process.")
+    @asset("trained_adapter", {"pytorch", "mlflow"},
+           f"{exp.training.mode} training of `{exp.model.base}` on the packed shards (experiment `{exp.name}`); "
+           "runs `trainer.training.train` in its own process.")
     def trained_adapter(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                        packed: dict, templated: dict, raw: dict, tok: StageOutput) -> dg.Output:
-        plan = plan_adapter(exp, _data(packed, templated, raw, tok), tags={"dagster_run_id": context.run.run_id})
-        cache_hit = plan.complete
-        if cache_hit:
-            context.log.info(f"adapter {plan.key} already trained at {plan.output_dir}: not retraining")
-        else:
-            command = training_command(exp, plan.spec_path)
-            context.log.info("launching: " + " ".join(command))
-            pipes_subprocess_client.run(command=command, context=context)
-            if not plan.complete:
-                raise dg.Failure(f"training exited without writing {plan.output_dir}")
+                        **inputs) -> dg.Output:
+        plan = plan_adapter(exp, _data(inputs), tags={"dagster_run_id": context.run.run_id})
+        cache_hit = run_step(context, pipes_subprocess_client, plan, "training")
         summary = plan.summary()
         metadata = {
             "path": dg.MetadataValue.path(str(plan.output_dir)),
@@ -86,22 +71,16 @@ def build_training_assets(exp: Experiment) -> list:
                 metadata[name] = getattr(summary, name)
         return dg.Output(plan.output(), metadata=metadata, data_version=dg.DataVersion(plan.key))
 
-    @dg.asset(key=merged_asset_key(exp), group_name=exp.name, code_version=CODE_VERSIONS["merged"],
-              ins={"adapter": dg.AssetIn(adapter_asset_key(exp)),
-                   "templated": dg.AssetIn(data_asset_key(group, "templated")),
-                   "tok": dg.AssetIn(tokenizer_asset_key(group))},
-              kinds={"pytorch", "safetensors"},
-              description="The adapter folded into the base weights: a model `from_pretrained` loads.")
+    @asset("merged_model", {"pytorch", "safetensors"},
+           "The adapter folded into the base weights (a model `from_pretrained` loads), scored on the held-out prompts.")
     def merged_model(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
-                     adapter: StageOutput, templated: dict, tok: StageOutput) -> dg.Output:
-        merge = plan_merge(exp, adapter, tok.path, held_out_file(templated.get("eval")))
-        if not merge.complete:  # merging and scoring load models: their own process
-            pipes_subprocess_client.run(command=merge_command(merge), context=context)
-            if not merge.complete:
-                raise dg.Failure(f"merging exited without writing {merge.score_path}")
-        result = merge.result()
+                     **inputs) -> dg.Output:
+        adapter = inputs["trained_adapter"]
+        merge = plan_merge(exp, adapter, inputs["tokenizer"].path, held_out_file(inputs["templated_text"].get("eval")))
+        run_step(context, pipes_subprocess_client, merge, "merging")  # merging and scoring load models
+        result = merge.score()
         summary = TrainingSummary.from_dict(adapter.manifest)
-        metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)),
+        metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)), "score_version": merge.score_key,
                     "adapter_version": dg.MetadataValue.text(adapter.key), **_mlflow_metadata(summary)}
         if summary.accuracy_before is not None:
             metadata["accuracy_base"] = float(summary.accuracy_before)

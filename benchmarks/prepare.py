@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.core.config import experiment_from_dict  # noqa: E402
 from trainer.data.parallel import close_pools  # noqa: E402
-from trainer.data.prepare import DataPipeline, _clear_tokenizer_bundles  # noqa: E402
+from trainer.data.prepare import DataPipeline  # noqa: E402
+from trainer.data.stages import clear_tokenizers  # noqa: E402
 
 
 def as_conversation(row: dict) -> dict:
@@ -135,7 +136,7 @@ def main() -> None:
         counts = outputs["packed/train"].manifest["counts"]
 
         # A second experiment: other training settings, same data settings; new tokenizer load too.
-        _clear_tokenizer_bundles()
+        clear_tokenizers()
         second = experiment("bench_b", data_file, tmp / f"store-{min(full)}", args.max_length)
         second.training.learning_rate = 1e-5
         start = time.perf_counter()

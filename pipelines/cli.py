@@ -170,7 +170,7 @@ def cmd_loop(args) -> dict:
 def run_loop(exp, rounds: int, instance, verbose: bool = True) -> dict:
     """Rounds of the experiment's loop through Dagster: the SFT model first (cached when done),
     then rounds until `rounds` more ran or a stop rule fired; a killed round is resumed."""
-    from assets.loop import round_history, rounds_partitions, start_dependencies
+    from assets.loop import loop_state, round_history, rounds_partitions, start_dependencies
     from trainer.loop.settings import loop_config, should_stop
 
     cfg = loop_config(exp)
@@ -181,6 +181,12 @@ def run_loop(exp, rounds: int, instance, verbose: bool = True) -> dict:
         if start_dependencies(exp, cfg):
             materialize_experiment(exp, "base", instance, verbose=verbose)
     partitions = rounds_partitions(exp)
+    state = loop_state(instance, exp)
+    if state.redo_from is not None:  # rounds made with other settings are not continued from
+        shown = "; ".join(state.changes[:5]) + ("; …" if len(state.changes) > 5 else "")
+        print(f"sftdag: reusing rounds 0-{state.redo_from - 1}" if state.redo_from else "sftdag: reusing no round",
+              f"; round {state.redo_from} on were made with other loop settings ({shown or 'no lineage recorded'}): "
+              f"they are made again", sep="", file=sys.stderr)
     stopped_because = None
     for _ in range(rounds):
         history = round_history(instance, exp)
@@ -199,6 +205,21 @@ def run_loop(exp, rounds: int, instance, verbose: bool = True) -> dict:
          "acceptance_rate": h["acceptance_rate"], "coverage": h["coverage"], "heldout_pass1": h["heldout_pass1"],
          "start_pass1": h["start_pass1"], "adapter_dir": h["adapter_dir"]} for h in history],
         "stopped_because": stopped_because}
+
+
+def cmd_explain(args) -> None:
+    """Prints each stage's key and what changed since its last materialization (text, for people)."""
+    import dagster as dg
+
+    from .explain import explain
+
+    exp = load_checked(args.experiment, "data")
+    ensure_dagster_home()
+    try:
+        lines = explain(exp, dg.DagsterInstance.get(), args.stage)
+    except ValueError as e:
+        raise SystemExit(f"sftdag: {one_line(e)}") from None
+    print("\n".join(lines))
 
 
 def cmd_ui(args) -> None:
@@ -227,6 +248,11 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("loop", parents=[runs], help="run rounds of the experiment's generate → filter → train loop")
     p.add_argument("experiment", help="experiment YAML with a loop: section")
     p.add_argument("--rounds", type=int, default=1, help="at most this many rounds now (default 1)")
+    p = sub.add_parser("explain", help="each stage's key, whether it is in the store, and what changed since "
+                                       "its last materialization")
+    p.add_argument("experiment", help="experiment YAML")
+    p.add_argument("stage", nargs="?", help="only this stage and those upstream of it (e.g. templated, packed, "
+                                            "adapter, or an asset name such as packed_shards)")
     p = sub.add_parser("models", help="pretrained models that ship in PyPI packages (offline bases)")
     models = p.add_subparsers(dest="models_command", required=True)
     models.add_parser("list", help="the packaged models and whether they are fetched")
@@ -242,8 +268,8 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.core.config import ConfigError
 
     try:
-        if args.command == "ui":
-            cmd_ui(args)
+        if args.command in ("ui", "explain"):
+            {"ui": cmd_ui, "explain": cmd_explain}[args.command](args)
             return
         summary = {"prepare": cmd_prepare, "run": cmd_run, "loop": cmd_loop, "models": cmd_models}[args.command](args)
     except ConfigError as e:

@@ -17,7 +17,7 @@ STAGES = ("raw", "templated", "tokenized", "packed")
 def keys(exp) -> dict[str, str]:
     """{"<stage>/<split>": key} from a fresh pipeline (as a new process would compute them)."""
     p = DataPipeline(exp, progress=False)
-    return {f"{s}/{split}": getattr(p, f"{s}_key")(split) for split in p.splits() for s in STAGES}
+    return {f"{s}/{split}": p.key(s, split) for split in p.splits() for s in STAGES}
 
 
 def test_same_inputs_no_recompute_same_keys(make_experiment):
@@ -284,7 +284,7 @@ def test_template_edited_between_keys_and_build_renders_with_the_keyed_tokenizer
     DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}}), progress=False).run()
     # A new masking: a templated key not built yet, computed with the remembered identity.
     p = DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}, "masking": "all"}), progress=False)
-    key = p.templated_key("train")
+    key = p.key("templated", "train")
     template.write_text(ZEPHYR.replace("<|{{ m['role'] }}|>", "### {{ m['role'] }}:"))
     # The stage renders with the tokenizer its key names (stored under that identity), never
     # with the edited file: what is under the key is what the key says.
@@ -374,9 +374,9 @@ def test_keys_of_existing_stores_do_not_change(make_experiment):
     got = {}
     for split in p.splits():
         raw = p.raw_key(split)
-        templated = p.templated_key(split, raw, PINNED_TOKENIZER)
-        tokenized = p.tokenized_key(split, templated, PINNED_TOKENIZER)
-        got[split] = [raw, templated, tokenized, p.packed_key(split, tokenized)]
+        templated = p.key("templated", split, raw=raw, tokenizer=PINNED_TOKENIZER)
+        tokenized = p.key("tokenized", split, templated=templated, tokenizer=PINNED_TOKENIZER)
+        got[split] = [raw, templated, tokenized, p.key("packed", split, tokenized=tokenized)]
     assert got == PINNED_KEYS
 
 

@@ -103,7 +103,7 @@ def test_killed_sftdag_prepare_is_ended_by_the_next_command(tmp_path, instance):
     # Holding the raw stage's build lock (as a concurrent build would) keeps the CLI's run in progress.
     raw_key = DataPipeline(load_experiment(experiment), progress=False).raw_key("train")
     lock = tmp_path / "store" / "raw" / f".{raw_key}.lock"
-    lock.parent.mkdir(parents=True)
+    lock.parent.mkdir(parents=True, exist_ok=True)  # planning the key recorded it there
     with FileLock(str(lock)):
         cli = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

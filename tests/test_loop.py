@@ -94,13 +94,62 @@ def test_next_round_is_asked_for_until_a_rule_stops_the_loop(make_experiment, in
     partitions = rounds_partitions(exp)
     for r, rate in enumerate([0.5, 0.1]):
         instance.add_dynamic_partitions(partitions.name, [str(r)])
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            round_asset_key(exp, "round_eval"), partition=str(r),
-            metadata={"round": r, "acceptance_rate": rate, "heldout_pass1": 0.3, "held_out": 0.3}))
+        record_round(instance, exp, r, acceptance_rate=rate)
         decision = next_round_decision(exp, instance)
         if r == 0:
             assert decision.round == 1
     assert decision.round is None and "acceptance 0.1 below floor 0.2" in decision.reason
+
+
+def record_round(instance, exp, r: int, **metrics) -> None:
+    """A completed round as its round_eval records it (metrics and the lineage it was made with)."""
+    from assets.loop import LINEAGE, current_lineage
+
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        round_asset_key(exp, "round_eval"), partition=str(r),
+        metadata={"round": r, "acceptance_rate": 0.5, "heldout_pass1": 0.3, "held_out": 0.3, **metrics,
+                  LINEAGE: dg.MetadataValue.json(current_lineage(instance, exp))}))
+
+
+def test_rounds_made_with_other_settings_are_made_again(make_experiment, instance, tmp_path, monkeypatch):
+    """Changed filters, or an edit of a module the verifier imports, start a new lineage: the loop
+    continues from no round of the old one, and says which rounds it reuses and why."""
+    from assets.loop import loop_state, rounds_partitions
+    from assets.training import merged_asset_key
+
+    (tmp_path / "checks").mkdir()
+    (tmp_path / "checks" / "__init__.py").write_text("")
+    (tmp_path / "checks" / "normal.py").write_text("def norm(s):\n    return s.strip()\n")
+    (tmp_path / "checks" / "verify.py").write_text(
+        "from .normal import norm\n\ndef verify(sample, text):\n    return norm(text) == sample['reference']\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loop = {**LOOP, "filters": [{"verifier": "checks.verify:verify"}], "stop": {"max_rounds": 5}}
+    exp = make_experiment(name="lineage", loop=loop)
+    instance.report_runless_asset_event(dg.AssetMaterialization(merged_asset_key(exp)))
+    instance.add_dynamic_partitions(rounds_partitions(exp).name, ["0", "1"])
+    record_round(instance, exp, 0)
+    record_round(instance, exp, 1)
+    assert len(loop_state(instance, exp).history) == 2 and next_round_decision(exp, instance).round == 2
+
+    # The verifier's helper module is edited: round 0 on were filtered by other code.
+    (tmp_path / "checks" / "normal.py").write_text("def norm(s):\n    return s.strip().lower()\n")
+    state = loop_state(instance, exp)
+    assert state.history == [] and state.redo_from == 0 and next_round_decision(exp, instance).round == 0
+    assert any(line.startswith("lineage.filter_code.checks.verify:verify.checks.normal: ") for line in state.changes)
+
+    # Round 0 made again under the new code; round 1 still has the old lineage.
+    record_round(instance, exp, 0)
+    state = loop_state(instance, exp)
+    assert len(state.history) == 1 and state.redo_from == 1 and next_round_decision(exp, instance).round == 1
+
+    # Other filters: a new lineage again, the change named.
+    changed = make_experiment(name="lineage", loop={**loop, "filters": [{"verifier": "checks.verify:verify"}, "dedup"]})
+    state = loop_state(instance, changed)
+    assert state.redo_from == 0 and state.history == []
+    assert "lineage.loop.filters: 1 → 2 items" in state.changes
+    # The stop rules are not part of the lineage: raising max_rounds continues the same rounds.
+    more = make_experiment(name="lineage", loop={**loop, "stop": {"max_rounds": 9}})
+    assert len(loop_state(instance, more).history) == 1
 
 
 @pytest.mark.slow

@@ -73,14 +73,14 @@ def test_gguf_is_converted_once_into_a_model_that_loads_alone(smollm2_converted,
 def test_default_system_prompt_is_context_and_held_out_prompts_are_the_generation_prompt(real_model_store, tmp_path):
     store = real_model_store
     from trainer.data.default_data import generate
-    from trainer.data.prepare import DataPipeline, stored_tokenizer
-    from trainer.data.stages import read_rows
+    from trainer.data.prepare import DataPipeline
+    from trainer.data.stages import load_stored_tokenizer, read_rows
     from trainer.training.evaluate import load_held_out
 
     exp = _experiment(store, tmp_path)
     assert exp.tokenizer.path == BASE  # not given: the base's own tokenizer
     out = DataPipeline(exp, progress=False).run()
-    tok, setup = stored_tokenizer(str(out["tokenizer"].path))
+    tok, setup = load_stored_tokenizer(out["tokenizer"].path)
     assert setup.eot_token == IM_END and setup.generation_prompt_matches_training is True
 
     records = generate("train", 48, seed=3)

@@ -13,9 +13,9 @@ so changing them never rebuilds or retrains anything.
 | templated (and each shard: its raw shard instead of raw) | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer; a shard: its templated shard, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
-| adapter | `training` minus `TRAINING_REPORTING`, `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
+| adapter | `training` minus `TRAINING_REPORTING` (an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
-| score | held-out rows scored, max new tokens (input: merged) |
+| score | held-out rows scored, max new tokens (inputs: merged, the held-out prompts file's sha256 or "none") |
 | samples | the round, generation settings, stop texts (inputs: generator model, prompts) |
 | accepted | filters, the code of their verifier/scorer functions, the round's data mode (inputs: samples, prompts, previous accepted) |
 
@@ -50,6 +50,11 @@ def _holdout(exp: Experiment, carved: bool) -> dict[str, Any] | None:
     return {k: v for k, v in dataclasses.asdict(exp.data.eval).items() if k not in ("source", "pack")}
 
 
+def tokenizer_params(identity: str) -> dict[str, Any]:
+    """The tokenizer stage's key is its identity itself (`trainer.data.tokenizer.tokenizer_identity`)."""
+    return {"identity": identity}
+
+
 def raw_params(exp: Experiment, split: str, source_fingerprint: dict[str, Any], carved: bool) -> dict[str, Any]:
     return {"source": source_fingerprint, "split": split, "holdout": _holdout(exp, carved)}
 
@@ -67,6 +72,10 @@ def templated_params(exp: Experiment, formatting_func_identity: str | None) -> d
             "instruction_template": d.instruction_template, "empty_assistant_turns": d.empty_assistant_turns}
 
 
+def tokenized_params() -> dict[str, Any]:
+    return {}  # everything is in its inputs: the templated rows and the tokenizer
+
+
 def packing_strategy(exp: Experiment, split: str) -> str:
     d = exp.data
     return d.packing if (split == "train" or d.eval.pack) else "none"
@@ -78,10 +87,21 @@ def packed_params(exp: Experiment, split: str) -> dict[str, Any]:
             "truncate_side": d.truncate_side, "rows_per_shard": d.rows_per_shard}
 
 
-def adapter_params(exp: Experiment, base_identity: dict[str, Any], tokenizer_identity: str) -> dict[str, Any]:
+def adapter_params(exp: Experiment, base_identity: dict[str, Any], tokenizer_identity: str,
+                   init_adapter: str | None = None) -> dict[str, Any]:
+    """`init_adapter`: the content identity of the adapter `training.lora.init_adapter` continues
+    (`trainer.training.launch.init_adapter_identity`); it stands in the key for the path, so the
+    same adapter anywhere is the same key and an adapter retrained in place is a new one."""
     training = {k: v for k, v in dataclasses.asdict(exp.training).items() if k not in TRAINING_REPORTING}
+    if init_adapter is not None:
+        training["lora"]["init_adapter"] = {"content": init_adapter}
     return {"training": training, "model": dataclasses.asdict(exp.model), "base": base_identity,
             "tokenizer": tokenizer_identity}
+
+
+def base_model_params(versions: dict[str, str]) -> dict[str, Any]:
+    """A GGUF's conversion (its input: the file's sha256): the library versions that dequantize it."""
+    return {"versions": versions}
 
 
 def merged_params(exp: Experiment) -> dict[str, Any]:

@@ -12,3 +12,6 @@ TRAINING_SUMMARY = "training_summary.json"
 # Written into a merged model directory (what was merged, the end-of-turn text) before it is
 # renamed into place: a merged directory has it.
 MERGE_INFO = "sftdag_merge.json"
+
+# Written last into a score's directory (`<store>/score/<key>/`): the held-out figures of a merged model.
+SCORE = "score.json"

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,32 +26,14 @@ from typing import Any, Callable
 from filelock import FileLock
 
 from trainer.core.object_store import ObjectStore, cache_dir, cached_url, is_remote
-from trainer.core.schemas import MERGE_INFO, TRAINING_SUMMARY
+from trainer.core.graph import MANIFEST, STAGES, completion_marker
 
-# Bump a stage's version whenever its code changes the bytes it writes: the version is part of
-# every key, so old outputs are never reused by new code (Axolotl's cache key left code out).
-CODE_VERSIONS = {
-    "tokenizer": "1",
-    "raw": "2",  # 2: sharded (a split's output lists its shards); eval carved per record
-    "templated": "3",  # 2: turns located by the template's own text; end-of-turn text; tool calls; 3: sharded
-    "tokenized": "3",  # 2: no word-start marker at piece boundaries (SentencePiece); 3: sharded
-    "packed": "2",  # 2: no row without a trainable token (wrapped)
-    "adapter": "1",
-    "merged": "1",
-    "score": "1",
-    "samples": "1",
-    "accepted": "1",
-    "base_model": "1",  # a GGUF converted to safetensors (trainer.models.convert)
-}
+# Each stage's code version is part of every key, so old outputs are never reused by new code
+# (Axolotl's cache key left code out); the versions and the file marking each stage's output
+# complete are declared once, in trainer.core.graph.
+KEY_RECORDS = ".keys"  # beside a stage's outputs: what each key is made of
 
-MANIFEST = "manifest.json"
-# The file written last into a stage's output, marking it complete: the data stages write their
-# manifest; training its summary, merging its merge record (both in their own processes).
-COMPLETION_MARKERS = {"adapter": TRAINING_SUMMARY, "merged": MERGE_INFO}
-
-
-def completion_marker(stage: str) -> str:
-    return COMPLETION_MARKERS.get(stage, MANIFEST)
+CODE_VERSIONS = {name: stage.code_version for name, stage in STAGES.items()}
 
 
 def _canonical(obj: Any) -> str:
@@ -148,6 +131,32 @@ class Store:
         if self.remote is not None and not self.remote.has(stage, key, marker):
             self.remote.upload(stage, key, self.path(stage, key), marker)
         return output
+
+    def key(self, stage: str, inputs: dict[str, str], params: dict[str, Any], code_version: str | None = None) -> str:
+        """`content_key` of a stage from its named inputs' keys (in order) and its parameters, recorded."""
+        key = content_key(stage, inputs=list(inputs.values()), params=params, code_version=code_version)
+        self.record_key(stage, key, inputs, params, code_version)
+        return key
+
+    def record_key(self, stage: str, key: str, inputs: dict[str, str], params: dict[str, Any],
+                   code_version: str | None = None) -> None:
+        """Keep what `key` is made of (`<stage>/.keys/<key>.json`, once): `sftdag explain` compares two
+        keys' records to say which input or parameter changed. A key never changes its meaning, so
+        an existing record is left as is."""
+        path = self.root / stage / KEY_RECORDS / f"{key}.json"
+        if path.is_file():
+            return
+        record = {"stage": stage, "key": key, "inputs": inputs, "params": params,
+                  "code_version": CODE_VERSIONS.get(stage) if code_version is None else code_version}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{key}-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_text(_canonical(record))
+        os.replace(tmp, path)
+
+    def key_record(self, stage: str, key: str) -> dict[str, Any] | None:
+        """What `key` was made of, when this store computed it (None for a key it never saw)."""
+        path = self.root / stage / KEY_RECORDS / f"{key}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def get_or_build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
         """Return the complete output for `key`, building it with `build(tmp_dir) -> manifest` if

@@ -18,12 +18,10 @@ import json
 import os
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from trainer.core import keys
 from trainer.core.config import Experiment
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
@@ -31,8 +29,9 @@ from trainer.data.formatting_code import formatting_func_identity, refresh_forma
 from trainer.data.parallel import ShardBuilder, ShardTask, refuse_in_a_starting_worker
 from trainer.data.shards import SourceShard
 from trainer.data.sources import plan_shards, shards_fingerprint
-from trainer.data.stages import (DATA_STAGES, IdentityStage, Inputs, Stage, build_derived, build_packed, build_raw,
-                                 hold_tokenizer, raw_tasks, source_for, stored_tokenizer,  # noqa: F401  (read here)
+from trainer.core.graph import DATA_STAGES, STAGES, data_stage_inputs
+from trainer.data.stages import (IdentityStage, Inputs, Stage, build_derived, build_packed, build_raw,
+                                 held_tokenizer, hold_tokenizer, raw_tasks, source_for,
                                  templated_tasks, tokenized_tasks)
 from trainer.models.gguf import GGUFError, gguf_digest, gguf_file, is_gguf_base
 
@@ -47,11 +46,6 @@ class TokenizerBundle:
     digest: str | None = None
 
 
-# The set-up tokenizers loaded in this process, keyed by their settings AND their source files'
-# digest: an edited template or tokenizer directory is a new entry, never the old tokenizer.
-_BUNDLES: OrderedDict[tuple[str, str, str | None], TokenizerBundle] = OrderedDict()
-_BUNDLES_MAX = 8
-_BUNDLES_LOCK = threading.Lock()
 _LOAD_ATTEMPTS = 3
 
 
@@ -64,32 +58,16 @@ def _load_tokenizer_bundle(exp: Experiment) -> TokenizerBundle:
     from trainer.data.templating import setup_template
     from trainer.data.tokenizer import load_tokenizer, tokenizer_identity
 
-    settings = json.dumps({"tokenizer": dataclasses.asdict(exp.tokenizer),
-                           "template": dataclasses.asdict(exp.data.template)}, sort_keys=True)
     for _ in range(_LOAD_ATTEMPTS):
         before = _tokenizer_source_digest(exp)
-        cache_key = (settings, exp.base_dir, before.digest)
-        with _BUNDLES_LOCK:
-            if cache_key in _BUNDLES:
-                _BUNDLES.move_to_end(cache_key)
-                return _BUNDLES[cache_key]
         tok = load_tokenizer(exp.tokenizer, exp.base_dir)
         setup = setup_template(tok, exp.data.template, exp.base_dir)
         bundle = TokenizerBundle(tok, setup, tokenizer_identity(tok), before.digest if before.complete else None)
-        if _tokenizer_source_digest(exp) != before:
-            continue  # edited while loading: what was read is neither version for sure
-        with _BUNDLES_LOCK:
-            _BUNDLES[cache_key] = bundle
-            while len(_BUNDLES) > _BUNDLES_MAX:
-                _BUNDLES.popitem(last=False)
-        return bundle
+        if _tokenizer_source_digest(exp) == before:
+            return bundle
+        # edited while loading: what was read is neither version for sure
     raise RuntimeError(f"tokenizer {exp.tokenizer.path!r} / template {exp.data.template.source!r}: the files "
                        f"changed while being loaded ({_LOAD_ATTEMPTS} attempts); run again once they are written")
-
-
-def _clear_tokenizer_bundles() -> None:
-    with _BUNDLES_LOCK:
-        _BUNDLES.clear()
 
 
 @dataclass(frozen=True)
@@ -98,6 +76,8 @@ class SourceDigest:
     # False when the tokenizer is not made from local files only (a hub id): the digest then
     # keys this process's loads, but not the identity cache shared with other processes.
     complete: bool
+    # What was hashed (settings, each file's digest, the set-up code's): `sftdag explain` shows it.
+    made_from: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)
 
 
 def _library_version(name: str) -> str:
@@ -151,7 +131,7 @@ def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
                "files": [[p.name, file_digest(p)] for p in files], **({"gguf": gguf} if gguf else {}),
                "template_file": file_digest(template) if template is not None else None,
                "setup": _setup_code_digest(), "complete": complete}
-    return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete)
+    return SourceDigest(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest(), complete, payload)
 
 
 class DataPipeline:
@@ -176,8 +156,14 @@ class DataPipeline:
     # -- tokenizer ---------------------------------------------------------------------------
     @functools.cached_property
     def tokenizer_bundle(self) -> TokenizerBundle:
-        """The loaded tokenizer; only stages that build need it (loading Llama-3's takes seconds)."""
-        bundle = _load_tokenizer_bundle(self.exp)
+        """The loaded tokenizer; only stages that build need it (loading Llama-3's takes seconds).
+        One this process holds already (`trainer.data.stages.held_tokenizer`, by identity) when the
+        source files' digest names a remembered identity; else loaded."""
+        source = _tokenizer_source_digest(self.exp)
+        remembered = self._remembered_identity(source)
+        held = held_tokenizer(remembered) if remembered else None
+        bundle = (TokenizerBundle(held[0], held[1], remembered, source.digest) if held
+                  else _load_tokenizer_bundle(self.exp))
         known = self.__dict__.get("tokenizer_identity")
         if known is not None and known != bundle.identity:
             # The keys were computed for another tokenizer than the one that would build them.
@@ -197,17 +183,21 @@ class DataPipeline:
         hit costs a few file reads. What is remembered is always the identity of a tokenizer
         loaded from files with exactly that digest (`TokenizerBundle.digest`).
         """
-        source = _tokenizer_source_digest(self.exp)
-        identities = self.store.root / "tokenizer" / ".identity"
-        if source.complete and (identities / source.digest).is_file():
-            return (identities / source.digest).read_text()
+        remembered = self._remembered_identity(_tokenizer_source_digest(self.exp))
+        if remembered is not None:
+            return remembered
         bundle = self.tokenizer_bundle
+        identities = self.store.root / "tokenizer" / ".identity"
         if bundle.digest is not None:
             identities.mkdir(parents=True, exist_ok=True)
             tmp = identities / f".tmp-{bundle.digest}-{os.getpid()}-{threading.get_ident()}"
             tmp.write_text(bundle.identity)
             os.replace(tmp, identities / bundle.digest)
         return bundle.identity
+
+    def _remembered_identity(self, source: SourceDigest) -> str | None:
+        path = self.store.root / "tokenizer" / ".identity" / source.digest
+        return path.read_text() if source.complete and path.is_file() else None
 
     def tokenizer_output(self) -> StageOutput:
         """The tokenizer with its chat template set up, saved once under its identity."""
@@ -255,29 +245,33 @@ class DataPipeline:
         return self._stages[memo]
 
     def _make_stage(self, name: str, split: str | None) -> Stage:
+        """A data stage as declared in `trainer.core.graph` (its inputs, its key's parameters), with
+        its build bound to this experiment and split."""
         exp, progress, builder = self.exp, self.progress, self.builder
         if name == "tokenizer":
-            return IdentityStage(name, (), {"identity": self.tokenizer_identity}, self._save_tokenizer)
+            made_from = _tokenizer_source_digest(self.exp).made_from
+            return IdentityStage(name, (), {**STAGES[name].params(self.tokenizer_identity), "made_from": made_from},
+                                 self._save_tokenizer)
+        if name not in DATA_STAGES:
+            raise ValueError(f"unknown data stage {name!r} (tokenizer, {', '.join(DATA_STAGES)})")
+        inputs, params = data_stage_inputs(name), STAGES[name].params
         if name == "raw":
-            params = keys.raw_params(exp, split, self._fingerprint(split), source_for(self.data, split)[1])
             shards = self.shards(split)
-            return Stage(name, (), params, functools.partial(build_raw, exp, split, shards, builder),
+            return Stage(name, inputs, params(exp, split, self._fingerprint(split), source_for(self.data, split)[1]),
+                         functools.partial(build_raw, exp, split, shards, builder),
                          tasks=lambda inputs: raw_tasks(exp, split, shards))
         if name == "templated":
             # reload=False: `__init__` reloaded an edited formatting module; an edit since then is
             # an error, since the function this stage builds with may already be the old one.
             identity = formatting_func_identity(self.data.formatting_func, reload=False)
             tasks = functools.partial(templated_tasks, exp, split, identity)
-            return Stage(name, ("raw", "tokenizer"), keys.templated_params(exp, identity),
-                         functools.partial(build_derived, name, split, tasks, builder), tasks=tasks)
+            return Stage(name, inputs, params(exp, identity), functools.partial(build_derived, name, split, tasks,
+                                                                                builder), tasks=tasks)
         if name == "tokenized":
             tasks = functools.partial(tokenized_tasks, split)
-            return Stage(name, ("templated", "tokenizer"), {}, functools.partial(build_derived, name, split, tasks,
-                                                                                 builder), tasks=tasks)
-        if name == "packed":
-            return Stage(name, ("tokenized",), keys.packed_params(exp, split),
-                         functools.partial(build_packed, exp, split, progress))
-        raise ValueError(f"unknown data stage {name!r} (tokenizer, {', '.join(DATA_STAGES)})")
+            return Stage(name, inputs, params(), functools.partial(build_derived, name, split, tasks, builder),
+                         tasks=tasks)
+        return Stage(name, inputs, params(exp, split), functools.partial(build_packed, exp, split, progress))
 
     def key(self, name: str, split: str | None = None, **input_keys: str | None) -> str:
         """The stage's key from its inputs' keys: those given (a Dagster asset has its inputs'),
@@ -286,7 +280,9 @@ class DataPipeline:
         inputs = tuple(input_keys.get(up) or self.key(up, split) for up in stage.inputs)
         memo = (name, split, inputs)
         if memo not in self._keys:
-            self._keys[memo] = stage.key(inputs)
+            self._keys[memo] = key = stage.key(inputs)
+            # what the key is made of, kept beside the outputs: `sftdag explain` says what changed
+            self.store.record_key(name, key, dict(zip(stage.inputs, inputs)), stage.params, stage.code_version)
         return self._keys[memo]
 
     def output(self, name: str, split: str | None = None, **given: StageOutput | None) -> StageOutput:
@@ -325,15 +321,6 @@ class DataPipeline:
     # -- each stage by name (what the assets and callers use) --------------------------------
     def raw_key(self, split: str) -> str:
         return self.key("raw", split)
-
-    def templated_key(self, split: str, raw_key: str | None = None, tokenizer_key: str | None = None) -> str:
-        return self.key("templated", split, raw=raw_key, tokenizer=tokenizer_key)
-
-    def tokenized_key(self, split: str, templated_key: str | None = None, tokenizer_key: str | None = None) -> str:
-        return self.key("tokenized", split, templated=templated_key, tokenizer=tokenizer_key)
-
-    def packed_key(self, split: str, tokenized_key: str | None = None) -> str:
-        return self.key("packed", split, tokenized=tokenized_key)
 
     def raw(self, split: str = "train") -> StageOutput:
         return self.output("raw", split)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +30,12 @@ from trainer.core import keys
 from trainer.core.arrow_io import BatchWriter, iter_batches, read_table
 from trainer.core.config import DataConfig, EvalConfig, Experiment, SourceConfig
 from trainer.core.schemas import HELD_OUT
+from trainer.core.graph import data_stage_inputs
 from trainer.core.store import CODE_VERSIONS, StageOutput, Store, content_key
 from trainer.data.formats import RowError, load_formatting_func, normalize
 from trainer.data.parallel import ShardBuilder, ShardTask
 from trainer.data.shards import SourceShard
 from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_batches
-
-# The per-split stages, in build order.
-DATA_STAGES = ("raw", "templated", "tokenized", "packed")
 
 ROWS = "rows.arrow"
 # A tokenized shard's rows' trainable tokens after their first, batch by batch as rows.arrow.
@@ -101,21 +100,34 @@ def read_rejects(stage_output: StageOutput) -> pa.Table:
 
 # -- the tokenizer a shard is built with -----------------------------------------------------------
 
-# Set-up tokenizers this process already holds, by identity (the tokenizer stage's key): a shard
-# built here uses the one the pipeline loaded; a worker process reads it where the store keeps it.
-_HELD: "OrderedDict[str, tuple[Any, Any]]" = OrderedDict()
+# The one tokenizer cache of a process: set-up tokenizers by identity (the tokenizer stage's key,
+# a hash of their content), so what it holds is exactly what the key names, however it was
+# loaded (from its source files by the pipeline, or from the store by a shard worker).
+_TOKENIZERS: "OrderedDict[str, tuple[Any, Any]]" = OrderedDict()
+_TOKENIZERS_MAX = 4
+_TOKENIZERS_LOCK = threading.Lock()
 
 
 def hold_tokenizer(identity: str, tok: Any, setup: Any) -> None:
-    _HELD[identity] = (tok, setup)
-    _HELD.move_to_end(identity)
-    while len(_HELD) > 4:
-        _HELD.popitem(last=False)
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS[identity] = (tok, setup)
+        _TOKENIZERS.move_to_end(identity)
+        while len(_TOKENIZERS) > _TOKENIZERS_MAX:
+            _TOKENIZERS.popitem(last=False)
 
 
-@functools.lru_cache(maxsize=4)
-def stored_tokenizer(path: str) -> tuple[Any, Any]:
-    """(tokenizer, template set-up) of a tokenizer stage directory (immutable: cached by path)."""
+def held_tokenizer(identity: str) -> tuple[Any, Any] | None:
+    with _TOKENIZERS_LOCK:
+        return _TOKENIZERS.get(identity)
+
+
+def clear_tokenizers() -> None:
+    with _TOKENIZERS_LOCK:
+        _TOKENIZERS.clear()
+
+
+def load_stored_tokenizer(path: str | Path) -> tuple[Any, Any]:
+    """(tokenizer, template set-up) of a tokenizer stage directory."""
     from trainer.core.template_setup import load_template_setup
 
     config = json.loads((Path(path) / "tokenizer_config.json").read_text())
@@ -125,12 +137,16 @@ def stored_tokenizer(path: str) -> tuple[Any, Any]:
         from transformers import PreTrainedTokenizerFast as tokenizer_class  # TokenizersBackend in 5.x
     else:
         from transformers import AutoTokenizer as tokenizer_class
-    return tokenizer_class.from_pretrained(path), load_template_setup(path)
+    return tokenizer_class.from_pretrained(str(path)), load_template_setup(path)
 
 
 def tokenizer_of(tokenizer: StageOutput) -> tuple[Any, Any]:
-    """(tokenizer, template set-up) of a tokenizer stage output."""
-    return _HELD.get(tokenizer.key) or stored_tokenizer(str(tokenizer.path))
+    """(tokenizer, template set-up) of a tokenizer stage output: held, else read from the store."""
+    held = held_tokenizer(tokenizer.key)
+    if held is None:
+        held = load_stored_tokenizer(tokenizer.path)
+        hold_tokenizer(tokenizer.key, *held)
+    return held
 
 
 # -- one shard: read in record batches, written in record batches -----------------------------------
@@ -346,13 +362,14 @@ def build_derived(stage: str, split: str, tasks: Callable[[Inputs], list[ShardTa
                   inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     """templated or tokenized: its shards (built where missing), then the split's index."""
     outputs = builder.build(stage, tasks(inputs), f"{stage}/{split}")
-    upstream = inputs[STAGE_INPUT[stage]].manifest["shards"]
+    upstream = inputs[shard_input(stage)].manifest["shards"]
     return _write_index(stage, split, outputs, [e["row_base"] for e in upstream], [e["label"] for e in upstream],
                         out_dir)
 
 
-# The stage whose shards a sharded stage's shards are made from.
-STAGE_INPUT = {"templated": "raw", "tokenized": "templated"}
+def shard_input(stage: str) -> str:
+    """The stage whose shards a sharded stage's shards are made from (its first input)."""
+    return data_stage_inputs(stage)[0]
 
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:

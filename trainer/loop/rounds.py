@@ -18,18 +18,17 @@ Every output is in the content-addressed store, keyed by its inputs' keys and it
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from trainer.core import keys
 from trainer.core.config import EvalConfig, Experiment, FieldNames, SourceConfig
+from trainer.core.process_step import ProcessStep
 from trainer.core.schemas import HELD_OUT
-from trainer.core.store import StageOutput, Store, content_key, file_digest
+from trainer.core.store import StageOutput, Store
 from trainer.core.template_setup import load_template_setup
 from trainer.data.formats import RowError, normalize
 from trainer.data.prepare import DataPipeline
@@ -38,7 +37,6 @@ from trainer.loop.filters import build_pipeline, resolve_function
 from trainer.training.generate import SamplingSettings, read_samples
 from trainer.loop.sample import SamplingSpec
 from trainer.loop.settings import LoopConfig
-from trainer.training.spec import write_spec
 
 ACCEPTED_ROWS = "train.jsonl"  # the round's training rows: a data source like any other
 REJECTED_ROWS = "rejected.jsonl"
@@ -58,39 +56,21 @@ def build_prompts(exp: Experiment, cfg: LoopConfig, tokenizer: StageOutput) -> d
     return {"raw": raw, "templated": pipeline.templated("eval", raw, tokenizer)}
 
 
-@dataclass
-class SamplesPlan:
-    key: str
-    out_dir: Path
-    spec_path: Path
-
-    @property
-    def complete(self) -> bool:
-        return Store(self.out_dir.parents[1]).has("samples", self.key)
-
-    def output(self) -> StageOutput:
-        return Store(self.out_dir.parents[1]).publish("samples", self.key)
-
-
 def plan_samples(exp: Experiment, cfg: LoopConfig, round_index: int, generator: StageOutput,
-                 tokenizer: StageOutput, prompts: StageOutput) -> SamplesPlan:
+                 tokenizer: StageOutput, prompts: StageOutput) -> ProcessStep:
+    """The round's samples of every prompt by `generator`: `python -m trainer.loop.sample SPEC`."""
     g = cfg.generation
     settings = SamplingSettings(samples_per_prompt=g.samples_per_prompt, temperature=g.temperature, top_p=g.top_p,
                                 max_new_tokens=g.max_new_tokens, seed=g.seed + round_index)
     eot = load_template_setup(tokenizer.path).eot_token
     stops = [eot] if eot else []
-    key = content_key("samples", inputs=[generator.key, prompts.key],
-                      params=keys.samples_params(round_index, dataclasses.asdict(settings), stops))
     store = Store(exp.store_root)
+    key = store.key("samples", {"generator": generator.key, "prompts": prompts.key},
+                    keys.samples_params(round_index, dataclasses.asdict(settings), stops))
     spec = SamplingSpec(model_dir=generator.path, tokenizer_dir=tokenizer.path,
                         prompts=prompts.path / HELD_OUT, settings=settings, stop_tokens=stops,
                         out_dir=store.path("samples", key), round_index=round_index, generator_version=generator.key)
-    spec_path = write_spec(store.root / "samples" / ".specs", key, spec)
-    return SamplesPlan(key, spec.out_dir, spec_path)
-
-
-def sample_command(plan: SamplesPlan) -> list[str]:
-    return [sys.executable, "-m", "trainer.loop.sample", str(plan.spec_path)]
+    return ProcessStep("samples", key, store, spec, "trainer.loop.sample").write_spec()
 
 
 def pass_at_k(samples: StageOutput, held_out: StageOutput) -> float:
@@ -103,9 +83,12 @@ def pass_at_k(samples: StageOutput, held_out: StageOutput) -> float:
     return len(solved) / len(references) if references else 0.0
 
 
-def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, str]:
-    """{dotted path: digest of its source file} of the verifier and scorer functions: editing
-    one filters again."""
+def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, dict[str, str]]:
+    """{dotted path: {module: digest of its source}} of the verifier and scorer functions, with the
+    project modules they import (`trainer.core.identity.code_identity`): editing one, or a helper
+    it imports, filters again."""
+    from trainer.core.identity import code_identity
+
     identity = {}
     for entry in cfg.filters:
         if not isinstance(entry, dict):
@@ -113,8 +96,7 @@ def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, str
         for name, options in entry.items():
             dotted = options if name == "verifier" else (options or {}).get("scorer") if name == "best_k" else None
             if isinstance(dotted, str):
-                source = inspect.getsourcefile(resolve_function(dotted, Path(base_dir)))
-                identity[dotted] = file_digest(source) if source else "unknown"
+                identity[dotted] = code_identity(resolve_function(dotted, Path(base_dir)))
     return identity
 
 
@@ -151,7 +133,7 @@ def build_accepted(exp: Experiment, cfg: LoopConfig, round_index: int, samples: 
     sample is kept or rejected with the filter and reason (`rejected.jsonl`)."""
     all_rounds = cfg.training.data == "all_rounds"
     inputs = [samples.key, prompts["templated"].key] + ([previous.key] if all_rounds and previous else [])
-    key = content_key("accepted", inputs=inputs, params=keys.accepted_params(
+    key = Store(exp.store_root).key("accepted", dict(zip(("samples", "prompts", "previous"), inputs)), keys.accepted_params(
         cfg.filters, cfg.drop_truncated, filter_code_identity(cfg, exp.base_dir), cfg.training.data))
 
     def build(tmp: Path) -> dict[str, Any]:
@@ -216,6 +198,98 @@ def pack_round(round_exp: Experiment, tokenizer: StageOutput) -> dict[str, Stage
     tokenized = pipeline.tokenized("train", templated, tokenizer)
     return {"tokenizer": tokenizer, "raw/train": raw, "templated/train": templated, "tokenized/train": tokenized,
             "packed/train": pipeline.packed("train", tokenized)}
+
+
+# -- a round, planned once ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RoundUpstream:
+    """What a round is made from, as its assets receive it."""
+
+    start_model: StageOutput | None  # the loop's starting model: round 0's generator, every round's base
+    tokenizer: StageOutput | None
+    prompts: dict[str, StageOutput]  # {"raw", "templated"} of the loop's prompts
+    held_out: StageOutput | None  # the data group's templated eval split (its held-out prompts)
+    previous: dict[str, StageOutput] = dataclasses.field(default_factory=dict)  # round r-1's, by step
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """One round of the loop, planned from its upstream alone: every round asset reads this value,
+    so generation, filtering, training and evaluation agree on the generator, the previous round's
+    outputs and the round's derived experiment."""
+
+    exp: Experiment
+    cfg: LoopConfig
+    index: int
+    upstream: RoundUpstream
+
+    @property
+    def generator(self) -> StageOutput:
+        return self.upstream.start_model if self.index == 0 else self.upstream.previous["round_eval"]
+
+    @property
+    def previous_accepted(self) -> StageOutput | None:
+        return self.upstream.previous.get("round_accepted") if self.cfg.training.data == "all_rounds" else None
+
+    @property
+    def previous_adapter(self) -> Path | None:
+        previous = self.upstream.previous.get("round_adapter") if self.cfg.training.adapter == "continue" else None
+        return previous.path if previous is not None else None
+
+    @property
+    def held_out_file(self) -> Path | None:
+        return self.upstream.held_out.path / HELD_OUT if self.upstream.held_out is not None else None
+
+    def samples(self) -> ProcessStep:
+        return plan_samples(self.exp, self.cfg, self.index, self.generator, self.upstream.tokenizer,
+                            self.upstream.prompts["templated"])
+
+    def accepted(self, samples: StageOutput) -> StageOutput:
+        return build_accepted(self.exp, self.cfg, self.index, samples, self.upstream.prompts, self.previous_accepted)
+
+    def experiment(self, accepted: StageOutput) -> Experiment:
+        """The experiment this round trains and evaluates (its accepted rows on the starting model)."""
+        return round_experiment(self.exp, self.cfg, self.index, accepted, self.upstream.start_model.path,
+                                self.previous_adapter)
+
+    def adapter(self, accepted: StageOutput, tags: dict[str, str]):
+        """(the round's packed data, the training step): the accepted rows through the data stages."""
+        from trainer.training.launch import plan_adapter
+
+        round_exp = self.experiment(accepted)
+        data = pack_round(round_exp, self.upstream.tokenizer)
+        return data, plan_adapter(round_exp, data, tags=tags, held_out=self.held_out_file)
+
+    def evaluation(self, accepted: StageOutput, adapter: StageOutput):
+        """The merge-and-score step of the round's adapter, planned from the same experiment as its training."""
+        from trainer.training.launch import plan_merge
+
+        return plan_merge(self.experiment(accepted), adapter, self.upstream.tokenizer.path, self.held_out_file)
+
+    def pass_at_k_samples(self, merged: StageOutput) -> ProcessStep | None:
+        """k samples per held-out prompt from the round's model (None when k is 1 or nothing is held out)."""
+        if self.cfg.generation.samples_per_prompt <= 1 or self.upstream.held_out is None:
+            return None
+        return plan_samples(self.exp, self.cfg, self.index, merged, self.upstream.tokenizer, self.upstream.held_out)
+
+
+def plan_round(exp: Experiment, index: int, upstream: RoundUpstream) -> RoundPlan:
+    from trainer.loop.settings import loop_config
+
+    return RoundPlan(exp, loop_config(exp), index, upstream)
+
+
+def lineage(exp: Experiment, cfg: LoopConfig, start_model_key: str) -> dict[str, Any]:
+    """What every round of the loop is made with: the loop's settings but its stop rules and
+    schedule, its filters' code, the training and model settings, the data group and the starting
+    model. A round made with another lineage is not continued from: it is made again."""
+    from trainer.core.keys import TRAINING_REPORTING
+
+    loop = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("stop", "schedule")}
+    training = {k: v for k, v in dataclasses.asdict(exp.training).items() if k not in TRAINING_REPORTING}
+    return {"loop": loop, "filter_code": filter_code_identity(cfg, exp.base_dir), "training": training,
+            "model": dataclasses.asdict(exp.model), "data_group": exp.data_group, "start_model": start_model_key}
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -9,7 +9,6 @@ missing. Runs where only torch, transformers and pyarrow are installed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -17,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.entry_point import run_entry_point
+from trainer.core.process_step import JsonSpec
 from trainer.training.generate import SamplingSettings, generate_to_shards
 
 log = logging.getLogger("sftdag.sample")
 
 
 @dataclass(frozen=True)
-class SamplingSpec:
+class SamplingSpec(JsonSpec):
     model_dir: Path  # a model `from_pretrained` loads alone
     tokenizer_dir: Path
     prompts: Path  # JSONL of {"row_id": int, "prompt": generation prompt text, ...} (templated held_out.jsonl)
@@ -32,17 +32,6 @@ class SamplingSpec:
     out_dir: Path
     round_index: int
     generator_version: str  # the store key of the generator model
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SamplingSpec":
-        raw = json.loads(Path(path).read_text())
-        return cls(model_dir=Path(raw["model_dir"]), tokenizer_dir=Path(raw["tokenizer_dir"]),
-                   prompts=Path(raw["prompts"]), settings=SamplingSettings(**raw["settings"]),
-                   stop_tokens=list(raw["stop_tokens"]), out_dir=Path(raw["out_dir"]),
-                   round_index=int(raw["round_index"]), generator_version=raw["generator_version"])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
 
 
 def read_prompts(path: Path) -> list[dict[str, str]]:

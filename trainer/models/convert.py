@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.entry_point import run_entry_point
+from trainer.core.process_step import JsonSpec, ProcessStep
 from trainer.core.store import StageOutput, Store
 from trainer.models import gguf
 
@@ -24,20 +25,18 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class ConversionSpec:
+class ConversionSpec(JsonSpec):
     gguf_file: Path
     store: str  # the store's location (a directory or an object-storage URL)
     key: str
 
-    def write(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"gguf_file": str(self.gguf_file), "store": self.store, "key": self.key}))
-        return path
 
-    @classmethod
-    def load(cls, path: Path) -> "ConversionSpec":
-        raw = json.loads(Path(path).read_text())
-        return cls(Path(raw["gguf_file"]), raw["store"], raw["key"])
+def plan_conversion(store: Store, file: Path, key: str | None = None) -> ProcessStep:
+    """Converting `file` into `<store>/base_model/<key>/` (the conversion key, computed here when
+    not given): `python -m trainer.models.convert SPEC`, its spec written."""
+    key = key or gguf.conversion_key(file)
+    return ProcessStep(gguf.STAGE, key, store, ConversionSpec(Path(file), store.location, key),
+                       "trainer.models.convert").write_spec()
 
 
 def converted(gguf_file: Path, store: str | Path, key: str | None = None) -> StageOutput:

@@ -1,4 +1,4 @@
-"""Plans for the training stages: adapter and merged-model keys, the run spec, the launch command.
+"""Plans for the training stages: the adapter's and the merged model's process steps (keys, spec, command).
 
 Nothing here trains: `trainer.training.train` does, in its own process (so a crash cannot take the
 orchestrator with it), and `trainer.training.merge` merges. This module decides *what* to train, where
@@ -16,48 +16,73 @@ from typing import Any
 
 from trainer.core import keys
 from trainer.core.config import ConfigError, Experiment
-from trainer.data.prepare import DataPipeline
-from trainer.core.schemas import HELD_OUT
-from trainer.core.store import StageOutput, Store, content_key, file_digest
+from trainer.core.identity import directory_identity, skip_work_files
+from trainer.core.process_step import ProcessStep
+from trainer.core.schemas import HELD_OUT, SCORE
+from trainer.core.store import StageOutput, Store, file_digest
 from trainer.core.template_setup import load_template_setup
+from trainer.data.prepare import DataPipeline
 from trainer.models.gguf import STAGE as GGUF_STAGE
-from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary, write_spec
+from trainer.models.gguf import is_gguf_base
+from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
     """What identifies the base weights: the config (hash in the directory name) for the builtin
-    model, the conversion key for a GGUF (or a model converted from one: a loop's start), file
-    contents for a local model, id+revision for the hub."""
+    model; the conversion key for a GGUF base, or for a directory that is a conversion in this
+    experiment's store (a loop starting from the converted base); the digests of its files for any
+    other local model; id+revision for the hub."""
+    from trainer.training.models import BUILTIN_TINY_LLAMA
+
     base = Path(resolved_base)
-    if exp.model.base.startswith("builtin:") or base.parent.name == GGUF_STAGE:
-        # Named by what it is made from (a config's hash; a GGUF's digest and the conversion's versions).
-        return {"builtin" if base.parent.name != GGUF_STAGE else "gguf": base.name}
+    if exp.model.base == BUILTIN_TINY_LLAMA:
+        return {"builtin": base.name}  # named by its config's hash
+    if is_gguf_base(exp.model.base):
+        return {"gguf": base.name}  # planned (maybe not converted yet): named by the file's digest and versions
     if base.is_dir():
-        files = sorted(p for p in base.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
-        return {"local": [[p.name, file_digest(p)] for p in files]}
-    return {"hub": exp.model.base, "revision": exp.model.revision}
+        store = Store(exp.store_root)
+        if _same_path(base, store.path(GGUF_STAGE, base.name)) and store.has(GGUF_STAGE, base.name):
+            return {"gguf": base.name}
+        return {"local": directory_identity(base)}
+    # a hub model by the commit its revision names now: a branch that moves is a new key
+    from trainer.core.identity import IdentityError, hub_commit
+
+    try:
+        return {"hub": exp.model.base, "commit": hub_commit(exp.model.base, exp.model.revision, "model")}
+    except IdentityError as e:
+        raise ConfigError(f"model.base: {e}") from None
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def init_adapter_identity(exp: Experiment) -> str | None:
+    """The content of the adapter `training.lora.init_adapter` continues (None without one): it
+    enters the adapter key, so an adapter retrained in place is trained on again. A directory that
+    is no adapter fails here, in one line, before any process starts."""
+    lora = exp.training.lora
+    if not lora.init_adapter or exp.training.mode == "full":
+        return None
+    path = exp.resolve_path(lora.init_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"training.lora.init_adapter: {path}: no adapter_config.json")
+    return directory_identity(path, exclude=skip_work_files)
 
 
 @dataclass
-class AdapterPlan:
-    key: str
-    output_dir: Path
-    spec_path: Path
-    spec: TrainingSpec
-    data_version: str
-    base_model: str
+class TrainingStep(ProcessStep):
+    """Training an adapter (or a full model): `python -m trainer.training.train SPEC`, under
+    `accelerate launch` for several processes."""
 
-    @property
-    def complete(self) -> bool:
-        return Store(self.output_dir.parents[1]).has("adapter", self.key)
+    data_version: str = ""  # the packed shards' keys it trains (and evaluates) on
+    base_model: str = ""  # the planned base: a path or a hub id
+
+    def command(self) -> list[str]:
+        return training_command(self.spec.experiment, self.spec_path)
 
     def summary(self) -> TrainingSummary:
         return TrainingSummary.from_dict(self.output().manifest)
-
-    def output(self) -> StageOutput:
-        """The finished adapter as a stage output (its manifest: the training summary), published
-        to the store's remote copy when it has one."""
-        return Store(self.output_dir.parents[1]).publish("adapter", self.key)
 
 
 def held_out_file(templated_eval: StageOutput | None) -> Path | None:
@@ -70,37 +95,68 @@ def held_out_path(data: dict[str, StageOutput]) -> Path | None:
 
 
 def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
-                 tags: dict[str, str] | None = None, held_out: Path | None = None) -> AdapterPlan:
+                 tags: dict[str, str] | None = None, held_out: Path | None = None) -> TrainingStep:
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
     them, from running the data stages (every one a cache hit once prepared). `held_out`: the
     prompts to score on when the data has no eval split of its own (a loop round's)."""
-    from trainer.training.models import is_built_here, planned_base_model
+    from trainer.training.models import is_built_here
 
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
     outputs = data if data is not None else pipeline.run()
     tokenizer = outputs["tokenizer"].manifest
     setup = load_template_setup(outputs["tokenizer"].path)
-    base_vocab = tokenizer["vocab_size"] - len(setup.added_tokens)
-    # The builtin model is built, a GGUF converted, by the processes, never here (no torch in the
-    # orchestrator): only planned.
-    builtin = is_built_here(exp.model)
-    base_model = planned_base_model(exp.model, store.root, base_vocab, exp.base_dir)
-
     train_key = outputs["packed/train"].key
     eval_key = outputs["packed/eval"].key if "packed/eval" in outputs else None
+    key, base_model = adapter_key(exp, store, train_key, eval_key, tokenizer["identity"],
+                                  tokenizer["vocab_size"] - len(setup.added_tokens))
     data_version = train_key + (f"+{eval_key}" if eval_key else "")
-    params = keys.adapter_params(exp, model_identity(exp, base_model), tokenizer["identity"])
-    key = content_key("adapter", inputs=[k for k in (train_key, eval_key) if k], params=params)
     raw = "+".join(outputs[f"raw/{split}"].key for split in pipeline.splits())
     spec = TrainingSpec(
         experiment=exp, train_shards=outputs["packed/train"].path, tokenizer_dir=outputs["tokenizer"].path,
         output_dir=store.path("adapter", key), eval_shards=outputs["packed/eval"].path if eval_key else None,
-        held_out=held_out_path(outputs) if eval_key else held_out, base_model=None if builtin else base_model,
+        held_out=held_out_path(outputs) if eval_key else held_out,
+        base_model=None if is_built_here(exp.model) else base_model,
         tags={"data_version": data_version, "adapter_version": key, "experiment": exp.name, "raw_version": raw,
               "data_group": exp.data_group, **(tags or {})})
-    spec_path = write_spec(store.root / "adapter" / ".specs", key, spec)
-    return AdapterPlan(key, spec.output_dir, spec_path, spec, data_version, base_model)
+    return TrainingStep("adapter", key, store, spec, "trainer.training.train", data_version=data_version,
+                        base_model=base_model).write_spec()
+
+
+def adapter_key(exp: Experiment, store: Store, train_key: str, eval_key: str | None, tokenizer_identity: str,
+                base_vocab: int) -> tuple[str, str]:
+    """(the adapter's key, the planned base model) from the packed shards' keys and the tokenizer.
+    The builtin model is built, a GGUF converted, by the processes, never here (no torch in the
+    orchestrator): the base is only planned."""
+    from trainer.training.models import planned_base_model
+
+    base_model = planned_base_model(exp.model, store.root, base_vocab, exp.base_dir)
+    params = keys.adapter_params(exp, model_identity(exp, base_model), tokenizer_identity,
+                                 init_adapter=init_adapter_identity(exp))
+    inputs = {"packed/train": train_key, **({"packed/eval": eval_key} if eval_key else {})}
+    return store.key("adapter", inputs, params), base_model
+
+
+def planned_keys(exp: Experiment, pipeline: DataPipeline) -> dict[str, str | None]:
+    """{"adapter", "merged", "score": key} a run would give them now, building nothing (the score:
+    None until the held-out prompts it is keyed by exist). `sftdag explain` reads these."""
+    store = pipeline.store
+    identity = pipeline.key("tokenizer")
+    if store.has("tokenizer", identity):
+        tok = store.get("tokenizer", identity)
+        base_vocab = tok.manifest["vocab_size"] - len(load_template_setup(tok.path).added_tokens)
+    else:
+        bundle = pipeline.tokenizer_bundle
+        base_vocab = len(bundle.tokenizer) - len(bundle.setup.added_tokens)
+    eval_key = pipeline.key("packed", "eval") if pipeline.has_eval else None
+    adapter, _ = adapter_key(exp, store, pipeline.key("packed", "train"), eval_key, identity, base_vocab)
+    merged = merged_key(exp, store, adapter)
+    held_out = None
+    if pipeline.has_eval:
+        templated = pipeline.key("templated", "eval")
+        held_out = store.path("templated", templated) / HELD_OUT if store.has("templated", templated) else None
+    score = score_key(exp, store, merged, held_out) if held_out is not None or not pipeline.has_eval else None
+    return {"adapter": adapter, "merged": merged, "score": score}
 
 
 MACHINE_RANK_ENV = "SFTDAG_MACHINE_RANK"
@@ -138,40 +194,47 @@ def machine_rank(exp: Experiment) -> int:
 
 
 @dataclass
-class MergePlan:
-    """Merging an adapter and scoring the merged model, done by `python -m trainer.training.merge SPEC`."""
-
-    key: str
-    output_dir: Path
-    score_path: Path  # keyed by what it measures: more held-out rows rescore, never retrain
-    spec_path: Path
-
-    def result(self) -> dict[str, Any]:
-        return json.loads(self.score_path.read_text())
+class MergeStep(ProcessStep):
+    """Merging an adapter and scoring the merged model: `python -m trainer.training.merge SPEC`
+    leaves the merged model and its score (`<store>/score/<score key>/score.json`)."""
 
     @property
-    def complete(self) -> bool:
-        return self.score_path.is_file()
+    def score_key(self) -> str:
+        return self.spec.score_key
 
-    def output(self) -> StageOutput:
-        return Store(self.output_dir.parents[1]).publish("merged", self.key)
+    def score(self) -> dict[str, Any]:
+        """The held-out figures of the merged model (the score stage's `score.json`)."""
+        return json.loads((self.store.get("score", self.score_key).path / SCORE).read_text())
 
 
-def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_out: Path | None) -> MergePlan:
-    """Merge the finished `adapter` (received from its asset) and score the result on `held_out`."""
+def held_out_digest(held_out: Path | None) -> str:
+    """What the held-out prompts enter the score key as: their file's sha256, or "none"."""
+    return file_digest(held_out) if held_out is not None else "none"
+
+
+def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_out: Path | None) -> MergeStep:
+    """Merge the finished `adapter` (received from its asset) and score the result on `held_out`.
+    The score is keyed by the merged model and the held-out prompts' content (and the rows scored):
+    new prompts rescore the same merged model, never merge again."""
     summary = TrainingSummary.from_dict(adapter.manifest)
-    key = content_key("merged", inputs=[adapter.key], params=keys.merged_params(exp))
-    store_root = adapter.path.parents[1]
-    output_dir = store_root / "merged" / key
-    score_key = content_key("score", inputs=[key], params=keys.score_params(exp))
+    store = Store(exp.store_root)
+    key = merged_key(exp, store, adapter.key)
+    score = score_key(exp, store, key, held_out)
     spec = MergeSpec(adapter_dir=adapter.path, base_model=summary.base_model_path, tokenizer_dir=Path(tokenizer_dir),
-                     output_dir=output_dir, score_path=output_dir.parent / ".scores" / f"{score_key}.json",
-                     eot_token=summary.eot_token, held_out=held_out, accuracy_rows=exp.training.accuracy_rows,
+                     store=store.location, merged_key=key, score_key=score, eot_token=summary.eot_token,
+                     held_out=held_out, accuracy_rows=exp.training.accuracy_rows,
                      max_new_tokens=exp.training.max_new_tokens,
-                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score_key})
-    spec_path = write_spec(store_root / "merged" / ".specs", score_key, spec)
-    return MergePlan(key, output_dir, spec.score_path, spec_path)
+                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score})
+    # The spec is named by the score key: two scorings of one merged model never share a file.
+    return MergeStep("merged", key, store, spec, "trainer.training.merge", also=(("score", score),),
+                     spec_name=score).write_spec()
 
 
-def merge_command(plan: MergePlan) -> list[str]:
-    return [sys.executable, "-m", "trainer.training.merge", str(plan.spec_path)]
+def merged_key(exp: Experiment, store: Store, adapter_key: str) -> str:
+    return store.key("merged", {"adapter": adapter_key}, keys.merged_params(exp))
+
+
+def score_key(exp: Experiment, store: Store, merged: str, held_out: Path | None) -> str:
+    """Keyed by the merged model and the held-out prompts' content (and the rows scored): new
+    prompts rescore the same merged model, never merge again."""
+    return store.key("score", {"merged": merged, "held_out": held_out_digest(held_out)}, keys.score_params(exp))

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.core.entry_point import run_entry_point
-from trainer.core.schemas import MERGE_INFO
+from trainer.core.schemas import MERGE_INFO, SCORE
+from trainer.core.store import Store
 from trainer.training.spec import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -105,22 +106,29 @@ def _generation_config(model, tokenizer, eot_token: str | None):
 
 
 def merge_and_score(spec: MergeSpec) -> dict[str, Any]:
-    """Merge the adapter (once) and score the merged model on the held-out prompts (once per
-    score key); the score file is written atomically and returned."""
-    merge_adapter(spec.adapter_dir, spec.base_model, spec.tokenizer_dir, spec.output_dir, spec.eot_token)
-    if not spec.score_path.is_file():
+    """Merge the adapter into `<store>/merged/<merged key>/` (once) and score the merged model on
+    the held-out prompts into `<store>/score/<score key>/score.json` (once per score key: built in a
+    temporary directory and renamed into place, published like every stage output). Returns the score."""
+    store = Store(spec.store)
+    if store.has("merged", spec.merged_key):
+        merged = store.get("merged", spec.merged_key).path  # merged before (here, or on another machine)
+    else:
+        merged = merge_adapter(spec.adapter_dir, spec.base_model, spec.tokenizer_dir,
+                               store.path("merged", spec.merged_key), spec.eot_token)
+
+    def score(tmp: Path) -> dict[str, Any]:
         result: dict[str, Any] = dict(spec.versions)
         if spec.held_out is not None:
             from trainer.training.evaluate import score_model
 
             result["accuracy_merged"], result["scored_rows"] = score_model(
-                spec.output_dir, spec.held_out, [spec.eot_token] if spec.eot_token else [],
+                merged, spec.held_out, [spec.eot_token] if spec.eot_token else [],
                 spec.accuracy_rows, spec.max_new_tokens)
-        spec.score_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = spec.score_path.with_name(f".{spec.score_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, spec.score_path)
-    return json.loads(spec.score_path.read_text())
+        (tmp / SCORE).write_text(json.dumps(result, indent=2))
+        return {"held_out": str(spec.held_out) if spec.held_out else None}
+
+    out = store.get_or_build("score", spec.score_key, score)
+    return json.loads((out.path / SCORE).read_text())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def merge(spec_path: Path) -> str:
         spec = MergeSpec.load(spec_path)
-        return f"merged into {spec.output_dir}; score {json.dumps(merge_and_score(spec))}"
+        score = merge_and_score(spec)
+        return f"merged into {Store(spec.store).path('merged', spec.merged_key)}; score {json.dumps(score)}"
 
     return run_entry_point(argv, "trainer.training.merge", merge)
 

@@ -3,7 +3,8 @@
 The orchestrator writes a `TrainingSpec` (or a `MergeSpec`) file and starts
 `python -m trainer.training.train SPEC` (or `trainer.training.merge`); the training process
 writes a `TrainingSummary` into the finished adapter directory. Each is read back into the same
-dataclass, so a field added on one side is a field the other side knows.
+dataclass (`trainer.core.process_step.spec_from_json`, by its type hints), so a field added on
+one side is a field the other side knows.
 """
 
 from __future__ import annotations
@@ -15,20 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.core.config import Experiment, experiment_from_dict
+from trainer.core.config import Experiment
+from trainer.core.process_step import JsonSpec, SpecError
 from trainer.core.schemas import TRAINING_SUMMARY
 
-
-class SpecError(ValueError):
-    pass
-
-
-def _optional_path(value: Any) -> Path | None:
-    return Path(value) if value else None
+__all__ = ["MergeSpec", "SpecError", "TrainingSpec", "TrainingSummary"]
 
 
 @dataclass(frozen=True)
-class TrainingSpec:
+class TrainingSpec(JsonSpec):
     experiment: Experiment
     train_shards: Path  # packed shard-*.arrow files
     tokenizer_dir: Path  # the data stage's tokenizer, with its template_setup.json
@@ -38,31 +34,9 @@ class TrainingSpec:
     base_model: str | None = None  # resolved base (path or hub id); None: resolved from experiment.model
     tags: dict[str, str] = field(default_factory=dict)  # MLflow tags; "adapter_version" is the Pipes data version
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "TrainingSpec":
-        for key in ("experiment", "train_shards", "tokenizer_dir", "output_dir"):
-            if not raw.get(key):
-                raise SpecError(f"spec: {key!r} is required")
-        experiment = dict(raw["experiment"])
-        base_dir = experiment.pop("base_dir", ".")
-        return cls(experiment=experiment_from_dict(experiment, base_dir=base_dir),
-                   train_shards=Path(raw["train_shards"]), tokenizer_dir=Path(raw["tokenizer_dir"]),
-                   output_dir=Path(raw["output_dir"]).expanduser().resolve(),
-                   eval_shards=_optional_path(raw.get("eval_shards")), held_out=_optional_path(raw.get("held_out")),
-                   base_model=raw.get("base_model") or None,
-                   tags={str(k): str(v) for k, v in (raw.get("tags") or {}).items()})
-
-    @classmethod
-    def load(cls, source: "str | Path | dict | TrainingSpec") -> "TrainingSpec":
-        if isinstance(source, TrainingSpec):
-            return source
-        return cls.from_dict(source if isinstance(source, dict) else json.loads(Path(source).read_text()))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"experiment": {**self.experiment.to_dict(), "base_dir": self.experiment.base_dir},
-                "train_shards": str(self.train_shards), "eval_shards": _str_or_none(self.eval_shards),
-                "tokenizer_dir": str(self.tokenizer_dir), "held_out": _str_or_none(self.held_out),
-                "output_dir": str(self.output_dir), "base_model": self.base_model, "tags": dict(self.tags)}
+    def __post_init__(self) -> None:
+        # Every process (and every machine's) names the same directory, whatever its working directory.
+        object.__setattr__(self, "output_dir", Path(self.output_dir).expanduser().resolve())
 
 
 @dataclass(frozen=True)
@@ -118,44 +92,18 @@ class TrainingSummary:
 
 
 @dataclass(frozen=True)
-class MergeSpec:
+class MergeSpec(JsonSpec):
+    """Merge an adapter into `<store>/merged/<merged_key>/` (once) and score the merged model on
+    the held-out prompts into `<store>/score/<score_key>/` (once per score key)."""
+
     adapter_dir: Path
     base_model: str
     tokenizer_dir: Path
-    output_dir: Path
-    score_path: Path  # keyed by what it measures: more held-out rows rescore, never remerge
-    eot_token: str | None
-    held_out: Path | None
+    store: str  # the store's location (a directory or an object-storage URL)
+    merged_key: str
+    score_key: str  # keyed by what it measures (the held-out prompts, rows): rescored, never remerged
     accuracy_rows: int
     max_new_tokens: int
-    versions: dict[str, str]  # adapter, merged and score keys, copied into the score file
-
-    @classmethod
-    def load(cls, path: str | Path) -> "MergeSpec":
-        raw = json.loads(Path(path).read_text())
-        return cls(adapter_dir=Path(raw["adapter_dir"]), base_model=raw["base_model"],
-                   tokenizer_dir=Path(raw["tokenizer_dir"]), output_dir=Path(raw["output_dir"]),
-                   score_path=Path(raw["score_path"]), eot_token=raw["eot_token"],
-                   held_out=_optional_path(raw["held_out"]), accuracy_rows=int(raw["accuracy_rows"]),
-                   max_new_tokens=int(raw["max_new_tokens"]), versions=dict(raw["versions"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-def _str_or_none(path: Path | None) -> str | None:
-    return None if path is None else str(path)
-
-
-def write_spec(directory: Path, name: str, spec: TrainingSpec | MergeSpec) -> Path:
-    """Atomically (a process of a concurrent materialization may be reading it), and only when
-    its content changed: planning again leaves an unchanged spec untouched."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{name}.json"
-    text = json.dumps(spec.to_dict(), indent=2)
-    if path.is_file() and path.read_text() == text:
-        return path
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    eot_token: str | None = None
+    held_out: Path | None = None
+    versions: dict[str, str] = field(default_factory=dict)  # adapter, merged and score keys, copied into the score
