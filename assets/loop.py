@@ -26,7 +26,7 @@ from trainer.core.store import StageOutput, Store
 from trainer.loop import rounds
 from trainer.loop.settings import ACCEPTANCE, HELD_OUT, START_FROM_BASE, LoopConfig, loop_config
 from trainer.training.launch import model_identity
-from trainer.training.models import planned_base_model
+from trainer.training.base_model import planned_base_model
 from trainer.training.spec import TrainingSummary
 
 from .graph import START_MODEL_NODES, asset_key, ins_and_deps, upstream_keys

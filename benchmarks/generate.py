@@ -32,9 +32,9 @@ sys.path.insert(0, str(REPO))
 
 from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig  # noqa: E402
 from trainer.data.default_data import BUILTIN_DATASETS  # noqa: E402
-from trainer.data.formats import normalize  # noqa: E402
+from trainer.data.record_formats import normalize  # noqa: E402
 from trainer.data.templating import generation_prompt, setup_template  # noqa: E402
-from trainer.data.tokenizer import load_tokenizer  # noqa: E402
+from trainer.data.tokenizer_loading import load_tokenizer  # noqa: E402
 from trainer.training import generate as generate_module  # noqa: E402
 from trainer.training.generate import SamplingSettings, sample, stop_tokens_and_strings  # noqa: E402
 

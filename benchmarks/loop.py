@@ -110,7 +110,7 @@ def run_seed(experiment: dict, seed: int, rounds: int, store: Path, work: Path, 
         if from_sft:
             start = sft["merged_model_dir"]
         else:  # loop.start_model: base (the pretrained model itself) or a model directory
-            from trainer.training.models import planned_base_model
+            from trainer.training.base_model import planned_base_model
 
             start = (planned_base_model(exp.model, exp.store_root, 0, exp.base_dir)
                      if exp.loop["start_model"] == "base" else str(exp.resolve_path(exp.loop["start_model"])))

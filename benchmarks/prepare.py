@@ -82,7 +82,7 @@ def bench_trl(rows, max_length: int) -> tuple[float, int, float] | None:
     datasets.disable_progress_bars()
 
     from trainer.core.config import TokenizerConfig
-    from trainer.data.tokenizer import load_tokenizer
+    from trainer.data.tokenizer_loading import load_tokenizer
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:llama3"))
     tok.pad_token = tok.eos_token  # TRL's usual set-up; this tokenizer.json has no pad token

@@ -149,7 +149,7 @@ def prepare(exp_yaml: Path, label: str, rss_limit: float) -> dict:
 def raw_baseline(pairs, rows: int, batch: int = 10_000) -> tuple[float, int]:
     """Seconds and tokens of the Llama-3 tokenizer's batch call over the rendered conversations."""
     from trainer.core.config import TokenizerConfig
-    from trainer.data.tokenizer import load_tokenizer
+    from trainer.data.tokenizer_loading import load_tokenizer
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:llama3"))
     seconds, tokens = 0.0, 0

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from trainer.core.config import DataConfig, TemplateConfig
     from trainer.data import default_data
-    from trainer.data.formats import normalize
+    from trainer.data.record_formats import normalize
     from trainer.data.templating import generation_prompt, setup_template
     from trainer.models.gguf import gguf_file, is_gguf_base
     from trainer.training.generate import SamplingSettings, sample

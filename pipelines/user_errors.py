@@ -58,7 +58,7 @@ def _check_models(exp, through: str) -> None:
 def _check_files(exp, through: str) -> None:
     from trainer.core.config import ConfigError
     from trainer.data.sources import SourceError, resolve_files
-    from trainer.data.tokenizer import resolve_template_source
+    from trainer.data.tokenizer_loading import resolve_template_source
 
     sources = [exp.data.source, exp.data.eval.source]
     if through == "round":
@@ -87,7 +87,7 @@ def _check_files(exp, through: str) -> None:
         import jinja2
 
         from trainer.data.templating import compile_template
-        from trainer.data.tokenizer import read_template
+        from trainer.data.tokenizer_loading import read_template
 
         try:
             compile_template(read_template(template))
@@ -97,7 +97,7 @@ def _check_files(exp, through: str) -> None:
 
 def _check_formatting(exp) -> None:
     from trainer.core.config import ConfigError
-    from trainer.data.formats import load_formatting_func
+    from trainer.data.record_formats import load_formatting_func
 
     dotted = exp.data.formatting_func
     if not dotted:

@@ -120,7 +120,7 @@ def test_data_file_content_changes_every_key(make_experiment, tmp_path):
 def test_tokenizer_identity_not_name_enters_the_key(make_experiment, tmp_path):
     import shutil
 
-    from trainer.data.tokenizer import load_tokenizer
+    from trainer.data.tokenizer_loading import load_tokenizer
     from trainer.core.config import TokenizerConfig
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:tiny"))
@@ -205,7 +205,7 @@ def chat_rows() -> list[dict]:
 def fresh_identity(exp) -> str:
     """The identity of the set-up tokenizer loaded from the files as they are now (no cache)."""
     from trainer.data.templating import setup_template
-    from trainer.data.tokenizer import load_tokenizer, tokenizer_identity
+    from trainer.data.tokenizer_loading import load_tokenizer, tokenizer_identity
 
     tok = load_tokenizer(exp.tokenizer, exp.base_dir)
     setup_template(tok, exp.data.template, exp.base_dir)
@@ -239,7 +239,7 @@ def test_template_file_edited_in_place_is_a_new_tokenizer(make_experiment, tmp_p
 
 
 def test_local_tokenizer_directory_edited_in_place(make_experiment, tmp_path):
-    from trainer.data.tokenizer import TINY_TOKENIZER_DIR
+    from trainer.data.tokenizer_loading import TINY_TOKENIZER_DIR
 
     tok_dir = tmp_path / "tok"
     shutil.copytree(TINY_TOKENIZER_DIR, tok_dir)
@@ -258,7 +258,7 @@ def test_local_tokenizer_directory_edited_in_place(make_experiment, tmp_path):
 
 
 def test_shipped_template_by_name_is_digested_by_content(make_experiment, tmp_path, monkeypatch):
-    from trainer.data import tokenizer as tokenizer_module
+    from trainer.data import tokenizer_loading as tokenizer_module
 
     # A copy of the shipped templates stands for a new release of them under the same names.
     shipped = tmp_path / "templates"
@@ -323,7 +323,7 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
     import sys
     import uuid
 
-    from trainer.data.formats import load_formatting_func
+    from trainer.data.record_formats import load_formatting_func
 
     name = f"fmt_{uuid.uuid4().hex[:12]}"
     module = tmp_path / "funcs" / f"{name}.py"

@@ -9,7 +9,7 @@ import torch
 from trainer.core.config import TokenizerConfig
 from trainer.training.evaluate import generate
 from trainer.training.generate import stop_tokens_and_strings
-from trainer.data.tokenizer import load_tokenizer
+from trainer.data.tokenizer_loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

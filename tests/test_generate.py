@@ -14,7 +14,7 @@ import torch
 
 from tests.train_helpers import make_tokenizer
 from trainer.core.config import TokenizerConfig
-from trainer.data.tokenizer import load_tokenizer
+from trainer.data.tokenizer_loading import load_tokenizer
 from trainer.training.generate import (
     END_OF_TURN,
     LENGTH,

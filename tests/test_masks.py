@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.data.formats import RowError, normalize
+from trainer.data.record_formats import RowError, normalize
 from trainer.data.templating import generation_prompt, render, setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
-from trainer.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer
+from trainer.data.tokenizer_loading import TINY_TOKENIZER_DIR, load_tokenizer
 
 IGNORE = -100
 

@@ -149,7 +149,7 @@ def test_merge_keeps_embeddings_tied_and_equals_the_adapter_model(lora_trained, 
 
     from trainer.training.generate import SamplingSettings, sample
     from trainer.training.merge import merge_adapter
-    from trainer.training.models import resize_for_tokenizer
+    from trainer.training.base_model import resize_for_tokenizer
 
     exp, plan, summary = lora_trained
     out = merge_adapter(plan.output_dir, summary.base_model_path, plan.spec.tokenizer_dir, tmp_path / "merged",

@@ -19,10 +19,10 @@ import pytest
 from tests.sentencepiece import FAMILIES, build
 from tests.test_masks import CONVERSATION
 from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
-from trainer.data.formats import normalize
+from trainer.data.record_formats import normalize
 from trainer.data.templating import generation_prompt, setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
-from trainer.data.tokenizer import TEMPLATES_DIR, load_tokenizer
+from trainer.data.tokenizer_loading import TEMPLATES_DIR, load_tokenizer
 
 IGNORE = -100
 TEMPLATE_DIR = Path(__file__).parent / "chat_templates"

@@ -18,7 +18,7 @@ from trainer.core.config import DataConfig, TemplateConfig, TokenizerConfig
 from trainer.core.template_setup import load_template_setup
 from trainer.data.templating import TEMPLATED_SCHEMA, save_tokenizer, setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
-from trainer.data.tokenizer import TINY_TOKENIZER_DIR, load_tokenizer, tokenizer_identity
+from trainer.data.tokenizer_loading import TINY_TOKENIZER_DIR, load_tokenizer, tokenizer_identity
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_identity_same_content_same_id_and_changes_with_content():
 def test_identity_is_the_same_in_another_process():
     # Identities key the store across processes (Dagster runs each step in its own): nothing
     # process-specific (hash seed, object ids, load order) may enter them.
-    code = ("from trainer.core.config import TokenizerConfig; from trainer.data.tokenizer import load_tokenizer, "
+    code = ("from trainer.core.config import TokenizerConfig; from trainer.data.tokenizer_loading import load_tokenizer, "
             f"tokenizer_identity; print(tokenizer_identity(load_tokenizer(TokenizerConfig(path={SMALL!r}))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "12345"}, cwd=REPO)

@@ -67,7 +67,7 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     # UI and MLflow show is that of those answers.
     from peft import PeftModel
 
-    from trainer.training.models import load_model, resize_for_tokenizer
+    from trainer.training.base_model import load_model, resize_for_tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()

@@ -22,7 +22,7 @@ import yaml
 from trainer.core.object_store import cache_dir, is_remote
 
 
-# The templates shipped with the project (trainer/data/tokenizer.py TEMPLATES_DIR).
+# The templates shipped with the project (trainer/data/tokenizer_loading.py TEMPLATES_DIR).
 _TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "resources" / "templates"
 
 
@@ -323,7 +323,7 @@ class Experiment:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
     # The rules below mirror where the data stages look (trainer/data/sources.py `resolve_files`,
-    # tokenizer.py `load_tokenizer` and `resolve_template_source`), without importing them.
+    # tokenizer_loading.py `load_tokenizer` and `resolve_template_source`), without importing them.
 
     def _resolved_patterns(self, source: SourceConfig) -> Optional[list[str]]:
         """The source's globs against the YAML's folder (the patterns, not their matches: a file

@@ -9,7 +9,7 @@ so changing them never rebuilds or retrains anything.
 | stage | params |
 | --- | --- |
 | raw | source fingerprint (its shards' contents), split, hold-out settings when carved from the source; a raw shard: that shard's bytes, file and first line, `where`, split, hold-out settings |
-| tokenizer | its identity (content, chat template, library versions: `trainer.data.tokenizer.tokenizer_identity`) |
+| tokenizer | its identity (content, chat template, library versions: `trainer.data.tokenizer_loading.tokenizer_identity`) |
 | templated (and each shard: its raw shard instead of raw) | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer; a shard: its templated shard, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
@@ -51,7 +51,7 @@ def _holdout(exp: Experiment, carved: bool) -> dict[str, Any] | None:
 
 
 def tokenizer_params(identity: str) -> dict[str, Any]:
-    """The tokenizer stage's key is its identity itself (`trainer.data.tokenizer.tokenizer_identity`)."""
+    """The tokenizer stage's key is its identity itself (`trainer.data.tokenizer_loading.tokenizer_identity`)."""
     return {"identity": identity}
 
 

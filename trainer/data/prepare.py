@@ -25,7 +25,7 @@ from typing import Any
 from trainer.core.config import Experiment
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store, file_digest
-from trainer.data.formatting_code import formatting_func_identity, refresh_formatting_func
+from trainer.data.formatting_func import formatting_func_identity, refresh_formatting_func
 from trainer.data.parallel import ShardBuilder, ShardTask, refuse_in_a_starting_worker
 from trainer.data.shards import SourceShard
 from trainer.data.sources import plan_shards, shards_fingerprint
@@ -56,7 +56,7 @@ def _load_tokenizer_bundle(exp: Experiment) -> TokenizerBundle:
     read the files digested, so only then may the identity be remembered under that digest.
     """
     from trainer.data.templating import setup_template
-    from trainer.data.tokenizer import load_tokenizer, tokenizer_identity
+    from trainer.data.tokenizer_loading import load_tokenizer, tokenizer_identity
 
     for _ in range(_LOAD_ATTEMPTS):
         before = _tokenizer_source_digest(exp)
@@ -95,7 +95,7 @@ def _setup_code_digest() -> str:
     versions (they change what a tokenizer does with the same files). Taken once per process:
     code edited after it was imported is not the code that runs."""
     here = Path(__file__).resolve().parent
-    files = [here / "templating.py", here / "tokenizer.py", here.parent / "resources" / "templates" / "chatml.jinja"]
+    files = [here / "templating.py", here / "tokenizer_loading.py", here.parent / "resources" / "templates" / "chatml.jinja"]
     payload = {"files": [[p.name, file_digest(p)] for p in files],
                "transformers": _library_version("transformers"), "tokenizers": _library_version("tokenizers")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -104,7 +104,7 @@ def _setup_code_digest() -> str:
 def _tokenizer_source_digest(exp: Experiment) -> SourceDigest:
     """Digest of everything a set-up tokenizer is made from: its files, the template file (a path
     or a shipped template's name), the template settings, the set-up code and library versions."""
-    from trainer.data import tokenizer as tokenizer_module
+    from trainer.data import tokenizer_loading as tokenizer_module
 
     path = exp.tokenizer.path
     complete, gguf = True, None

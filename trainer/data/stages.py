@@ -32,7 +32,7 @@ from trainer.core.config import DataConfig, EvalConfig, Experiment, SourceConfig
 from trainer.core.schemas import HELD_OUT
 from trainer.core.graph import data_stage_inputs
 from trainer.core.store import CODE_VERSIONS, StageOutput, Store, content_key
-from trainer.data.formats import RowError, load_formatting_func, normalize
+from trainer.data.record_formats import RowError, load_formatting_func, normalize
 from trainer.data.parallel import ShardBuilder, ShardTask
 from trainer.data.shards import SourceShard
 from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_batches

@@ -24,8 +24,8 @@ from tqdm.auto import tqdm
 
 from trainer.core.config import DataConfig, TemplateConfig
 from trainer.core.template_setup import PAD_TOKEN, TemplateSetup
-from trainer.data.formats import Example, RowError, load_formatting_func, normalize
-from trainer.data.tokenizer import TEMPLATES_DIR, read_template, resolve_template_source
+from trainer.data.record_formats import Example, RowError, load_formatting_func, normalize
+from trainer.data.tokenizer_loading import TEMPLATES_DIR, read_template, resolve_template_source
 
 log = logging.getLogger(__name__)
 

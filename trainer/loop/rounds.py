@@ -30,7 +30,7 @@ from trainer.core.process_step import ProcessStep
 from trainer.core.schemas import HELD_OUT
 from trainer.core.store import StageOutput, Store
 from trainer.core.template_setup import load_template_setup
-from trainer.data.formats import RowError, normalize
+from trainer.data.record_formats import RowError, normalize
 from trainer.data.prepare import DataPipeline
 from trainer.data.stages import read_rows
 from trainer.loop.filters import build_pipeline, resolve_function

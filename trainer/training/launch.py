@@ -32,7 +32,7 @@ def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
     model; the conversion key for a GGUF base, or for a directory that is a conversion in this
     experiment's store (a loop starting from the converted base); the digests of its files for any
     other local model; id+revision for the hub."""
-    from trainer.training.models import BUILTIN_TINY_LLAMA
+    from trainer.training.base_model import BUILTIN_TINY_LLAMA
 
     base = Path(resolved_base)
     if exp.model.base == BUILTIN_TINY_LLAMA:
@@ -99,7 +99,7 @@ def plan_adapter(exp: Experiment, data: dict[str, StageOutput] | None = None,
     """What to train: from the data stages' outputs (a Dagster asset receives them), or, without
     them, from running the data stages (every one a cache hit once prepared). `held_out`: the
     prompts to score on when the data has no eval split of its own (a loop round's)."""
-    from trainer.training.models import is_built_here
+    from trainer.training.base_model import is_built_here
 
     pipeline = DataPipeline(exp, progress=False)
     store = pipeline.store
@@ -128,7 +128,7 @@ def adapter_key(exp: Experiment, store: Store, train_key: str, eval_key: str | N
     """(the adapter's key, the planned base model) from the packed shards' keys and the tokenizer.
     The builtin model is built, a GGUF converted, by the processes, never here (no torch in the
     orchestrator): the base is only planned."""
-    from trainer.training.models import planned_base_model
+    from trainer.training.base_model import planned_base_model
 
     base_model = planned_base_model(exp.model, store.root, base_vocab, exp.base_dir)
     params = keys.adapter_params(exp, model_identity(exp, base_model), tokenizer_identity,

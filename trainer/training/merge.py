@@ -35,7 +35,7 @@ def merge_adapter(adapter_dir: str | Path, base_model_path: str, tokenizer_dir: 
     standalone model at `out_dir`. Returns `out_dir`; an existing `out_dir` is left as is."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.training.models import resize_for_tokenizer
+    from trainer.training.base_model import resize_for_tokenizer
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if out_dir.exists():

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from trainer.core.config import Experiment
-from trainer.training.models import embedding_rows, load_model, resize_for_tokenizer
+from trainer.training.base_model import embedding_rows, load_model, resize_for_tokenizer
 from trainer.training.reporting import Reporter
 
 

@@ -35,7 +35,7 @@ from trainer.training.callbacks import PackedTrainer, ReportingCallback, TokenCo
 from trainer.training.collate import PackedCollator, PackedDataset, steps_per_epoch
 from trainer.training.evaluate import exact_match, load_held_out
 from trainer.training.model_setup import base_vocab_size, build_trainable_model, check_mode_available
-from trainer.training.models import resolve_base_model
+from trainer.training.base_model import resolve_base_model
 from trainer.training.output import (
     BEFORE_FILE, COUNTERS_FILE, MODEL_CARD, checkpoint_step, finalize, is_finished, last_checkpoint, model_card,
     partial_dir, remove_incomplete_checkpoints, result_files, save_model, training_lock,

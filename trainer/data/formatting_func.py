@@ -19,7 +19,7 @@ import threading
 import types
 
 from trainer.core.store import file_digest
-from trainer.data.formats import load_formatting_func
+from trainer.data.record_formats import load_formatting_func
 
 # Module name → digest of the file its code in this process was executed from (recorded when this
 # module first sees it: a module imported elsewhere and edited before that is not noticed).

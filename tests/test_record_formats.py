@@ -6,10 +6,10 @@ import pytest
 
 from trainer.core.config import DataConfig, FieldNames, TemplateConfig, TokenizerConfig
 from trainer.core.schemas import IGNORE_INDEX
-from trainer.data.formats import Example, RowError, detect_format, load_formatting_func, normalize
+from trainer.data.record_formats import Example, RowError, detect_format, load_formatting_func, normalize
 from trainer.data.templating import setup_template, template_rows
 from trainer.data.tokenization import tokenize_rows
-from trainer.data.tokenizer import load_tokenizer
+from trainer.data.tokenizer_loading import load_tokenizer
 
 F = FieldNames()
 MSGS = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
