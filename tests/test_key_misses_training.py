@@ -107,3 +107,25 @@ def test_new_held_out_prompts_change_the_score_key_not_the_merged_key(make_exper
     # No held-out prompts at all is a score of its own too.
     assert plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), None).score_key not in (first.score_key,
                                                                                           second.score_key)
+
+
+def test_a_hub_model_is_keyed_by_the_commit_its_revision_names(make_experiment, tmp_path, monkeypatch):
+    """`model.base: org/name` without a revision: the branch moving upstream is a new adapter key
+    (the commit is read, offline, from the Hugging Face cache's refs, as huggingface_hub writes them)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf" / "hub"
+    refs = cache / "models--org--tiny" / "refs"
+    refs.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    exp = make_experiment(name="hub_base", model={"base": "org/tiny"})
+    (refs / "main").write_text("a" * 40)
+    assert model_identity(exp, "org/tiny") == {"hub": "org/tiny", "commit": "a" * 40}
+    (refs / "main").write_text("b" * 40)  # main moved
+    assert model_identity(exp, "org/tiny")["commit"] == "b" * 40
+    pinned = make_experiment(name="hub_pinned", model={"base": "org/tiny", "revision": "c" * 40})
+    assert model_identity(pinned, "org/tiny")["commit"] == "c" * 40
+    (refs / "main").unlink()
+    with pytest.raises(ConfigError, match=r"^model\.base: model org/tiny@main: cannot resolve"):
+        model_identity(exp, "org/tiny")
