@@ -114,12 +114,6 @@ def test_test_split_has_all_tasks():
     assert set(tasks) == set(dd.TASKS)
 
 
-def test_write_jsonl(tmp_path):
-    recs = dd.generate("test", 20)
-    p = dd.write_jsonl(tmp_path / "sub" / "d.jsonl", recs)
-    assert [json.loads(line) for line in p.read_text().splitlines()] == recs
-
-
 # --- tokenizer ----------------------------------------------------------------------------
 
 
@@ -154,7 +148,7 @@ def test_tokenizer_round_trip(tok):
     texts = []
     for split in dd.SPLITS:
         for r in dd.generate(split, 500, seed=5):
-            texts += dd.record_texts(r)
+            texts += [m["content"] for m in r["messages"]] if "messages" in r else [r["prompt"], r["completion"]]
             if "prompt" in r:
                 texts.append("<s>" + r["prompt"] + r["completion"] + "</s>")
     texts += ["  leading spaces\n\nand newlines \n", "\tTabs, ümlauts & emoji 🙂", ""]

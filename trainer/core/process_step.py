@@ -99,9 +99,6 @@ class JsonSpec:
     def load(cls: type[T], source: "str | os.PathLike | dict | T") -> T:
         return load_spec(cls, source)
 
-    def to_json(self) -> dict[str, Any]:
-        return spec_to_json(self)
-
 
 def load_spec(cls: type[T], source: "str | os.PathLike | dict | T") -> T:
     """`cls` from a spec file, its dict, or an instance (returned as it is)."""

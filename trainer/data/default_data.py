@@ -32,8 +32,7 @@ import hashlib
 import json
 import random
 import string
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 SPLITS = ("train", "test")
 TASKS = ("add", "convert", "reverse", "upper")
@@ -233,19 +232,3 @@ def generate_few_shot(split: str, rows: int, seed: int = 0) -> list[dict]:
 
 # `data.source.builtin` names: the embedded datasets.
 BUILTIN_DATASETS = {"default": generate, "few_shot": generate_few_shot}
-
-
-def record_texts(record: dict) -> list[str]:
-    """The strings of a record (prompt, completion, message contents), e.g. for tokenizer training."""
-    if "messages" in record:
-        return [m["content"] for m in record["messages"]]
-    return [record["prompt"], record["completion"]]
-
-
-def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return path

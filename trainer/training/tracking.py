@@ -90,10 +90,6 @@ class MlflowRun:
             self.run_id = run.info.run_id
         self._finished = False
 
-    @property
-    def artifact_uri(self) -> str:
-        return self.client.get_run(self.run_id).info.artifact_uri
-
     def log_params(self, params: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
