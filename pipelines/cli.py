@@ -35,6 +35,8 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     """Materialize `exp`'s assets up to `through` ("data", "model", "base": a GGUF base's
     conversion, or "round": one round of its loop, the partition `partition`) in `instance`.
     A failed run is SystemExit("sftdag: <reason>"); verbose=False keeps Dagster's console quiet."""
+    import uuid
+
     import dagster as dg
 
     if not verbose:  # Dagster's beta/preview notices (at import and in runs) are for this project's developers
@@ -46,7 +48,7 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     from assets.training import GPU_TAG, merged_asset_key
 
     from .definitions import build_definitions, resources
-    from .liveness import fail_dead_runs, process_tags
+    from .liveness import RunLease, fail_dead_runs
 
     instance = instance or dg.DagsterInstance.get()
     # A killed earlier run would stay in progress and hold its concurrency slot (the GPU) for good.
@@ -65,10 +67,17 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     # Not verbose: the console logger logs nothing (a step failure is a page of stack); the run's
     # event log in the instance still records every event, the full error included.
     run_config = None if verbose else {"loggers": {"console": {"config": {"log_level": "CRITICAL"}}}}
-    # The run executes in this process: its tags name it, so a later command can tell it died.
-    result = dg.materialize(list(defs.assets), selection=selection, instance=instance, resources=resources(),
-                            run_config=run_config, tags={**tags, **process_tags()}, partition_key=partition,
-                            raise_on_error=False)
+    # As dg.materialize, but with the run id known first: the run's lease (its liveness, which a
+    # re-execution cannot inherit) and its concurrency slots are held by it, from before it starts.
+    job_name = "__ephemeral_asset_job__"
+    job = dg.Definitions(jobs=[dg.define_asset_job(job_name, selection=selection)], assets=list(defs.assets),
+                         resources=resources()).resolve_job_def(job_name)
+    run_id = str(uuid.uuid4())
+    with RunLease(instance, run_id) as lease:
+        # The run never passes the run queue: the instance's tag_concurrency_limits are applied here.
+        lease.claim_slots(tags, log=lambda message: print(f"sftdag: {message}", file=sys.stderr))
+        result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=partition,
+                                        raise_on_error=False, tags=tags, run_id=run_id)
     if not result.success:
         # The step that failed, else the run's own failure (a resource, the executor).
         failure = next((e for e in result.all_events if e.is_step_failure), None) or next(
@@ -80,25 +89,42 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     return result
 
 
-def materialized_data(exp, instance) -> dict:
-    """{"tokenizer": …, "<stage>/<split>": …}: the stage outputs the last materialization recorded."""
+def materialized_data(exp, instance, run_id: str | None = None) -> dict:
+    """{"tokenizer": …, "<stage>/<split>": …}: the stage outputs that run `run_id`'s materializations
+    recorded (default: each asset's latest), each a cache hit or not as that materialization says."""
+    import dagster as dg
+
     from assets.data import STAGE_ASSETS, data_asset_key, tokenizer_asset_key
     from assets.store_io import latest_metadata, latest_outputs
+    from trainer.core.store import Store
 
-    def built_or_found(key, outputs: dict) -> dict:
+    if run_id is not None:
+        # Not the latest: a concurrent run of the same assets may have materialized them since,
+        # having done other work (found what this run built).
+        records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        events = [r.event_log_entry.asset_materialization for r in records]
+        recorded = {event.asset_key: dict(event.metadata) for event in events}
+
+    def built_or_found(key) -> dict:
+        if run_id is None:
+            meta, outputs = latest_metadata(instance, key), latest_outputs(instance, key)
+            outputs = outputs if isinstance(outputs, dict) else {"": outputs}
+        else:
+            if key not in recorded:
+                raise SystemExit(f"sftdag: Dagster run {run_id} recorded no materialization of {key.to_user_string()}")
+            meta = recorded[key]
+            store, stage = Store(meta["sftdag/store"].value), meta["sftdag/stage"].value
+            outputs = {split: store.get(stage, k) for split, k in meta["sftdag/keys"].value.items()}
         # Read back from the store, every output looks found; the materialization says what it did.
-        meta = latest_metadata(instance, key)
         for split, out in outputs.items():
-            recorded = meta.get("cache_hit" if split in ("", "train") else f"{split}_cache_hit")
-            if recorded is not None:
-                out.cache_hit = bool(recorded.value)
+            hit = meta.get("cache_hit" if split in ("", "train") else f"{split}_cache_hit")
+            if hit is not None:
+                out.cache_hit = bool(hit.value)
         return outputs
 
-    tokenizer = tokenizer_asset_key(exp.data_group)
-    outputs = {"tokenizer": built_or_found(tokenizer, {"": latest_outputs(instance, tokenizer)})[""]}
+    outputs = {"tokenizer": built_or_found(tokenizer_asset_key(exp.data_group))[""]}
     for stage in STAGE_ASSETS:
-        key = data_asset_key(exp.data_group, stage)
-        for split, out in built_or_found(key, latest_outputs(instance, key)).items():
+        for split, out in built_or_found(data_asset_key(exp.data_group, stage)).items():
             outputs[f"{stage}/{split}"] = out
     return outputs
 
@@ -125,7 +151,7 @@ def cmd_prepare(args) -> dict:
     exp = load_checked(args.experiment, "data")
     ensure_dagster_home()
     result = materialize_experiment(exp, "data", verbose=args.verbose)
-    summary = summarize(materialized_data(exp, dg.DagsterInstance.get()))
+    summary = summarize(materialized_data(exp, dg.DagsterInstance.get(), result.run_id))  # this run's, not the latest
     summary.update(experiment=exp.name, data_group=exp.data_group, dagster_run_id=result.run_id)
     return summary
 
@@ -230,8 +256,35 @@ def cmd_ui(args) -> None:
     command = [sys.executable, "-m", "dagster", "dev", "-w", str(REPO_ROOT / "workspace.yaml"),
                "-h", "127.0.0.1", "-p", str(args.port)]
     print("starting: " + " ".join(command), file=sys.stderr)
-    os.chdir(REPO_ROOT)
-    os.execvpe(command[0], command, env)
+    import signal
+    import subprocess
+
+    from trainer.core.entry_point import dying_with_parent
+
+    # A child in its own process group, not exec: `dagster dev` maps SIGTERM to its SIGINT handling,
+    # which a script's background job (`sftdag ui &`) starts ignored, so it would never stop. Our
+    # handlers (reset to the default in the child at exec) forward a stop to its whole group.
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signo, frame: stop.append(signo))
+    proc = subprocess.Popen(dying_with_parent(command), env=env, cwd=REPO_ROOT, start_new_session=True)
+    while proc.poll() is None and not stop:
+        try:
+            proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass
+    if stop:
+        for sig, wait in ((signal.SIGTERM, 8), (signal.SIGKILL, 5)):  # the kill: what is left of the group
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+            except subprocess.TimeoutExpired:
+                pass
+        raise SystemExit(128 + stop[0])
+    raise SystemExit(proc.returncode if proc.returncode >= 0 else 128 - proc.returncode)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -266,7 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from trainer.core.config import ConfigError
+    from trainer.core.entry_point import PARENT_PID_ENV, stop_on_signals
 
+    # The processes a run starts die with this one (trainer.core.entry_point.die_with_parent).
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
+    if args.command != "ui":  # `ui` stops its `dagster dev` itself
+        stop_on_signals()
     try:
         if args.command in ("ui", "explain"):
             {"ui": cmd_ui, "explain": cmd_explain}[args.command](args)
@@ -276,6 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.verbose:
             traceback.print_exc()
         raise SystemExit(f"sftdag: {one_line(e)}") from None
+    except KeyboardInterrupt as e:
+        raise SystemExit(f"sftdag: stopped ({e or 'SIGINT'})") from None
     print(json.dumps(summary, default=str))
 
 

@@ -87,7 +87,10 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
 
 def resources() -> dict:
     """Stage outputs pass between assets by reference to the store; training runs through Pipes."""
-    return {"io_manager": StageStoreIOManager(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
+    # A stopped run gives its process 5 s after SIGINT (which also dies with its parent:
+    # trainer.core.entry_point.die_with_parent).
+    return {"io_manager": StageStoreIOManager(),
+            "pipes_subprocess_client": dg.PipesSubprocessClient(termination_timeout_seconds=5)}
 
 
 defs = build_definitions(load_experiments())
