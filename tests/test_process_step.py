@@ -161,7 +161,9 @@ def test_training_step_keeps_the_accelerate_command(make_experiment, tmp_path):
     spec = TrainingSpec(experiment=exp, train_shards=tmp_path, tokenizer_dir=tmp_path, output_dir=tmp_path / "o")
     step = TrainingStep("adapter", "k", Store(exp.store_root), spec, "trainer.training.train")
     assert step.command() == training_command(exp, step.spec_path)
-    assert step.command()[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    # accelerate's launcher, started so that it dies with the sftdag process that starts it
+    assert step.command()[:6] == [sys.executable, "-m", "trainer.core.entry_point", sys.executable, "-m",
+                                  "accelerate.commands.launch"]
     assert step.spec_path == exp.store_root / "adapter" / ".specs" / "k.json"
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
+from trainer.core.entry_point import die_with_parent
 from trainer.core.store import StageOutput, Store
 
 # (key, build(out_dir) -> manifest): a shard to have in the store. A build run by a worker must
@@ -28,7 +29,10 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent_pid: int | None = None) -> None:
+    # A killed parent (SIGKILL, the OOM killer) must not leave its workers idle for good: the pool's
+    # queues never tell them (each worker holds both ends of their pipes).
+    die_with_parent(parent_pid)
     # The Rust tokenizers pool would start a thread per core in every worker: share the cores instead.
     os.environ.setdefault("RAYON_RS_NUM_CPUS", str(threads))
 
@@ -44,7 +48,7 @@ def _pool(workers: int) -> ProcessPoolExecutor:
         # spawn: the parent may hold threads (Dagster, the tokenizers pool) that fork would copy mid-lock.
         threads = max(1, default_num_proc() // workers)
         pool = _POOLS[workers] = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                     initializer=_worker_init, initargs=(threads,))
+                                                     initializer=_worker_init, initargs=(threads, os.getpid()))
     return pool
 
 

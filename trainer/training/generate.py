@@ -206,17 +206,45 @@ def generate_to_shards(out_dir: str | Path, model, tokenizer, prompts: Sequence[
     """`sample` over `prompts`, `prompts_per_shard` prompts per Arrow shard (SAMPLES_SCHEMA), in
     `out_dir`; returns the manifest. Started again on the same directory, it generates only the
     shards that are missing; a directory that holds another generation (other prompts, settings,
-    stops, round or generator) is refused. One writer per directory."""
+    stops, round or generator) is refused. One writer per directory: a second one waits for the first."""
     if prompts_per_shard < 1:
         raise ValueError(f"prompts_per_shard: must be at least 1, got {prompts_per_shard}")
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     items = _checked_prompts(prompts)
     plan = {"round": round_index, "generator_version": generator_version, "settings": asdict(settings),
             "stop_tokens": list(stop_tokens), "prompts_per_shard": prompts_per_shard,
             "prompts": len(items), "prompts_sha256": hashlib.sha256(json.dumps(items).encode()).hexdigest()}
     out.mkdir(parents=True, exist_ok=True)
+    with _one_writer(out):
+        return _generate_to_shards(out, model, tokenizer, prompts, items, settings, stop_tokens, plan, round_index,
+                                   generator_version, prompts_per_shard)
+
+
+@contextmanager
+def _one_writer(out: Path) -> Iterator[None]:
+    """Held while writing `out`: a second sampler of it (two runs of one round) waits, then
+    resumes from or returns what the first left, instead of writing the same `.partial` files.
+    A flock: the kernel frees it when its holder dies. Beside `out`, not in it (it is uploaded)."""
+    import logging
+
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out.parent / f".{out.name}.writer.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        logging.getLogger("sftdag.sample").warning("%s: another sampler is writing it; waiting for it", out)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _generate_to_shards(out: Path, model, tokenizer, prompts, items, settings, stop_tokens, plan: dict,
+                        round_index: int, generator_version: str, prompts_per_shard: int) -> dict:
+    from tqdm.auto import tqdm
+
     _check_or_write_plan(out, plan)
     if (out / MANIFEST).exists():
         return json.loads((out / MANIFEST).read_text())

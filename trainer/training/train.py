@@ -338,6 +338,9 @@ def run_training(spec: str | os.PathLike | dict | TrainingSpec) -> TrainingSumma
 
 
 def main(argv: list[str] | None = None) -> int:
+    from trainer.core.entry_point import die_with_parent
+
+    die_with_parent()  # a SIGKILLed sftdag must not leave this process training (holding the GPU)
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print("usage: python -m trainer.training.train SPEC.json   "
