@@ -146,11 +146,13 @@ def build_data_assets(exp: Experiment) -> list:
             keyed = {up: out for up, out in inputs.items() if up in NODES[node].inputs}
             splits = p.splits() if not keyed else list(next(o for o in keyed.values() if isinstance(o, dict)))
             outputs = {split: p.output(stage, split, **given(stage, keyed, split)) for split in splits}
-            yield result(stage, outputs, context)
-            if stage == "packed":
+            if stage == "packed":  # before the output is recorded: no row to train on fails, unrecorded
                 stages = [inputs["raw_dataset"], inputs["templated_text"], inputs["tokenized_rows"], outputs]
                 rows_in = inputs["raw_dataset"]["train"].manifest["counts"]["rows_in"]
-                yield from _packed_checks(exp, outputs, total_reject_rate(rows_in, stages))
+                checks = _packed_checks(exp, outputs, total_reject_rate(rows_in, stages), stages)
+            yield result(stage, outputs, context)
+            if stage == "packed":
+                yield from checks
 
         return data_stage
 
@@ -169,8 +171,24 @@ def _packed_check_specs(exp: Experiment) -> list[dg.AssetCheckSpec]:
                               description="Rejected rows / raw rows ≤ data.checks.max_reject_rate")]
 
 
-def _packed_checks(exp: Experiment, packed: dict[str, StageOutput],
-                   reject_rate: tuple[float, int, int]) -> list[dg.AssetCheckResult]:
+def _packed_checks(exp: Experiment, packed: dict[str, StageOutput], reject_rate: tuple[float, int, int],
+                   stages: list[dict[str, StageOutput]] = ()) -> list[dg.AssetCheckResult]:
+    """The checks' results; a dg.Failure (its one line is what `sftdag` prints) when no train row
+    came through: a failed check would still let training start on nothing."""
+    raw = stages[0]["train"].manifest["counts"] if stages else {}
+    if packed["train"].manifest["counts"]["rows_out"] == 0 or raw.get("rows_out") == 0:
+        _, rejects, rows_in = reject_rate
+        reasons = []
+        for outputs in stages:
+            out = outputs["train"]
+            top = sorted(out.manifest.get("reject_reasons", {}).items(), key=lambda r: -r[1])[:3]
+            reasons += [f"{out.stage}: " + ", ".join(f"{n} {why}" for why, n in top)] if top else []
+        if raw.get("not_selected"):
+            reasons.append(f"{raw['not_selected']} not selected by data.source.where")
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        what = (f"all {rows_in} rows were rejected" if rows_in and rejects >= rows_in
+                else f"no row of {rows_in} came through" if rows_in else "the source has no rows")
+        raise dg.Failure(description=f"data: {what}{why} — nothing to train on", allow_retries=False)
     thresholds = exp.data.checks
     efficiency = float(packed["train"].manifest["counts"]["packing_efficiency"])
     rate, rejects, rows_in = reject_rate

@@ -50,9 +50,15 @@ MACHINE = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
+    import s3fs
+
+    # fsspec keeps filesystems per arguments, not per environment: one made for another module's
+    # server (another port) would be handed out again.
+    s3fs.S3FileSystem.clear_instance_cache()
     server = MotoServer(tmp_path_factory.mktemp("s3") / "access.log")
     yield server
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

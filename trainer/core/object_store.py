@@ -38,7 +38,10 @@ def cache_dir(url: str) -> Path:
     if not note.is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f".tmp-url-{os.getpid()}"
-        tmp.write_text(url)
+        with open(tmp, "w") as f:  # synced: an empty note after a power loss would make it a local store
+            f.write(url)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, note)
     return root
 
@@ -73,7 +76,27 @@ class ObjectStore:
         self.fs.put_file(str(local / marker), f"{remote}/{marker}")
 
     def download(self, stage: str, key: str, local: Path) -> None:
-        """Download the stage output (complete: its marker was seen) into the empty directory `local`."""
+        """Download the stage output (complete: its marker was seen) into the empty directory `local`.
+        Every object's name is checked before anything is written: whoever can write the bucket must
+        not write files elsewhere on the readers' machines."""
         remote = self._dir(stage, key)
         objects = self.fs.find(remote)
-        self.fs.get(objects, [str(local / o[len(remote) + 1:]) for o in objects])
+        targets = [local_target(remote, o, local) for o in objects]
+        self.fs.get(objects, [str(t) for t in targets])
+
+
+class UnsafeObjectName(ValueError):
+    """An object whose name does not map to a file inside the stage's directory."""
+
+
+def local_target(remote_dir: str, name: str, local: Path) -> Path:
+    """Where object `name` of the stage at `remote_dir` (`<prefix>/<stage>/<key>`) goes under `local`;
+    UnsafeObjectName for a name outside that layout (`..`, empty or absolute parts, a backslash)."""
+    relative = name[len(remote_dir) + 1:] if name.startswith(remote_dir + "/") else ""
+    parts = relative.split("/")
+    if not relative or any(p in ("", ".", "..") or "\\" in p or "\0" in p for p in parts):
+        raise UnsafeObjectName(f"object {name!r} is not a file of {remote_dir}/: refusing to download it")
+    target = local.joinpath(*parts)
+    if not target.resolve().is_relative_to(local.resolve()):  # a symlink already in `local`
+        raise UnsafeObjectName(f"object {name!r} would be written outside {local}: refusing to download it")
+    return target

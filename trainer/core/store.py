@@ -2,7 +2,10 @@
 
 A stage output lives at `root/<stage>/<key>/` and is complete iff its completion marker is there:
 it is built in `root/<stage>/.tmp-<key>-<random>/` and renamed into place, so a killed build leaves
-only a `.tmp-*` directory that nothing reads. A file lock per key makes a second concurrent
+only a `.tmp-*` directory that nothing reads. Its files and directories are fsynced before the
+rename (and the parent after), so a power loss cannot leave a marker that names lost data; a
+marker that is unreadable anyway (cut short) means "not built", and the next build replaces it.
+A file lock per key makes a second concurrent
 build of the same key wait and then reuse the first one's result instead of building twice.
 
 A store on object storage (`Store("s3://bucket/prefix")`) has `root` = its local cache: stages
@@ -81,8 +84,17 @@ class Store:
     def path(self, stage: str, key: str) -> Path:
         return self.root / stage / key
 
+    def _marker(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The completion marker's content; None when it is absent or unreadable (a write cut short
+        by a crash or power loss: then the output is not complete)."""
+        try:
+            marker = json.loads((self.path(stage, key) / completion_marker(stage)).read_text())
+        except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+            return None
+        return marker if isinstance(marker, dict) else None
+
     def _local(self, stage: str, key: str) -> bool:
-        return (self.path(stage, key) / completion_marker(stage)).is_file()
+        return self._marker(stage, key) is not None
 
     def _lock(self, stage: str, key: str) -> FileLock:
         stage_dir = self.root / stage
@@ -95,7 +107,11 @@ class Store:
         return self.remote is not None and self.remote.has(stage, key, completion_marker(stage))
 
     def manifest(self, stage: str, key: str) -> dict[str, Any]:
-        return json.loads((self.path(stage, key) / completion_marker(stage)).read_text())
+        marker = self._marker(stage, key)
+        if marker is None:
+            raise FileNotFoundError(f"{stage}/{key} is not complete in {self.root}: no readable "
+                                    f"{completion_marker(stage)}")
+        return marker
 
     def get(self, stage: str, key: str) -> StageOutput:
         """The complete output of `key`; from a remote store, downloaded into the cache first (once)."""
@@ -114,10 +130,12 @@ class Store:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=self.root / stage))
         try:
             self.remote.download(stage, key, tmp)
+            _sync_tree(tmp)
             # An adapter or merged model is written in place by its process: a crashed one leaves
             # an incomplete directory, which the complete copy replaces.
-            shutil.rmtree(self.path(stage, key), ignore_errors=True)
+            _discard(self.path(stage, key))
             os.rename(tmp, self.path(stage, key))
+            _fsync_dir(self.root / stage)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -144,7 +162,7 @@ class Store:
         keys' records to say which input or parameter changed. A key never changes its meaning, so
         an existing record is left as is."""
         path = self.root / stage / KEY_RECORDS / f"{key}.json"
-        if path.is_file():
+        if path.is_file() and self.key_record(stage, key) is not None:
             return
         record = {"stage": stage, "key": key, "inputs": inputs, "params": params,
                   "code_version": CODE_VERSIONS.get(stage) if code_version is None else code_version}
@@ -154,9 +172,12 @@ class Store:
         os.replace(tmp, path)
 
     def key_record(self, stage: str, key: str) -> dict[str, Any] | None:
-        """What `key` was made of, when this store computed it (None for a key it never saw)."""
-        path = self.root / stage / KEY_RECORDS / f"{key}.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        """What `key` was made of, when this store computed it (None for a key it never saw, or
+        whose record was cut short)."""
+        try:
+            return json.loads((self.root / stage / KEY_RECORDS / f"{key}.json").read_text())
+        except (OSError, ValueError):
+            return None
 
     def get_or_build(self, stage: str, key: str, build: Callable[[Path], dict[str, Any]]) -> StageOutput:
         """Return the complete output for `key`, building it with `build(tmp_dir) -> manifest` if
@@ -178,8 +199,57 @@ class Store:
             manifest.update(stage=stage, key=key, code_version=CODE_VERSIONS.get(stage),
                             build_seconds=round(time.time() - started, 3), created=time.time())
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            _sync_tree(tmp)
+            _discard(self.path(stage, key))  # an earlier output whose marker is unreadable
             os.rename(tmp, self.path(stage, key))
+            _fsync_dir(self.root / stage)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return StageOutput(stage, key, self.path(stage, key), manifest, cache_hit=False)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Write `path` whole or not at all, and on disk before anyone can read it as written (a
+    marker or record cut short by a power loss would otherwise read as complete)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (itself included), before it is renamed into
+    place: the rename must not reach the disk before what it names."""
+    for directory, _, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(directory, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
+def _discard(path: Path) -> None:
+    """Remove an incomplete output directory (caller holds the key's lock): first renamed aside as
+    a `.tmp-*` directory, so nothing ever sees it half deleted."""
+    if not path.exists():
+        return
+    aside = path.with_name(f".tmp-{path.name}-discarded-{os.getpid()}-{threading.get_ident()}")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -15,16 +15,15 @@ import functools
 import hashlib
 import importlib.metadata
 import json
-import os
+import re
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from trainer.core.config import Experiment
 from trainer.core.schemas import HELD_OUT
-from trainer.core.store import StageOutput, Store, file_digest
+from trainer.core.store import StageOutput, Store, file_digest, write_durably
 from trainer.data.formatting_func import formatting_func_identity, refresh_formatting_func
 from trainer.data.parallel import ShardBuilder, ShardTask, refuse_in_a_starting_worker
 from trainer.data.shards import SourceShard
@@ -190,14 +189,16 @@ class DataPipeline:
         identities = self.store.root / "tokenizer" / ".identity"
         if bundle.digest is not None:
             identities.mkdir(parents=True, exist_ok=True)
-            tmp = identities / f".tmp-{bundle.digest}-{os.getpid()}-{threading.get_ident()}"
-            tmp.write_text(bundle.identity)
-            os.replace(tmp, identities / bundle.digest)
+            write_durably(identities / bundle.digest, bundle.identity)
         return bundle.identity
 
     def _remembered_identity(self, source: SourceDigest) -> str | None:
         path = self.store.root / "tokenizer" / ".identity" / source.digest
-        return path.read_text() if source.complete and path.is_file() else None
+        try:  # an identity is 64 hex digits: anything else (a write cut short) is not remembered
+            identity = path.read_text() if source.complete else ""
+        except OSError:
+            return None
+        return identity if re.fullmatch(r"[0-9a-f]{64}", identity) else None
 
     def tokenizer_output(self) -> StageOutput:
         """The tokenizer with its chat template set up, saved once under its identity."""

@@ -36,7 +36,11 @@ def partial_dir(output_dir: str | Path) -> Path:
 
 
 def is_finished(work: Path) -> bool:
-    return (work / TRAINING_SUMMARY).exists()
+    """The summary is written last: a whole one marks the work finished (one cut short does not)."""
+    try:
+        return isinstance(json.loads((work / TRAINING_SUMMARY).read_text()), dict)
+    except (OSError, ValueError):
+        return False
 
 
 def _complete_checkpoint(path: Path) -> bool:
