@@ -28,6 +28,7 @@ def load_checked(path: str, through: str):
     _check_models(exp, through)
     _check_files(exp, through)
     _check_formatting(exp)
+    _check_init_adapter(exp, through)
     return exp
 
 
@@ -93,6 +94,24 @@ def _check_files(exp, through: str) -> None:
             compile_template(read_template(template))
         except jinja2.TemplateSyntaxError as e:
             raise ConfigError(f"data.template.source: {template}:{e.lineno}: {e.message}") from e
+
+
+def _check_init_adapter(exp, through: str) -> None:
+    """The adapter `training.lora.init_adapter` continues (as `trainer.training.launch.init_adapter_identity`
+    checks it when planning the training, with the same message)."""
+    from trainer.core.config import ConfigError
+
+    lora = exp.training.lora
+    if through not in ("model", "round") or not lora.init_adapter or exp.training.mode == "full":
+        return
+    if through == "round":
+        from trainer.loop.settings import loop_config
+
+        if loop_config(exp).start_model is not None:  # no SFT: the rounds start from that model instead
+            return
+    path = exp.resolve_path(lora.init_adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"training.lora.init_adapter: {path}: no adapter_config.json")
 
 
 def _check_formatting(exp) -> None:

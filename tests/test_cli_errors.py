@@ -2,7 +2,10 @@
 file and the reason; no traceback unless --verbose. Mistakes a look at the YAML and the files can
 find are reported before any Dagster run starts (no instance is even created)."""
 
+import csv
 import dataclasses
+import io
+import json
 import re
 
 import dagster as dg
@@ -49,6 +52,15 @@ BEFORE_RUN = [
      lambda c: c["data"].update(format="formatting_func", formatting_func="no_such_module_xyz:fmt"), "prepare",
      "sftdag: formatting_func 'no_such_module_xyz:fmt': cannot import module 'no_such_module_xyz': "
      "No module named 'no_such_module_xyz'"),
+    ("name with a dash", lambda c: c.update(name="my-experiment"), "prepare",
+     "sftdag: {yaml}: name: 'my-experiment': use letters, digits and underscores (it names Dagster assets and jobs)"),
+    ("name with a slash", lambda c: c.update(name="team/exp"), "prepare",
+     "sftdag: {yaml}: name: 'team/exp': use letters, digits and underscores (it names Dagster assets and jobs)"),
+    ("empty name", lambda c: c.update(name=""), "prepare", "sftdag: {yaml}: name: must not be empty"),
+    ("data.name with a dash", lambda c: c["data"].update(name="my-data"), "prepare",
+     "sftdag: {yaml}: data.name: 'my-data': use letters, digits and underscores (it names Dagster assets)"),
+    ("init_adapter missing", lambda c: c.update(training={"lora": {"init_adapter": "adapters/old"}}), "run",
+     "sftdag: training.lora.init_adapter: {tmp}/adapters/old: no adapter_config.json"),
     ("loop prompts missing", lambda c: c.update(loop={"prompts": {"source": {"path": "prompts.jsonl"}}}), "loop",
      "sftdag: loop.prompts.source.path: no file matches 'prompts.jsonl' (looked in {tmp}/prompts.jsonl)"),
 ]
@@ -67,6 +79,43 @@ def test_malformed_yaml_is_its_position_and_problem(tmp_path):
     experiment.write_text("name: x\ndata:\n  source: {path: a.jsonl\n  max_length: 64\n")
     proc = run_cli(["prepare", str(experiment)], tmp_path)
     assert_one_line(proc, f"sftdag: {experiment}:4:13: invalid YAML: expected ',' or '}}', but got ':'")
+
+
+def test_yaml_that_is_not_utf8_names_the_byte(tmp_path):
+    experiment = tmp_path / "latin1.yaml"
+    experiment.write_bytes("name: x\ndata:\n  name: caf\u00e9\n".encode("latin-1"))
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert_one_line(proc, f"sftdag: {experiment}: invalid UTF-8 at byte 25")
+
+
+def test_a_folder_given_as_the_experiment(tmp_path):
+    (tmp_path / "exp.yaml").mkdir()
+    proc = run_cli(["prepare", "exp.yaml"], tmp_path)
+    assert_one_line(proc, "sftdag: exp.yaml: is a folder, not an experiment YAML file")
+
+
+@pytest.mark.parametrize("text,expected", [
+    # A second `data:` silently replaced the first: the builtin data was prepared instead of the file.
+    ("name: x\ndata:\n  source: {path: data/*.jsonl}\nstore: store\ndata:\n  source: {builtin: default}\n",
+     "5: duplicate key 'data' (first at line 2)"),
+    ("name: x\ndata:\n  source:\n    path: a.jsonl\n    split: train\n    path: b.jsonl\n",
+     "6: duplicate key 'path' (first at line 4)"),
+    ("name: x\ndata: {max_length: 64, max_length: 128}\n", "2: duplicate key 'max_length' (first at line 2)"),
+], ids=["top level", "nested", "flow mapping"])
+def test_a_key_given_twice_names_both_lines(tmp_path, text, expected):
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(text)
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert_one_line(proc, f"sftdag: {experiment}:{expected}")
+    assert not (tmp_path / "dagster_home").exists()
+
+
+def test_yaml_merge_keys_may_override_what_they_merge(tmp_path):
+    from trainer.core.config import load_experiment
+
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text("name: x\ndata:\n  source:\n    <<: {path: a.jsonl, split: train}\n    split: test\n")
+    assert load_experiment(experiment).data.source.split == "test"
 
 
 def test_template_that_does_not_compile_names_its_file_and_line(tmp_path):
@@ -118,3 +167,87 @@ def test_a_selection_of_nothing_fails_the_run_with_the_key(tmp_path):
     proc = run_cli(["prepare", str(experiment)], tmp_path)
     lines = assert_one_line(proc, "sftdag: data.source.where: no record matches {'task': 'divide'} (30 records read)")
     assert FAILED_RUN.fullmatch(lines[-2])
+
+
+def file_experiment(tmp_path, fmt):
+    experiment = edit(write_experiment(tmp_path), lambda c: c["data"]["source"].update(path=f"data/train.{fmt}"))
+    (tmp_path / "data" / "train.jsonl").unlink()
+    return experiment
+
+
+def prompt_rows(n=30):
+    return [{"prompt": f"Add {i} and {i + 2}.", "completion": str(2 * i + 2)} for i in range(n)]
+
+
+def rejects_of(experiment, tmp_path):
+    from pipelines.cli import materialized_data
+    from trainer.core.config import load_experiment
+    from trainer.data.stages import read_rejects
+
+    instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
+    try:
+        outputs = materialized_data(load_experiment(experiment), instance)
+    finally:
+        instance.dispose()
+    return [(r["row_id"], r["reason"]) for r in read_rejects(outputs["raw/train"]).to_pylist()]
+
+
+def write_csv(path, rows):
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, ["prompt", "completion"])
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_bytes(buffer.getvalue().encode())
+
+
+def test_csv_row_that_is_not_utf8_is_a_reject_naming_its_row_field_and_line(tmp_path):
+    experiment = file_experiment(tmp_path, "csv")
+    write_csv(tmp_path / "data" / "train.csv", prompt_rows())
+    data = (tmp_path / "data" / "train.csv").read_bytes().split(b"\r\n")
+    data[4] = b"Say caf\xe9," + data[4].split(b",", 1)[1]
+    (tmp_path / "data" / "train.csv").write_bytes(b"\r\n".join(data))
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows_in"] == 30 and summary["rejects"] == 1
+    assert rejects_of(experiment, tmp_path) == [
+        (3, "malformed record at train.csv[3]: invalid UTF-8 in field 'prompt' (line 5)")]
+
+
+def test_csv_field_over_pythons_default_limit_is_read(tmp_path):
+    experiment = file_experiment(tmp_path, "csv")
+    rows = prompt_rows()
+    rows[0]["completion"] = "long " * 40_000  # 200,000 characters: over csv's 131,072 (truncated to max_length)
+    write_csv(tmp_path / "data" / "train.csv", rows)
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["rows_in"] == 30 and summary["rejects"] == 0
+
+
+def test_corrupt_parquet_file_fails_the_run_naming_the_file(tmp_path):
+    experiment = file_experiment(tmp_path, "parquet")
+    (tmp_path / "data" / "train.parquet").write_bytes(b"PAR1 not really parquet")
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    lines = assert_one_line(proc, f"sftdag: {tmp_path}/data/train.parquet: not a readable Parquet file: Parquet magic "
+                                  "bytes not found in footer. Either the file is corrupted or this is not a parquet file.")
+    assert FAILED_RUN.fullmatch(lines[-2])
+
+
+def test_parquet_string_that_is_not_utf8_is_a_reject_naming_its_row_and_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    experiment = file_experiment(tmp_path, "parquet")
+    rows = prompt_rows()
+    prompts = [r["prompt"].encode() for r in rows]
+    prompts[7] = b"caf\xe9"
+    offsets = pa.array([0] + [sum(map(len, prompts[:i + 1])) for i in range(len(prompts))], pa.int32())
+    unchecked = pa.Array.from_buffers(pa.string(), len(prompts), [None, offsets.buffers()[1], pa.py_buffer(b"".join(prompts))])
+    pq.write_table(pa.table({"prompt": unchecked, "completion": [r["completion"] for r in rows]}),
+                   tmp_path / "data" / "train.parquet")
+    proc = run_cli(["prepare", str(experiment)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["rejects"] == 1
+    assert rejects_of(experiment, tmp_path) == [
+        (7, "malformed record at train.parquet[7]: invalid UTF-8 in column 'prompt'")]

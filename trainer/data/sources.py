@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import io
 import json
+import re
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
@@ -178,21 +179,88 @@ def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any, str | None
         yield f"{path.name}[{index}]", item, None
 
 
-def _table_records(path: Path, fmt: str, data: bytes) -> Iterator[tuple[str, Any, str | None]]:
-    if fmt == "csv":
-        # Every CSV field is text: type inference would turn a completion " 4" into the int 4.
-        text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="")  # decoded as read
-        for index, item in enumerate(csv.DictReader(text)):
-            yield f"{path.name}[{index}]", item, None
-        return
+# Python's csv refuses fields over 131,072 characters by default; a long document is one field.
+_CSV_FIELD_LIMIT = 2**31 - 1
+# What surrogateescape decodes a byte that is not UTF-8 to (valid UTF-8 never decodes to these).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def _csv_records(path: Path, data: bytes) -> Iterator[tuple[str, Any, str | None]]:
+    """A CSV file's rows; a row with bytes that are not UTF-8 is a reject naming its field and line,
+    a file the csv module cannot parse fails naming the line."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    # Decoded as read; a byte that is not UTF-8 is kept (as a lone surrogate) for the row's check.
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape", newline="")
+    # Every CSV field is text: type inference would turn a completion " 4" into the int 4.
+    reader = csv.DictReader(text)
+    try:
+        if any(_NOT_UTF8.search(name) for name in reader.fieldnames or []):
+            raise SourceError(f"{path}:{reader.line_num}: invalid UTF-8 in the header row")
+        for index, item in enumerate(reader):
+            bad = _not_utf8_field(item)
+            if bad:
+                yield f"{path.name}[{index}]", None, f"invalid UTF-8 in {bad} (line {reader.line_num})"
+            else:
+                yield f"{path.name}[{index}]", item, None
+    except csv.Error as e:
+        raise SourceError(f"{path}:{reader.line_num}: invalid CSV: {e}") from None
+
+
+def _not_utf8_field(item: dict) -> str | None:
+    """Which field of a CSV row holds bytes that were not UTF-8 (None: none does)."""
+    for name, value in item.items():
+        values = value if isinstance(value, list) else [value]  # the fields past the header's columns
+        if any(isinstance(v, str) and _NOT_UTF8.search(v) for v in values):
+            return f"field {name!r}" if name is not None else "a field past the header's columns"
+    return None
+
+
+def _parquet_records(path: Path, data: bytes) -> Iterator[tuple[str, Any, str | None]]:
+    """A Parquet file's rows; a string that is not UTF-8 is a reject of its row, a file pyarrow
+    cannot read fails naming the file (and the first row it could not read)."""
     import pyarrow.parquet as pq
 
     index = 0
-    # The file's bytes are in memory; its rows are decoded a batch at a time.
-    for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=4096):
-        for item in batch.to_pylist():
-            yield f"{path.name}[{index}]", item, None
-            index += 1
+    try:
+        # The file's bytes are in memory; its rows are decoded a batch at a time.
+        for batch in pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=4096):
+            try:
+                items = batch.to_pylist()
+            except UnicodeDecodeError:
+                items = [_parquet_row(batch, i) for i in range(batch.num_rows)]
+            for item in items:
+                if isinstance(item, _BadColumn):
+                    yield f"{path.name}[{index}]", None, f"invalid UTF-8 in column {item.name!r}"
+                else:
+                    yield f"{path.name}[{index}]", item, None
+                index += 1
+    except (pa.ArrowException, OSError) as e:
+        where = f" (at row {index})" if index else ""
+        raise SourceError(f"{path}: not a readable Parquet file{where}: {_one_line(e)}") from None
+
+
+class _BadColumn(NamedTuple):
+    name: str
+
+
+def _parquet_row(batch: pa.RecordBatch, i: int) -> Any:
+    try:
+        return batch.slice(i, 1).to_pylist()[0]
+    except UnicodeDecodeError:
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                column[i].as_py()
+            except UnicodeDecodeError:
+                return _BadColumn(name)
+        raise
+
+
+def _table_records(path: Path, fmt: str, data: bytes) -> Iterator[tuple[str, Any, str | None]]:
+    yield from (_csv_records(path, data) if fmt == "csv" else _parquet_records(path, data))
 
 
 def _hub_records(source: SourceConfig, commit: str | None) -> Iterator[tuple[str, Any, str | None]]:
