@@ -237,7 +237,8 @@ def build_loop_assets(exp: Experiment) -> list:
         if sampling is not None:  # pass@k: k samples per held-out prompt, as the loop samples
             run_step(context, pipes_subprocess_client, sampling, "pass@k sampling")
             k = cfg.generation.samples_per_prompt
-            metrics[f"heldout_pass{k}"] = rounds.pass_at_k(sampling.output(), round_plan.upstream.held_out)
+            metrics[f"heldout_pass{k}"] = rounds.pass_at_k(sampling.output(), round_plan.upstream.held_out,
+                                                           exp=round_plan.exp)
         metrics["eval_seconds"] = round(time.time() - started, 2)
         context.log.info(f"round {r}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
         _log_to_mlflow(exp, r, metrics)

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -272,6 +273,17 @@ class ScheduleConfig:
 
 
 @dataclass
+class ScoringConfig:
+    """`eval:` (top level; not `data.eval`, the eval split): how held-out answers are judged.
+    `scorers`: a list of `exact`, `answer_regex: {pattern: ...}`, `verifier: module:function`
+    (`trainer.training.scorers`); the first is the headline score (`accuracy_merged`, the loop's
+    pass@k). Left out: a loop with a verifier filter is judged by that verifier, anything else by
+    `[exact]`. Scorers are no training setting: changing them rescores, never retrains."""
+
+    scorers: Optional[list[Any]] = None
+
+
+@dataclass
 class Experiment:
     name: str
     data: DataConfig = field(default_factory=DataConfig)
@@ -280,6 +292,8 @@ class Experiment:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # How held-out answers are scored (`eval:`; `trainer.training.scorers`).
+    eval: ScoringConfig = field(default_factory=ScoringConfig)
     # The generate → filter → train loop, as written in the YAML; `trainer.loop.settings.loop_config`
     # parses and checks it (the loop builds on this schema, not the other way round).
     loop: Optional[dict[str, Any]] = None
@@ -402,7 +416,7 @@ def _build(cls: Any, value: Any, where: str) -> Any:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(value) - names)
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
+            raise ConfigError(f"{where or 'experiment'}: unknown key(s) {unknown}; allowed: {sorted(names)}")
         kwargs = {k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()}
         try:
             return cls(**kwargs)
@@ -418,6 +432,28 @@ def _build(cls: Any, value: Any, where: str) -> Any:
         if not isinstance(value, cls):
             raise ConfigError(f"{where}: expected {cls.__name__}, got {type(value).__name__} ({value!r})")
     return value
+
+
+# Dagster's own rule for the names an experiment's `name` and `data.name` become (asset keys and
+# groups, job, schedule and partition names).
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def _check_names(raw: Any) -> None:
+    """The names a user wrote (checked when loading a YAML: the experiments derived from one, such
+    as a loop's rounds `<name>-round-<n>`, travel to worker processes under names of their own)."""
+    if not isinstance(raw, dict) or "name" not in raw:
+        return  # experiment_from_dict says what is missing
+    _check_name(raw["name"], "name", "Dagster assets and jobs")
+    if isinstance(raw.get("data"), dict) and raw["data"].get("name") is not None:  # null: named from a hash
+        _check_name(raw["data"]["name"], "data.name", "Dagster assets")
+
+
+def _check_name(value: Any, where: str, names: str) -> None:
+    if value is None or value == "":
+        raise ConfigError(f"{where}: must not be empty")
+    if isinstance(value, str) and not _NAME.fullmatch(value):
+        raise ConfigError(f"{where}: {value!r}: use letters, digits and underscores (it names {names})")
 
 
 def experiment_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Experiment:
@@ -445,15 +481,49 @@ def experiment_from_dict(raw: dict[str, Any], base_dir: str | Path = ".") -> Exp
     return exp
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml's safe loader, but a key given twice in one mapping is an error (yaml keeps the last
+    silently: a second `data:` would replace the first)."""
+
+    def compose_mapping_node(self, anchor):
+        node = super().compose_mapping_node(anchor)
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` keys may repeat what they merge: that is their point
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in first:
+                    raise _DuplicateKey(f"{line}: duplicate key {key!r} (first at line {first[key]})")
+                first[key] = line
+            except TypeError:  # an unhashable key: yaml itself rejects it when constructing
+                continue
+        return node
+
+
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_bytes().decode("utf-8"), Loader=_Loader)
     except FileNotFoundError:
         raise ConfigError(f"experiment file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not an experiment YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     try:
+        _check_names(raw)
         return experiment_from_dict(raw, base_dir=path.parent)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -15,7 +15,7 @@ so changing them never rebuilds or retrains anything.
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
 | adapter | `training` minus `TRAINING_REPORTING` (an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
-| score | held-out rows scored, max new tokens (inputs: merged, the held-out prompts file's sha256 or "none") |
+| score | held-out rows scored, max new tokens, the scorers (a verifier with its code) (inputs: merged, the held-out prompts file's sha256 or "none") |
 | samples | the round, generation settings, stop texts (inputs: generator model, prompts) |
 | accepted | filters, the code of their verifier/scorer functions, the round's data mode (inputs: samples, prompts, previous accepted) |
 
@@ -109,7 +109,13 @@ def merged_params(exp: Experiment) -> dict[str, Any]:
 
 
 def score_params(exp: Experiment) -> dict[str, Any]:
-    return {"accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens}
+    """The rows scored, the answers' length, and the scorers (`eval.scorers`, or a loop's verifier):
+    each as written, a verifier with its code (`trainer.training.scorers.scorers_identity`), so
+    editing a scorer rescores the same merged model. A verifier that does not import fails here."""
+    from trainer.training.scorers import experiment_scorers, scorers_identity
+
+    return {"accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens,
+            "scorers": scorers_identity(experiment_scorers(exp))}
 
 
 def samples_params(round_index: int, generation: dict[str, Any], stop_tokens: list[str]) -> dict[str, Any]:

@@ -73,14 +73,30 @@ def plan_samples(exp: Experiment, cfg: LoopConfig, round_index: int, generator: 
     return ProcessStep("samples", key, store, spec, "trainer.loop.sample").write_spec()
 
 
-def pass_at_k(samples: StageOutput, held_out: StageOutput) -> float:
-    """The fraction of held-out prompts with at least one sample equal to the reference
-    (exact match after stripping, as held-out pass@1 is scored)."""
+def pass_at_k(samples: StageOutput, held_out: StageOutput, scorers: list | None = None, k: int | None = None,
+              exp: Experiment | None = None) -> float:
+    """The held-out pass@k: the mean over held-out prompts of the unbiased estimate from each
+    prompt's n samples, c of them passing (Chen et al. 2021, `trainer.training.scorers.pass_at_k`);
+    `k` left out: each prompt's n (then it is the fraction of prompts with a passing sample). A
+    sample passes by the first of `scorers` (built `trainer.training.scorers.Scorer`s), else by
+    `exp`'s scorers (`eval.scorers`, or the loop's verifier), else by exact match after stripping;
+    a sample its scorer erred on does not pass. A prompt without samples counts as unsolved."""
+    from trainer.training.scorers import build_scorers, experiment_scorers, judge_all
+    from trainer.training.scorers import pass_at_k as unbiased
+
+    scorer = (scorers or (experiment_scorers(exp) if exp is not None else build_scorers(None)))[0]
     with open(held_out.path / HELD_OUT, encoding="utf-8") as f:
-        references = {str(row["row_id"]): row["reference"].strip() for row in map(json.loads, f)}
-    solved = {s["prompt_id"] for s in read_samples(samples.path).to_pylist()
-              if s["text"].strip() == references[s["prompt_id"]]}
-    return len(solved) / len(references) if references else 0.0
+        rows = {str(row["row_id"]): row for row in map(json.loads, filter(str.strip, f))}
+    drawn = [s for s in read_samples(samples.path).to_pylist() if s["prompt_id"] in rows]
+    batch = [{**s, "row": i, "prompt": rows[s["prompt_id"]]["prompt"], "reference": rows[s["prompt_id"]]["reference"]}
+             for i, s in enumerate(drawn)]
+    outcomes = judge_all(scorer, batch)
+    counts: dict[str, list[int]] = {pid: [0, 0] for pid in rows}  # prompt id: [n, c]
+    for s, (outcome, _) in zip(batch, outcomes):
+        counts[s["prompt_id"]][0] += 1
+        counts[s["prompt_id"]][1] += outcome == "pass"
+    estimates = [unbiased(n, c, k or n) if n else 0.0 for n, c in counts.values()]
+    return sum(estimates) / len(estimates) if estimates else 0.0
 
 
 def filter_code_identity(cfg: LoopConfig, base_dir: str | Path) -> dict[str, dict[str, str]]:

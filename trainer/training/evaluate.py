@@ -1,4 +1,4 @@
-"""Held-out prompts: greedy generation and exact-match accuracy.
+"""Held-out prompts: greedy generation, exact-match accuracy, and scoring by the configured scorers.
 
 A held-out file is JSONL of `{"prompt": <text exactly as generation sees it, template and bos
 included>, "reference": <expected completion>}`. Prompts are tokenized with
@@ -60,6 +60,18 @@ def score_model(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterab
     rows = load_held_out(held_out)[:accuracy_rows]
     generations = answer_held_out(model_dir, rows, stop_tokens, max_new_tokens)
     return exact_match(generations, [r["reference"] for r in rows]), len(rows)
+
+
+def score_model_with(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,
+                     max_new_tokens: int, scorers: Sequence) -> tuple[dict, list[dict]]:
+    """The standalone model's greedy answers to the first `accuracy_rows` held-out rows, judged by
+    each of `scorers` (`trainer.training.scorers`): ({scorer id: pass rate, fail and error
+    counts}, one record per row: prompt id, reference, answer, each scorer's outcome)."""
+    from trainer.training.scorers import score_answers
+
+    rows = load_held_out(held_out)[:accuracy_rows]
+    generations = answer_held_out(model_dir, rows, stop_tokens, max_new_tokens) if rows else []
+    return score_answers(scorers, rows, generations)
 
 
 def answer_held_out(model_dir: str | Path, rows: Sequence[dict], stop_tokens: Iterable[str],

@@ -178,7 +178,9 @@ def training_command(exp: Experiment, spec_path: Path) -> list[str]:
     if tc.num_machines > 1:
         command += ["--machine_rank", str(machine_rank(exp)), "--main_process_ip", str(tc.main_process_ip),
                     "--main_process_port", str(tc.main_process_port)]
-    return command + ["-m", "trainer.training.train", str(spec_path)]
+    from trainer.core.entry_point import dying_with_parent
+
+    return dying_with_parent(command + ["-m", "trainer.training.train", str(spec_path)])  # the launcher dies with us
 
 
 def machine_rank(exp: Experiment) -> int:
@@ -224,10 +226,19 @@ def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_
                      store=store.location, merged_key=key, score_key=score, eot_token=summary.eot_token,
                      held_out=held_out, accuracy_rows=exp.training.accuracy_rows,
                      max_new_tokens=exp.training.max_new_tokens,
-                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score})
+                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score},
+                     **_scorer_fields(exp))
     # The spec is named by the score key: two scorings of one merged model never share a file.
     return MergeStep("merged", key, store, spec, "trainer.training.merge", also=(("score", score),),
                      spec_name=score).write_spec()
+
+
+def _scorer_fields(exp: Experiment) -> dict[str, Any]:
+    """The MergeSpec's scorers: `eval.scorers`, or a loop's verifier, or `[exact]` (`trainer.training.scorers`)."""
+    from trainer.training.scorers import scorer_specs
+
+    specs, where = scorer_specs(exp)
+    return {"scorers": specs, "scorers_where": where, "scorers_base_dir": str(exp.base_dir)}
 
 
 def merged_key(exp: Experiment, store: Store, adapter_key: str) -> str:

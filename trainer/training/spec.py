@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,10 +77,9 @@ class TrainingSummary:
 
     def write(self, directory: str | Path) -> None:
         """Atomically: a reader sees no summary or a whole one."""
-        directory = Path(directory)
-        tmp = directory / f".{TRAINING_SUMMARY}.tmp"
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=str))
-        os.replace(tmp, directory / TRAINING_SUMMARY)
+        from trainer.core.store import write_durably
+
+        write_durably(Path(directory) / TRAINING_SUMMARY, json.dumps(self.to_dict(), indent=1, default=str))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,3 +105,9 @@ class MergeSpec(JsonSpec):
     eot_token: str | None = None
     held_out: Path | None = None
     versions: dict[str, str] = field(default_factory=dict)  # adapter, merged and score keys, copied into the score
+    # How answers are judged (`trainer.training.scorers`): the entries as written, where they come
+    # from (`eval.scorers`, or the loop filter whose verifier is the default) and the folder a
+    # verifier file beside the YAML is found in.
+    scorers: list[Any] = field(default_factory=lambda: ["exact"])
+    scorers_where: str = "eval.scorers"
+    scorers_base_dir: str = "."
