@@ -1,6 +1,7 @@
 """The generate → filter → train loop through a real Dagster instance, on a tiny model."""
 
 import json
+import sys
 
 import dagster as dg
 import pytest
@@ -111,19 +112,21 @@ def record_round(instance, exp, r: int, **metrics) -> None:
                   LINEAGE: dg.MetadataValue.json(current_lineage(instance, exp))}))
 
 
-def test_rounds_made_with_other_settings_are_made_again(make_experiment, instance, tmp_path, monkeypatch):
+def test_rounds_made_with_other_settings_are_made_again(make_experiment, instance, tmp_path, monkeypatch, request):
     """Changed filters, or an edit of a module the verifier imports, start a new lineage: the loop
     continues from no round of the old one, and says which rounds it reuses and why."""
     from assets.loop import loop_state, rounds_partitions
     from assets.training import merged_asset_key
 
-    (tmp_path / "checks").mkdir()
-    (tmp_path / "checks" / "__init__.py").write_text("")
-    (tmp_path / "checks" / "normal.py").write_text("def norm(s):\n    return s.strip()\n")
-    (tmp_path / "checks" / "verify.py").write_text(
+    (tmp_path / "lineage_checks").mkdir()
+    (tmp_path / "lineage_checks" / "__init__.py").write_text("")
+    (tmp_path / "lineage_checks" / "normal.py").write_text("def norm(s):\n    return s.strip()\n")
+    (tmp_path / "lineage_checks" / "verify.py").write_text(
         "from .normal import norm\n\ndef verify(sample, text):\n    return norm(text) == sample['reference']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    loop = {**LOOP, "filters": [{"verifier": "checks.verify:verify"}], "stop": {"max_rounds": 5}}
+    # imported by this test only: gone after it
+    request.addfinalizer(lambda: [sys.modules.pop(n) for n in list(sys.modules) if n.split(".")[0] == "lineage_checks"])
+    loop = {**LOOP, "filters": [{"verifier": "lineage_checks.verify:verify"}], "stop": {"max_rounds": 5}}
     exp = make_experiment(name="lineage", loop=loop)
     instance.report_runless_asset_event(dg.AssetMaterialization(merged_asset_key(exp)))
     instance.add_dynamic_partitions(rounds_partitions(exp).name, ["0", "1"])
@@ -132,10 +135,10 @@ def test_rounds_made_with_other_settings_are_made_again(make_experiment, instanc
     assert len(loop_state(instance, exp).history) == 2 and next_round_decision(exp, instance).round == 2
 
     # The verifier's helper module is edited: round 0 on were filtered by other code.
-    (tmp_path / "checks" / "normal.py").write_text("def norm(s):\n    return s.strip().lower()\n")
+    (tmp_path / "lineage_checks" / "normal.py").write_text("def norm(s):\n    return s.strip().lower()\n")
     state = loop_state(instance, exp)
     assert state.history == [] and state.redo_from == 0 and next_round_decision(exp, instance).round == 0
-    assert any(line.startswith("lineage.filter_code.checks.verify:verify.checks.normal: ") for line in state.changes)
+    assert any(line.startswith("lineage.filter_code.lineage_checks.verify:verify.lineage_checks.normal: ") for line in state.changes)
 
     # Round 0 made again under the new code; round 1 still has the old lineage.
     record_round(instance, exp, 0)
@@ -143,7 +146,7 @@ def test_rounds_made_with_other_settings_are_made_again(make_experiment, instanc
     assert len(state.history) == 1 and state.redo_from == 1 and next_round_decision(exp, instance).round == 1
 
     # Other filters: a new lineage again, the change named.
-    changed = make_experiment(name="lineage", loop={**loop, "filters": [{"verifier": "checks.verify:verify"}, "dedup"]})
+    changed = make_experiment(name="lineage", loop={**loop, "filters": [{"verifier": "lineage_checks.verify:verify"}, "dedup"]})
     state = loop_state(instance, changed)
     assert state.redo_from == 0 and state.history == []
     assert "lineage.loop.filters: 1 → 2 items" in state.changes

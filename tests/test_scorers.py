@@ -168,16 +168,15 @@ def test_yaml_section_and_defaults(tmp_path, checks):
                                   "data": {"eval": {"fraction": 0.1}}}, base_dir=tmp_path)  # data.eval is the split
     assert [s.id for s in experiment_scorers(given)] == ["exact", "answer_regex"]
     assert given.data.eval.fraction == 0.1
-    # A loop whose filters name a verifier scores its held-out set with it, by default.
+    # A loop's filters do not score its held-out set (yet): exact unless `eval.scorers` says otherwise.
     loop = {"prompts": {"source": {"path": "p.jsonl"}},
             "filters": ["dedup", {"length": {"max_tokens": 9}}, {"verifier": "checks:sorted_numbers"}]}
     looped = experiment_from_dict({**base, "loop": loop}, base_dir=checks)
-    assert scorer_specs(looped) == ([{"verifier": "checks:sorted_numbers"}], "loop.filters[2]")
-    (v,) = experiment_scorers(looped)
-    assert v.label == "loop.filters[2].verifier 'checks:sorted_numbers'"
-    # `eval.scorers` wins over the loop's verifier.
-    both = experiment_from_dict({**base, "loop": loop, "eval": {"scorers": ["exact"]}}, base_dir=checks)
-    assert [s.id for s in experiment_scorers(both)] == ["exact"]
+    assert scorer_specs(looped) == (["exact"], "eval.scorers")
+    both = experiment_from_dict({**base, "loop": loop, "eval": {"scorers": [{"verifier": "checks:sorted_numbers"}]}},
+                                base_dir=checks)
+    (v,) = experiment_scorers(both)
+    assert v.label == "eval.scorers[0].verifier 'checks:sorted_numbers'"
     with pytest.raises(ConfigError, match=r"eval: unknown key\(s\) \['scorer'\]"):
         experiment_from_dict({**base, "eval": {"scorer": ["exact"]}}, base_dir=tmp_path)
 
@@ -245,9 +244,9 @@ def test_loop_pass_at_k_is_unbiased_and_takes_the_scorer(tmp_path, checks):
     assert loop_pass_at_k(samples, held, scorers, k=1) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
     assert loop_pass_at_k(samples, held, scorers, k=2) == pytest.approx(
         (brute_force_pass_at_k(4, 2, 2) + brute_force_pass_at_k(4, 1, 2)) / 3)
-    # a loop experiment's verifier, by default
-    exp = experiment_from_dict({"name": "e", "store": str(tmp_path / "store"), "loop": {
-        "prompts": {"source": {"path": "p.jsonl"}}, "filters": [{"verifier": "checks:sorted_numbers"}]}}, base_dir=checks)
+    # the experiment's scorers
+    exp = experiment_from_dict({"name": "e", "store": str(tmp_path / "store"),
+                                "eval": {"scorers": [{"verifier": "checks:sorted_numbers"}]}}, base_dir=checks)
     assert loop_pass_at_k(samples, held, k=1, exp=exp) == pytest.approx((2 / 4 + 1 / 4 + 0) / 3)
     # a verifier that errs on every sample fails in one line
     with pytest.raises(ScorerError, match=r"^eval\.scorers\[0\]\.verifier 'checks:divides': row 0: ZeroDivisionError"):

@@ -177,18 +177,12 @@ def build_scorers(specs: Sequence[Any] | None, base_dir: str | Path = ".", where
 
 
 def scorer_specs(exp: Any) -> tuple[list[Any], str]:
-    """(the experiment's scorer entries, where they come from): `eval.scorers` when given; else,
-    for a loop whose filters name a verifier, that verifier (its held-out set is judged as its
-    samples are); else `[exact]`."""
+    """(the experiment's scorer entries, where they come from): `eval.scorers` when given, else
+    `[exact]`. (Not yet the loop's verifier by default: a held-out row carries the rendered
+    generation prompt, not the question the loop's filters hand a verifier.)"""
     configured = getattr(getattr(exp, "eval", None), "scorers", None)
     if configured is not None:
         return list(configured), "eval.scorers"
-    loop = getattr(exp, "loop", None)
-    filters = loop.get("filters") if isinstance(loop, dict) else None
-    if isinstance(filters, list):
-        for i, entry in enumerate(filters):
-            if isinstance(entry, dict) and len(entry) == 1 and isinstance(entry.get("verifier"), str):
-                return [{"verifier": entry["verifier"]}], f"loop.filters[{i}]"
     return list(DEFAULT), "eval.scorers"
 
 
