@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import threading
 import time
@@ -43,6 +44,7 @@ LEASE_PREFIX = "sftdag/lease/"
 LEASE_TTL_S = 30.0
 RENEW_EVERY_S = 5.0
 SLOT_POOL_PREFIX = "sftdag/run:"
+_SETTLE_S = 0.5  # how long a claim waits before trusting that its slot row is its own
 _SLOT_STEP = "sftdag_run"  # the "step" a run's slot is claimed for (Dagster's slots are per step)
 
 # Statuses in which a run holds a worker and a concurrency slot (NOT_STARTED holds none, and
@@ -150,9 +152,19 @@ class RunLease:
                 if storage.claim_concurrency_slot(pool, self.run_id, _SLOT_STEP).is_claimed:
                     others = _other_runs_tagged(self.instance, tag, pool)
                     holders = {s.run_id for s in storage.get_concurrency_info(pool).claimed_slots}
-                    if len(holders) + len(others) <= limit:
-                        break
-                    blockers = sorted(others)
+                    if self.run_id in holders and len(holders) + len(others) <= limit:
+                        # Two claims at once can take one slot row (on SQLite the free row is read,
+                        # then written, unlocked): the later write wins it. Let such a write land,
+                        # then make sure the row is still ours.
+                        time.sleep(_SETTLE_S)
+                        holders = {s.run_id for s in storage.get_concurrency_info(pool).claimed_slots}
+                        if self.run_id in holders and len(holders) + len(others) <= limit:
+                            break
+                    if self.run_id not in holders or len(holders) > limit:
+                        # a claim that lost its row, or one too many: give it back, try again later
+                        storage.free_concurrency_slots_for_run(self.run_id)
+                        time.sleep(random.uniform(0.2, 1.0))
+                    blockers = sorted(holders - {self.run_id} | others)
                 else:
                     info = storage.get_concurrency_info(pool)
                     blockers = sorted((info.active_run_ids | info.assigned_run_ids) - {self.run_id})

@@ -157,8 +157,9 @@ def test_rounds_made_with_other_settings_are_made_again(make_experiment, instanc
 
 @pytest.mark.slow
 def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
-    """SIGKILL `sftdag loop` while round 0 trains; run it again: the samples are not generated
-    again, training resumes from its last checkpoint, and the killed run is marked failed."""
+    """SIGKILL `sftdag loop` while round 0 trains: its training process dies with it; run it again:
+    the samples are not generated again, training resumes from its last checkpoint, and the killed
+    run is marked failed."""
     import os
     import signal
     import subprocess
@@ -196,8 +197,27 @@ def test_loop_killed_while_training_a_round_resumes_it(tmp_path):
                 break
             time.sleep(0.2)
         assert checkpoints, (tmp_path / "first.log").read_text()[-3000:]
+        # SIGKILL `sftdag` alone (as the OOM killer would): the training process it started must
+        # not train on as an orphan.
+        import psutil
+
+        def command_line(p: psutil.Process) -> str:
+            try:
+                return " ".join(p.cmdline())
+            except psutil.Error:
+                return ""
+
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any("trainer.training.train" in command_line(c) for c in children)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        assert not alive, [command_line(c) for c in alive]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
     shards = {p: p.stat().st_mtime_ns for p in store.glob("samples/*/samples-*.arrow")}
     assert shards
