@@ -108,14 +108,12 @@ def merged_params(exp: Experiment) -> dict[str, Any]:
     return {"mode": exp.training.mode}
 
 
-def score_params(exp: Experiment) -> dict[str, Any]:
-    """The rows scored, the answers' length, and the scorers (`eval.scorers`, or a loop's verifier):
-    each as written, a verifier with its code (`trainer.training.scorers.scorers_identity`), so
-    editing a scorer rescores the same merged model. A verifier that does not import fails here."""
-    from trainer.training.scorers import experiment_scorers, scorers_identity
-
+def score_params(exp: Experiment, scorers: list[Any]) -> dict[str, Any]:
+    """The rows scored, the answers' length, and the scorers (`eval.scorers`) each as written, a
+    verifier with its code (`trainer.training.scorers.scorers_identity`, computed by the caller), so
+    editing a scorer rescores the same merged model."""
     return {"accuracy_rows": exp.training.accuracy_rows, "max_new_tokens": exp.training.max_new_tokens,
-            "scorers": scorers_identity(experiment_scorers(exp))}
+            "scorers": scorers}
 
 
 def samples_params(round_index: int, generation: dict[str, Any], stop_tokens: list[str]) -> dict[str, Any]:

@@ -25,16 +25,15 @@ with that of the kept ones.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import pkgutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from trainer.core.config import ConfigError
+from trainer.core.user_code import resolve_function
 
 # What generation writes as stop_reason when a sample hit max_new_tokens.
 STOP_LENGTH = "length"
@@ -340,25 +339,6 @@ def _load_function(dotted: Any, where: str, base_dir: Path, contract: str) -> Ca
     except TypeError:
         raise ConfigError(f"{where}: {dotted!r} must be {contract}; its signature is {signature}") from None
     return fn
-
-
-def resolve_function(dotted: str, base_dir: Path) -> Any:
-    """An importable module's attribute, else (`module:attr` form) the attribute of the file
-    `<base_dir>/<module path>.py`."""
-    try:
-        return pkgutil.resolve_name(dotted)
-    except ModuleNotFoundError:
-        module, colon, attr = dotted.partition(":")
-        beside = Path(base_dir, *module.split(".")).with_suffix(".py")
-        if not colon or not beside.is_file():
-            raise
-    spec = importlib.util.spec_from_file_location(module, beside)
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
-    obj: Any = loaded
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 # Filters built from their options (the two that import a function are added per base_dir).

@@ -33,7 +33,8 @@ from trainer.core.template_setup import load_template_setup
 from trainer.data.record_formats import RowError, normalize
 from trainer.data.prepare import DataPipeline
 from trainer.data.stages import read_rows
-from trainer.loop.filters import build_pipeline, resolve_function
+from trainer.core.user_code import resolve_function
+from trainer.loop.filters import build_pipeline
 from trainer.training.generate import SamplingSettings, read_samples
 from trainer.loop.sample import SamplingSpec
 from trainer.loop.settings import LoopConfig

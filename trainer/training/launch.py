@@ -248,4 +248,8 @@ def merged_key(exp: Experiment, store: Store, adapter_key: str) -> str:
 def score_key(exp: Experiment, store: Store, merged: str, held_out: Path | None) -> str:
     """Keyed by the merged model and the held-out prompts' content (and the rows scored): new
     prompts rescore the same merged model, never merge again."""
-    return store.key("score", {"merged": merged, "held_out": held_out_digest(held_out)}, keys.score_params(exp))
+    from trainer.training.scorers import experiment_scorers, scorers_identity
+
+    scorers = scorers_identity(experiment_scorers(exp))  # a verifier that does not import fails here
+    return store.key("score", {"merged": merged, "held_out": held_out_digest(held_out)},
+                     keys.score_params(exp, scorers))

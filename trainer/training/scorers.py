@@ -124,7 +124,7 @@ def _answer_regex(options: Any, where: str) -> Callable[[dict, str], bool]:
 def _verifier(dotted: Any, where: str, base_dir: Path) -> Any:
     if not isinstance(dotted, str):
         raise ConfigError(f"{where}: expected 'package.module:function', got {dotted!r}")
-    from trainer.loop.filters import resolve_function  # lazily: the loop's resolution, beside the YAML too
+    from trainer.core.user_code import resolve_function  # as the loop's filters resolve it, beside the YAML too
 
     try:
         fn = resolve_function(dotted, base_dir)
