@@ -1,7 +1,9 @@
 """Launching a process step from an asset: through Dagster Pipes, when its outputs are not in the store."""
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError  # not exported by dagster
 
+from trainer.core.entry_point import failure_file
 from trainer.core.process_step import ProcessStep
 
 
@@ -15,7 +17,14 @@ def run_step(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.Pipe
         return True
     command = step.command()
     context.log.info("launching: " + " ".join(command))
-    pipes_subprocess_client.run(command=command, context=context)
+    failed = failure_file(step.spec_path)
+    failed.unlink(missing_ok=True)
+    try:
+        pipes_subprocess_client.run(command=command, context=context)
+    except DagsterPipesExecutionError:
+        if failed.is_file():  # the process's own reason, not Pipes' "failed with code 1"
+            raise dg.Failure(f"{what} failed: {failed.read_text().strip()}") from None
+        raise
     missing = step.missing()
     if missing:
         raise dg.Failure(f"{what} exited without completing {missing[0]}")

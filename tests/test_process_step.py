@@ -36,6 +36,8 @@ def _toy(spec_path: Path) -> str:
     spec = ToySpec.load(spec_path)
     if not spec.complete:
         return "exited without writing anything"
+    if spec.text == "raise":
+        raise ValueError(f"{spec_path.name}: row 3: not a number")
 
     def build(tmp: Path) -> dict:
         (tmp / "text.txt").write_text(spec.text)
@@ -170,14 +172,14 @@ def test_training_step_keeps_the_accelerate_command(make_experiment, tmp_path):
 # --- through Dagster -----------------------------------------------------------------------------
 
 
-def _materialize(store: Store, key: str, complete: bool):
+def _materialize(store: Store, key: str, complete: bool, text: str = "hello"):
     import dagster as dg
 
     from assets.launch import run_step
 
     @dg.asset(name="toy")
     def toy(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient) -> dg.Output:
-        step = toy_step(store, key, complete=complete)
+        step = toy_step(store, key, text=text, complete=complete)
         cache_hit = run_step(context, pipes_subprocess_client, step, "the toy process")
         return dg.Output(None, metadata={"cache_hit": cache_hit, "path": str(step.output().path)})
 
@@ -200,6 +202,17 @@ def test_run_step_through_pipes_then_cache_hit_and_failure(tmp_path):
     (failure,) = failed.get_step_failure_events()
     message = failure.event_specific_data.error.message
     assert f"the toy process exited without completing {store.path('toy', 'k2')}" in message
+
+
+def test_a_failing_process_is_failed_with_its_own_reason(tmp_path):
+    """The user's last line is why the process failed, not Pipes' exit code."""
+    from pipelines.user_errors import failure_reason
+
+    store = Store(tmp_path / "store")
+    failed = _materialize(store, "k3", complete=True, text="raise")
+    assert not failed.success
+    (failure,) = failed.get_step_failure_events()
+    assert failure_reason(failure) == "the toy process failed: k3.json: row 3: not a number"
 
 
 # --- merging and scoring, the real process -------------------------------------------------------

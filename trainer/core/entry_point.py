@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -74,11 +74,34 @@ def run_entry_point(argv: list[str] | None, module: str, run: Callable[[Path], s
         from dagster_pipes import open_dagster_pipes
 
         pipes = open_dagster_pipes()
-    with pipes as reporter:
+    with pipes as reporter, failure_recorded(Path(argv[0])):
         message = run(Path(argv[0]))
         if reporter is not None:
             reporter.log.info(message)
     return 0
+
+
+def failure_file(spec_path: Path) -> Path:
+    """Where a process leaves the one line that says why it failed (beside its spec)."""
+    return spec_path.with_name(spec_path.name + ".failed")
+
+
+@contextmanager
+def failure_recorded(spec_path: Path):
+    """Around a process's work: the reason it failed, one line, in `failure_file(spec_path)`, so the
+    launcher can make it the user's last line (Pipes only says "failed with code 1")."""
+    failure_file(spec_path).unlink(missing_ok=True)
+    try:
+        yield
+    except Exception as e:
+        # this project's own errors carry a user's message; anything else is named by its class
+        text = " ".join(str(e).split())
+        line = text if isinstance(e, (ValueError, OSError)) and text else f"{type(e).__name__}: {text}"
+        try:
+            failure_file(spec_path).write_text(line + "\n")
+        except OSError:
+            pass
+        raise
 
 
 _stopping_installed = False

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -349,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.INFO if rank == "0" else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
-    run_training(argv[0])
+    from trainer.core.entry_point import failure_recorded
+
+    with failure_recorded(Path(argv[0])):
+        run_training(argv[0])
     return 0
 
 
