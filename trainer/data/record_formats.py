@@ -268,6 +268,20 @@ def normalize(
     raise ValueError(f"unknown data.format {fmt!r}")
 
 
+def asked_of(example: Example) -> Optional[Union[str, list[Message]]]:
+    """What the row asks, as the loop's filters hand it to a verifier (`sample["prompt"]`): the
+    prompt string of a prompt/completion row, or a conversation before its last assistant turn;
+    None for a row that asks nothing apart from its answer (text, tokens, no assistant turn)."""
+    if example.kind == "prompt_completion" and isinstance(example.prompt, str):
+        return example.prompt
+    conversation = example.messages if example.kind == "messages" else (
+        example.prompt + example.completion if example.kind == "prompt_completion" else None)
+    if conversation is None:
+        return None
+    last = max((i for i, m in enumerate(conversation) if m["role"] == "assistant"), default=None)
+    return None if last is None else conversation[:last]
+
+
 @lru_cache(maxsize=None)
 def load_formatting_func(dotted: str) -> Callable[[dict], str]:
     """Import `package.module:function` (or `package.module.function`)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from trainer.core.config import DataConfig, EvalConfig, Experiment, SourceConfig
 from trainer.core.schemas import HELD_OUT
 from trainer.core.graph import data_stage_inputs
 from trainer.core.store import CODE_VERSIONS, StageOutput, Store, content_key
-from trainer.data.record_formats import RowError, load_formatting_func, normalize
+from trainer.data.record_formats import RowError, asked_of, load_formatting_func, normalize
 from trainer.data.parallel import ShardBuilder, ShardTask
 from trainer.data.shards import SourceShard
 from trainer.data.sources import RAW_SCHEMA, RawCounts, check_selection, raw_batches
@@ -194,8 +195,10 @@ def build_templated_shard(data: DataConfig, split: str, tokenizer: StageOutput, 
                 rejects += batch_rejects
                 if held_out is not None:
                     rejected = {r for r, _ in batch_rejects}
-                    written, different = _write_held_out(held_out, [(r, rec) for r, rec in rows if r not in rejected],
-                                                         tok, setup, data, func)
+                    sources = map(source_label, batch.column("source").to_pylist())
+                    written, different = _write_held_out(
+                        held_out, [(r, rec, src) for (r, rec), src in zip(rows, sources) if r not in rejected],
+                        tok, setup, data, func)
                     prompts, differs = prompts + written, differs + different
     finally:
         if held_out is not None:
@@ -208,24 +211,45 @@ def build_templated_shard(data: DataConfig, split: str, tokenizer: StageOutput, 
     return manifest
 
 
-def _write_held_out(f, rows: list[tuple[int, Any]], tok: Any, setup: Any, data: DataConfig,
+# A raw row's `source` is its file (or dataset) and where in it: `a.jsonl:12`, `b.csv[3]`.
+_POSITION = re.compile(r"(?::\d+|\[\d+\])$")
+
+
+def source_label(where: str | None) -> str | None:
+    """The file (or hub/builtin dataset) a raw row came from, without its line or index: what
+    held-out figures are grouped by. Only the name: the rows are keyed by it, not by its folder."""
+    return None if where is None else _POSITION.sub("", where)
+
+
+def _write_held_out(f, rows: list[tuple[int, Any, str | None]], tok: Any, setup: Any, data: DataConfig,
                     func: Callable[[dict], str] | None) -> tuple[int, int]:
     """The eval rows' prompts exactly as inference sends them (the template's generation prompt),
-    with their references. Returns (prompts written, rows whose training text before the answer
-    is not that prompt)."""
+    with their references, what each asked as the loop's filters hand it to a verifier (`asked`:
+    a prompt string, a conversation before its answer, or null), the text training ends the answer
+    with (`answer_end`: the template's end-of-turn in a conversation, else eos), its `task` (a
+    record's string field) and its `source` file. Returns (prompts written, rows whose training
+    text before the answer is not that prompt)."""
     from trainer.data.templating import generation_prompt
 
     written = differs = 0
-    for row_id, record in rows:
+    for row_id, record, source in rows:
         try:
-            gp = generation_prompt(normalize(record, data, func), tok, setup, data)
+            example = normalize(record, data, func)
+            gp = generation_prompt(example, tok, setup, data)
         except RowError:
             continue
         reference = gp.reference
         if isinstance(record, dict) and isinstance(record.get("answer"), str):
             reference = record["answer"]
         differs += not gp.matches_training
-        f.write(json.dumps({"row_id": row_id, "prompt": gp.prompt, "reference": reference}) + "\n")
+        asked = asked_of(example)
+        end = (setup.eot_token or tok.eos_token) if isinstance(asked, list) else tok.eos_token
+        row = {"row_id": row_id, "prompt": gp.prompt, "reference": reference, "asked": asked, "answer_end": end or ""}
+        if isinstance(record, dict) and isinstance(record.get("task"), str):
+            row["task"] = record["task"]
+        if source is not None:
+            row["source"] = source
+        f.write(json.dumps(row) + "\n")
         written += 1
     return written, differs
 

@@ -18,8 +18,12 @@ A scorer gives each answer one of `pass`, `fail`, `error` (it raised, or returne
 is neither a bool nor the number 0 or 1); an error is never a pass and is counted apart from the
 fails. A scorer that does not import, or errors on every row, fails the scoring in one line
 naming the scorer and the first failing row (`ScorerError`). The first scorer is the headline one
-(`accuracy_merged`, the loop's pass@k). The verifier's sample holds at least `prompt`,
-`reference` and `text` (and `row`, `prompt_id` where known).
+(`accuracy_merged`, the loop's pass@k). A scorer is handed the sample the loop's filters hand a
+verifier (`scorer_sample`): `prompt` what the row asked (a prompt string, or the conversation
+before its answer), `rendered_prompt` the text generation was given, `reference`, `text` (the
+answer), `row`, `prompt_id`, and `task` where the row has one; a held-out file written before
+rows carried what they asked hands the rendered prompt as `prompt`. Where rows carry a task, each
+scorer's report also counts per task (`by_task`).
 
 Nothing here loads a model or imports torch: the orchestrator plans keys with it.
 """
@@ -147,42 +151,53 @@ def build_scorers(specs: Sequence[Any] | None, base_dir: str | Path = ".", where
     scorers: list[Scorer] = []
     seen: dict[str, int] = {}
     for i, spec in enumerate(specs):
-        entry = f"{where}[{i}]"
-        if isinstance(spec, str):
-            if spec != "exact":
-                raise ConfigError(f"{entry}: unknown scorer {spec!r}" + (
-                    f" (it needs options: `{spec}: ...`)" if spec in KINDS else f"; known: {list(KINDS)}"))
-            kind, options = "exact", None
-        elif isinstance(spec, dict) and len(spec) == 1:
-            ((kind, options),) = spec.items()
-            if kind not in KINDS:
-                raise ConfigError(f"{entry}: unknown scorer {kind!r}; known: {list(KINDS)}")
-            if kind == "exact" and options is not None:
-                raise ConfigError(f"{entry}.exact: takes no options; write it as `- exact`")
-        else:
-            raise ConfigError(f"{entry}: expected a scorer name or a one-key mapping {{scorer: options}}, got {spec!r}")
-        at = f"{entry}.{kind}" if kind != "exact" else entry
-        function = None
-        if kind == "exact":
-            check = _exact
-        elif kind == "answer_regex":
-            check = _answer_regex(options, at)
-        else:
-            function = _verifier(options, at, Path(base_dir))
-            check = function
+        kind, at, check, function = _scorer(spec, f"{where}[{i}]", Path(base_dir))
         seen[kind] = seen.get(kind, 0) + 1
         name = kind if seen[kind] == 1 else f"{kind}_{seen[kind]}"
         scorers.append(Scorer(name, kind, at, spec, check, function))
     return scorers
 
 
+def _scorer(spec: Any, entry: str, base_dir: Path) -> tuple[str, str, Callable[[dict, str], Any], Any]:
+    """(kind, where its options are, its check, a verifier's function) of the YAML entry at `entry`."""
+    if isinstance(spec, str):
+        if spec != "exact":
+            raise ConfigError(f"{entry}: unknown scorer {spec!r}" + (
+                f" (it needs options: `{spec}: ...`)" if spec in KINDS else f"; known: {list(KINDS)}"))
+        kind, options = "exact", None
+    elif isinstance(spec, dict) and len(spec) == 1:
+        ((kind, options),) = spec.items()
+        if kind not in KINDS:
+            raise ConfigError(f"{entry}: unknown scorer {kind!r}; known: {list(KINDS)}")
+        if kind == "exact" and options is not None:
+            raise ConfigError(f"{entry}.exact: takes no options; write it as `- exact`")
+    else:
+        raise ConfigError(f"{entry}: expected a scorer name or a one-key mapping {{scorer: options}}, got {spec!r}")
+    at = f"{entry}.{kind}" if kind != "exact" else entry
+    if kind == "exact":
+        return kind, at, _exact, None
+    if kind == "answer_regex":
+        return kind, at, _answer_regex(options, at), None
+    function = _verifier(options, at, base_dir)
+    return kind, at, function, function
+
+
 def scorer_specs(exp: Any) -> tuple[list[Any], str]:
     """(the experiment's scorer entries, where they come from): `eval.scorers` when given, else
-    `[exact]`. (Not yet the loop's verifier by default: a held-out row carries the rendered
-    generation prompt, not the question the loop's filters hand a verifier.)"""
+    the first `verifier:` among the loop's filters (`loop.filters[i]`: held-out rows carry the
+    question as the loop's filters hand it), else `[exact]`."""
     configured = getattr(getattr(exp, "eval", None), "scorers", None)
     if configured is not None:
         return list(configured), "eval.scorers"
+    # The loop's section as written (the loop's own parsing lives above trainer/training).
+    loop = getattr(exp, "loop", None)
+    filters = loop.get("filters") if isinstance(loop, dict) else None
+    for i, entry in enumerate(filters if isinstance(filters, list) else []):
+        if isinstance(entry, dict) and "verifier" in entry:
+            dotted = entry["verifier"]
+            if not isinstance(dotted, str):
+                raise ConfigError(f"loop.filters[{i}].verifier: expected 'package.module:function', got {dotted!r}")
+            return [{"verifier": dotted}], f"loop.filters[{i}]"
     return list(DEFAULT), "eval.scorers"
 
 
@@ -196,8 +211,9 @@ def scorers_at(specs: Sequence[Any], where: str, base_dir: str | Path) -> list[S
     """`build_scorers`, where `where` may be the loop filter a default verifier comes from
     (`loop.filters[2]`: named as the loop names it, `loop.filters[2].verifier 'm:f'`)."""
     if where.startswith("loop.filters["):
-        (scorer,) = build_scorers(specs, base_dir, "loop.filters")
-        return [Scorer(scorer.id, scorer.kind, f"{where}.verifier", scorer.spec, scorer.check, scorer.function)]
+        (spec,) = specs
+        kind, at, check, function = _scorer(spec, where, Path(base_dir))
+        return [Scorer(kind, kind, at, spec, check, function)]
     return build_scorers(specs, base_dir, where)
 
 
@@ -258,19 +274,41 @@ def tally(outcomes: Iterable[tuple[str, str | None]], rows: Sequence[dict] | Non
     return Tally(counts[PASS], counts[FAIL], counts[ERROR], first)
 
 
+def scorer_sample(row: dict, text: str, index: int) -> dict[str, Any]:
+    """What a scorer is handed for the answer `text` to the held-out row `row` (`load_held_out`'s
+    or a held_out.jsonl line) at position `index`: `prompt` is what the row asked, as the loop's
+    filters hand a verifier (the rendered prompt for a row that does not say), `rendered_prompt`
+    the text generation was given."""
+    asked = row.get("asked")
+    sample = {"prompt": row["prompt"] if asked is None else asked, "rendered_prompt": row["prompt"],
+              "reference": row["reference"], "text": text, "row": index, "prompt_id": row.get("row_id", index)}
+    if row.get("task") is not None:
+        sample["task"] = row["task"]
+    return sample
+
+
+NO_TASK = "(no task)"  # in `by_task`: the rows without one, when others have one
+
+
 def score_answers(scorers: Sequence[Scorer], rows: Sequence[dict], answers: Sequence[str]
                   ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """({scorer id: pass rate, fail and error counts}, the scored answers: one record per row with
-    its prompt id, reference, answer and each scorer's outcome)."""
+    """({scorer id: pass rate, fail and error counts, and `by_task` {task: the same} when rows
+    carry a task}, the scored answers: one record per row with its prompt id, reference, answer,
+    task (when it has one) and each scorer's outcome)."""
     if len(rows) != len(answers):
         raise ValueError(f"score_answers: {len(answers)} answers for {len(rows)} rows")
-    samples = [{**r, "row": i, "prompt_id": r.get("row_id", i), "text": a} for i, (r, a) in enumerate(zip(rows, answers))]
+    samples = [scorer_sample(r, a, i) for i, (r, a) in enumerate(zip(rows, answers))]
+    tasks = [s.get("task", NO_TASK) for s in samples] if any("task" in s for s in samples) else None
     report: dict[str, Any] = {}
     records = [{"row": s["row"], "prompt_id": s["prompt_id"], "reference": s["reference"], "answer": s["text"],
-                "outcomes": {}} for s in samples]
+                **({"task": s["task"]} if "task" in s else {}), "outcomes": {}} for s in samples]
     for scorer in scorers:
         outcomes = judge_all(scorer, samples)
         report[scorer.id] = {"scorer": scorer.spec, **tally(outcomes, samples).to_dict()}
+        if tasks is not None:
+            report[scorer.id]["by_task"] = {task: {k: v for k, v in tally(
+                [o for o, t in zip(outcomes, tasks) if t == task]).to_dict().items() if k != "first_error"}
+                for task in sorted(set(tasks), key=str)}
         for record, (o, why) in zip(records, outcomes):
             record["outcomes"][scorer.id] = o
             if why is not None:
