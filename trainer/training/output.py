@@ -6,6 +6,11 @@ marks the `.partial` dir as finished, and only then are the checkpoints deleted 
 renamed. A run stopped at any point either resumes from its last checkpoint or, on the next
 start, is completed without training. A finished `output_dir` is never overwritten, and
 `<output_dir>.lock` keeps a second concurrent training of the same output out.
+
+With `training.keep_checkpoints` the summary lists the complete checkpoints the run left (those
+`save_total_limit` did not rotate away), and finishing keeps each as `checkpoints/step-<N>/` in
+the result, pruned to what loads the model at that step (LoRA: adapter_config.json and the
+adapter weights; full: config and weights); optimizer, scheduler, RNG and trainer state go.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import os
 import re
 import shutil
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from trainer.core.config import Experiment
 from trainer.core.schemas import TRAINING_SUMMARY
@@ -28,6 +34,13 @@ COUNTERS_FILE = "sftdag_counters.json"  # token counters, saved into every check
 BEFORE_FILE = "sftdag_before.json"  # accuracy of the base model, kept across a resume
 BOOKKEEPING = (RUN_ID_FILE, BEFORE_FILE)  # in the work dir only, never in the result
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+KEPT_CHECKPOINTS = "checkpoints"  # in the result: checkpoints/step-<N>/ (training.keep_checkpoints)
+# What a checkpoint's model loads from: PeftModel.from_pretrained(base, dir) for an adapter,
+# AutoModelForCausalLM.from_pretrained(dir) for a full model. The rest only resumes training.
+WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model-*-of-*.safetensors",
+                "pytorch_model.bin", "pytorch_model-*-of-*.bin")
+LOADABLE_FILES = WEIGHT_FILES + ("adapter_config.json", "config.json", "generation_config.json",
+                                 "model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def partial_dir(output_dir: str | Path) -> Path:
@@ -66,6 +79,42 @@ def last_checkpoint(directory: str | Path) -> Path | None:
 
 def checkpoint_step(checkpoint: Path) -> int:
     return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step", 0))
+
+
+def kept_checkpoints(work: Path) -> list[dict[str, Any]]:
+    """The complete checkpoints in `work`, as the summary lists them once kept:
+    [{"step": N, "path": "checkpoints/step-N"}] by step. A checkpoint without model weights in a
+    known format (which finishing would prune to nothing) is an error, not dropped."""
+    found = []
+    for p in work.iterdir():
+        m = CHECKPOINT_RE.match(p.name)
+        if m and p.is_dir() and _complete_checkpoint(p):
+            if not any(fnmatch(f.name, pattern) for f in p.iterdir() for pattern in WEIGHT_FILES):
+                raise RuntimeError(f"training.keep_checkpoints: {p} holds no model weights in a format that loads "
+                                   f"with from_pretrained ({', '.join(WEIGHT_FILES)})")
+            found.append(int(m.group(1)))
+    return [{"step": step, "path": f"{KEPT_CHECKPOINTS}/step-{step}"} for step in sorted(found)]
+
+
+def keep_checkpoint(work: Path, step: int, target: Path) -> None:
+    """`checkpoint-<step>` → `target`, pruned to what loads the model. Re-entrant: pruning can be
+    repeated and the rename is atomic, so a kill leaves either the checkpoint (pruned or not) or
+    the target, and the next call finishes it."""
+    if target.is_dir():
+        return
+    source = work / f"checkpoint-{step}"
+    if not source.is_dir():
+        raise RuntimeError(f"{work}: checkpoint-{step}, kept by {TRAINING_SUMMARY}, is gone; delete {work} "
+                           f"to train again")
+    for p in source.iterdir():
+        if any(fnmatch(p.name, pattern) for pattern in LOADABLE_FILES):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    target.parent.mkdir(exist_ok=True)
+    os.rename(source, target)
 
 
 def remove_incomplete_checkpoints(work: Path) -> list[Path]:
@@ -128,7 +177,10 @@ def unwrap(model):
 def finalize(work: Path, output_dir: Path) -> None:
     """Finished work (summary written) → the output directory. Checkpoints are deleted only now,
     after the summary: a kill at any point before this resumes from them, and a kill during
-    this completes on the next run (it only deletes and renames)."""
+    this completes on the next run (it only prunes, deletes and renames). The checkpoints the
+    summary keeps are moved into place before the others are deleted."""
+    for kept in json.loads((work / TRAINING_SUMMARY).read_text()).get("checkpoints") or []:
+        keep_checkpoint(work, kept["step"], work / kept["path"])
     for p in work.glob("checkpoint-*"):
         shutil.rmtree(p, ignore_errors=True)
     for name in BOOKKEEPING:
@@ -177,4 +229,10 @@ def model_card(experiment: Experiment, setup: TemplateSetup, summary, spec) -> s
             lines.append(f"- {key}: {getattr(summary, key)}")
     if summary.mlflow_run_id:
         lines.append(f"- MLflow run: `{summary.mlflow_run_id}` ({summary.mlflow_tracking_uri})")
+    if summary.checkpoints:
+        loads = ("`AutoModelForCausalLM.from_pretrained(dir)`" if tc.mode == "full"
+                 else "`PeftModel.from_pretrained(base, dir)`, on the base resized to the tokenizer")
+        lines += ["", "## Checkpoints", f"Kept (`training.keep_checkpoints`), each loading like the final "
+                  f"{'model' if tc.mode == 'full' else 'adapter'}: {loads}."]
+        lines += [f"- step {c['step']}: `{c['path']}`" for c in summary.checkpoints]
     return "\n".join(lines) + "\n"

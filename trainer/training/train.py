@@ -38,8 +38,8 @@ from trainer.training.evaluate import exact_match, load_held_out
 from trainer.training.model_setup import base_vocab_size, build_trainable_model, check_mode_available
 from trainer.training.base_model import resolve_base_model
 from trainer.training.output import (
-    BEFORE_FILE, COUNTERS_FILE, MODEL_CARD, checkpoint_step, finalize, is_finished, last_checkpoint, model_card,
-    partial_dir, remove_incomplete_checkpoints, result_files, save_model, training_lock,
+    BEFORE_FILE, COUNTERS_FILE, MODEL_CARD, checkpoint_step, finalize, is_finished, kept_checkpoints,
+    last_checkpoint, model_card, partial_dir, remove_incomplete_checkpoints, result_files, save_model, training_lock,
 )
 from trainer.training.reporting import Reporter, close_mlflow_run_of, open_mlflow_run
 from trainer.training.spec import SpecError, TrainingSpec, TrainingSummary
@@ -250,7 +250,9 @@ class TrainingRun:
             trainable_tokens=self.counter.trainable_tokens, tokens=self.counter.tokens, train_runtime=trained.runtime,
             resumed_from_step=trained.resumed_step or None, vocab_size=len(self.tokenizer),
             base_vocab_rows=self.trainable.base_rows, new_token_ids=self.trainable.new_token_ids,
-            eot_token=self.template.eot_token, tags=dict(self.spec.tags))
+            eot_token=self.template.eot_token, tags=dict(self.spec.tags),
+            # another machine's ranks have no work dir (rank 0 alone writes the result)
+            checkpoints=kept_checkpoints(self.work) if self.settings.keep_checkpoints and self.work.is_dir() else [])
 
     def save(self, trainer, summary: TrainingSummary) -> None:
         """Model, tokenizer, card, MLflow artifacts; then the summary (which marks the work
