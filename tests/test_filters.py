@@ -184,7 +184,7 @@ def _wrong_arity(record):
 
 
 @pytest.mark.parametrize("specs, message", [
-    (["dedup", "sort"], r"^loop\.filters\[1\]: unknown filter 'sort'; known: \['answer_regex', 'best_k', "),
+    (["dedup", "sort"], r"^loop\.filters\[1\]: unknown filter 'sort'; known: \['answer_regex', 'band', 'best_k', "),
     ([{"answer_regex": {"pattern": "#### (\\d+"}}], r"^loop\.filters\[0\]\.answer_regex\.pattern: bad regular expression"),
     ([{"answer_regex": {"patern": GSM}}], r"^loop\.filters\[0\]\.answer_regex: unknown key\(s\) \['patern'\]"),
     (["dedup", {"length": {"max_tokens": 9}}, {"verifier": "no_such_module.sub:check"}],

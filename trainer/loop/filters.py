@@ -15,6 +15,14 @@ Filter entries (YAML list items), in any order:
     - dedup                                       # one sample per normalised text, per prompt
     - max_per_prompt: 4                           # the first k kept samples of each prompt
     - best_k: {k: 1, scorer: package.module:function}   # the k highest scores per prompt
+    - band                                        # drop prompts every sample solved (too easy to
+                                                  # teach anything); {max_solved: 0.75}: those solved
+                                                  # by more than 75% of their samples
+
+`band` counts a sample as solving its prompt when it survived the filters before `band`, so it
+comes after answer_regex or verifier (and best read right after it): a prompt's fraction solved
+is its surviving samples over all its samples in the input (truncated ones included). Prompts no
+sample solved have nothing left to remove; those left in between are where a round learns.
 
 Truncated samples (stop_reason "length") are dropped first unless `drop_truncated` is false.
 A dotted path that does not import as a module may name a file beside the experiment YAML
@@ -28,6 +36,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -41,6 +50,12 @@ REQUIRED_KEYS = ("prompt_id", "text", "token_count", "stop_reason")
 
 Kept = list[dict]
 Dropped = list[tuple[dict, str]]
+
+# Filters that judge whether an answer is right; `band` needs one before it to know what solved a prompt.
+SOLVING_FILTERS = ("answer_regex", "verifier")
+# Filters whose rejects are worse answers (best_k: lower scored), the rejected side of preference
+# pairs; dedup, max_per_prompt, band, length and truncation reject answers that may be right.
+CORRECTNESS_FILTERS = (*SOLVING_FILTERS, "best_k")
 
 
 def normalize(text: str) -> str:
@@ -59,6 +74,7 @@ class Rejection:
 class FilterResult:
     accepted: list[dict]
     rejected: list[Rejection]
+    filters: tuple[str, ...] = ()  # the pipeline's filter names, in order
 
     def metrics(self) -> dict[str, Any]:
         """The round's figures, from the input (accepted + rejected) and the accepted set."""
@@ -82,6 +98,10 @@ class FilterResult:
             "mean_sample_tokens": _ratio(sum(s["token_count"] for s in samples), n),
             "rejected_by": rejected_by,
         }
+        if "band" in self.filters:
+            band = [r.sample["prompt_id"] for r in self.rejected if r.filter == "band"]
+            out["band_removed_samples"] = len(band)
+            out["always_solved_prompts"] = len(set(band))  # with max_solved: those solved more often than it
         if samples and "score" in samples[0]:
             out["mean_score_all"] = _ratio(sum(s["score"] for s in samples), n)
             out["mean_score_kept"] = (sum(s["score"] for s in self.accepted) / len(self.accepted)
@@ -100,6 +120,8 @@ class Filter:
     apply: Callable[[list[dict]], tuple[Kept, Dropped]]
     # best_k's scorer: the pipeline scores every input sample with it before filtering.
     scorer: Callable[[dict], float] | None = None
+    # band: `apply(samples, {prompt_id: its number of samples in the pipeline's input})`.
+    counts_input: bool = False
 
 
 def _per_sample(name: str, reject_reason: Callable[[dict], str | None]) -> Filter:
@@ -127,11 +149,12 @@ class FilterPipeline:
                 raise ValueError(f"sample {i} (prompt_id {s.get('prompt_id')!r}): missing key(s) {missing}")
         scorer = next((f.scorer for f in self.filters if f.scorer), None)
         alive = [{**s, "score": scorer(s)} for s in samples] if scorer else list(samples)
+        input_counts = Counter(s["prompt_id"] for s in samples)
         rejected: list[Rejection] = []
         for f in self.filters:
-            alive, dropped = f.apply(alive)
+            alive, dropped = f.apply(alive, input_counts) if f.counts_input else f.apply(alive)
             rejected += [Rejection(s, f.name, reason) for s, reason in dropped]
-        return FilterResult(alive, rejected)
+        return FilterResult(alive, rejected, tuple(f.name for f in self.filters))
 
 
 def build_pipeline(specs: list, *, drop_truncated: bool, base_dir: Path,
@@ -145,13 +168,16 @@ def build_pipeline(specs: list, *, drop_truncated: bool, base_dir: Path,
         "verifier": lambda options, key: _verifier(options, key, base_dir),
         "best_k": lambda options, key: _best_k(options, key, base_dir),
     }
-    known = sorted([*builders, *_WITHOUT_OPTIONS])
+    known = sorted([*builders, *_WITHOUT_OPTIONS, *_OPTIONAL_OPTIONS])
     filters = [_drop_truncated()] if drop_truncated else []
     for i, spec in enumerate(specs):
         entry = f"{where}[{i}]"
         if isinstance(spec, str):
             if spec in _WITHOUT_OPTIONS:
                 filters.append(_WITHOUT_OPTIONS[spec]())
+                continue
+            if spec in _OPTIONAL_OPTIONS:
+                filters.append(_after_a_solving_filter(_OPTIONAL_OPTIONS[spec](None, f"{entry}.{spec}"), filters, entry))
                 continue
             if spec in builders:
                 raise ConfigError(f"{entry}: filter {spec!r} needs options ({spec}: ...)")
@@ -161,6 +187,9 @@ def build_pipeline(specs: list, *, drop_truncated: bool, base_dir: Path,
         ((name, options),) = spec.items()
         if name in _WITHOUT_OPTIONS:
             raise ConfigError(f"{entry}.{name}: takes no options; write it as `- {name}`")
+        if name in _OPTIONAL_OPTIONS:
+            filters.append(_after_a_solving_filter(_OPTIONAL_OPTIONS[name](options, f"{entry}.{name}"), filters, entry))
+            continue
         if name not in builders:
             raise ConfigError(f"{entry}: unknown filter {name!r}; known: {known}")
         f = builders[name](options, f"{entry}.{name}")
@@ -168,6 +197,13 @@ def build_pipeline(specs: list, *, drop_truncated: bool, base_dir: Path,
             raise ConfigError(f"{entry}.{name}: only one best_k filter per pipeline (a sample has one score)")
         filters.append(f)
     return FilterPipeline(tuple(filters))
+
+
+def _after_a_solving_filter(f: Filter, before: list[Filter], entry: str) -> Filter:
+    if not any(g.name in SOLVING_FILTERS for g in before):
+        raise ConfigError(f"{entry}.{f.name}: must come after a filter that checks answers "
+                          f"({' or '.join(SOLVING_FILTERS)}): it counts the samples they keep as solved")
+    return f
 
 
 def _options(options: Any, where: str, allowed: set[str], required: set[str]) -> dict:
@@ -313,6 +349,31 @@ def _best_k(options: Any, where: str, base_dir: Path) -> Filter:
     return Filter("best_k", apply, scorer=score)
 
 
+def _band(options: Any, where: str) -> Filter:
+    max_solved = None  # left out: only prompts every sample solved
+    if options is not None:
+        value = _options(options, where, {"max_solved"}, set()).get("max_solved")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise ConfigError(f"{where}.max_solved: expected a fraction in (0, 1), got {value!r} (prompts solved "
+                                  "by more than it are removed; leave it out to remove only those every sample solved)")
+            max_solved = float(value)
+
+    def apply(samples: list[dict], input_counts: dict[Any, int]) -> tuple[Kept, Dropped]:
+        solved = Counter(s["prompt_id"] for s in samples)
+        reasons = {}
+        for pid, c in solved.items():
+            n = input_counts[pid]
+            if c == n:
+                reasons[pid] = "prompt solved by its only sample" if n == 1 else f"prompt solved by all {n} samples"
+            elif max_solved is not None and c / n > max_solved:
+                reasons[pid] = f"prompt solved by {c} of {n} samples (above max_solved {max_solved:g})"
+        return ([s for s in samples if s["prompt_id"] not in reasons],
+                [(s, reasons[s["prompt_id"]]) for s in samples if s["prompt_id"] in reasons])
+
+    return Filter("band", apply, counts_input=True)
+
+
 def _load_function(dotted: Any, where: str, base_dir: Path, contract: str) -> Callable:
     """The function `dotted` names (`package.module:function` or `package.module.function`),
     checked to take two arguments."""
@@ -348,3 +409,5 @@ _BUILDERS: dict[str, Callable[[Any, str], Filter]] = {
     "max_per_prompt": _max_per_prompt,
 }
 _WITHOUT_OPTIONS: dict[str, Callable[[], Filter]] = {"dedup": _dedup}
+# Written alone (`- band`) or with options (`- band: {max_solved: 0.75}`).
+_OPTIONAL_OPTIONS: dict[str, Callable[[Any, str], Filter]] = {"band": _band}

@@ -22,6 +22,8 @@ loop:
     adapter: fresh                # fresh: a new adapter on the starting model each round
                                   # (STaR, ReST-EM) | continue: the previous round's adapter
     data: round                   # round: this round's accepted samples | all_rounds
+    replay: 0.0                   # the fraction of a round's training rows drawn from the SFT
+                                  # training data (so the round keeps what SFT taught), in [0, 1)
     learning_rate: null           # these five: a round's own settings (null: the experiment's)
     num_train_epochs: null
     max_steps: null
@@ -78,6 +80,8 @@ class GenerationConfig:
 class RoundTrainingConfig:
     adapter: Literal["fresh", "continue"] = "fresh"
     data: Literal["round", "all_rounds"] = "round"
+    # The fraction of a round's training rows that are rows of the experiment's SFT training data.
+    replay: float = 0.0
     # A round's training settings where they differ from the experiment's `training:` (chosen
     # for the SFT run): None keeps the experiment's.
     learning_rate: Optional[float] = None
@@ -134,6 +138,9 @@ def parse_loop(raw: dict, base_dir: Path) -> LoopConfig:
             if isinstance(spec, dict) and "answer_regex" in spec:
                 raise ConfigError(f"loop.filters[{i}].answer_regex: checks against a reference, "
                                   "but loop.prompts.fields.reference is null")
+    if not 0 <= cfg.training.replay < 1:
+        raise ConfigError(f"loop.training.replay: must be in [0, 1) (the fraction of a round's training rows "
+                          f"replayed from the SFT data), got {cfg.training.replay!r}")
     s = cfg.stop
     if s.max_rounds is not None and s.max_rounds < 1:
         raise ConfigError("loop.stop.max_rounds: must be at least 1")
