@@ -37,6 +37,8 @@ def asset_key(exp: Experiment, node: str) -> dg.AssetKey | None:
         name = base_model_name(exp)
         return dg.AssetKey(["models", name]) if name else None
     if n.scope == EXPERIMENT:
+        if node == "champion" and not exp.eval.promote.enabled:
+            return None
         return dg.AssetKey([exp.name, node])
     assert n.scope == LOOP
     return dg.AssetKey([exp.name, "loop", node]) if exp.loop is not None else None

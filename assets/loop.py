@@ -29,6 +29,7 @@ from trainer.training.launch import model_identity
 from trainer.training.base_model import planned_base_model
 from trainer.training.spec import TrainingSummary
 
+from .evaluation import answers_table, mlflow_name, promote_model, promotion_metadata, rescore_model, score_figures
 from .graph import START_MODEL_NODES, asset_key, ins_and_deps, upstream_keys
 from .launch import run_step
 from .store_io import latest_metadata, latest_outputs
@@ -191,13 +192,16 @@ def build_loop_assets(exp: Experiment) -> list:
 
     @asset("round_accepted", {"python"}, "The samples the loop's filters keep, as training rows; every rejection named.")
     def round_accepted(context: dg.AssetExecutionContext, **inputs) -> dg.Output:
-        accepted = plan(context, "round_accepted", inputs).accepted(inputs["round_samples"])
+        accepted = plan(context, "round_accepted", inputs).accepted(inputs["round_samples"],
+                                                                  replay=inputs["raw_dataset"]["train"])
         metrics = accepted.manifest["metrics"]
         return dg.Output(accepted, data_version=dg.DataVersion(accepted.key), metadata={
             **{k: v for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None},
             "rejected_by": dg.MetadataValue.json(metrics.get("rejected_by", {})),
             "training_rows": accepted.manifest["training_rows"],
             "repeated_from_earlier_rounds": accepted.manifest.get("repeated_from_earlier_rounds", 0),
+            "replayed_rows": accepted.manifest.get("replayed_rows", 0),
+            "preference_pairs": accepted.manifest.get("preference_pairs", 0),
             "path": dg.MetadataValue.path(str(accepted.path))})
 
     @asset("round_adapter", {"pytorch", "mlflow"},
@@ -222,18 +226,23 @@ def build_loop_assets(exp: Experiment) -> list:
             "continued_from": dg.MetadataValue.text(str(continued) if continued else "")})
 
     @asset("round_eval", {"pytorch", "safetensors"},
-           "The round's adapter merged into the starting model and scored on the held-out prompts (its own "
-           "process): the next round's generator.")
+           "The round's adapter merged into the starting model and scored, with the starting model, on the held-out "
+           "prompts by the experiment's scorers (their own processes): the next round's generator.")
     def round_eval(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
                    **inputs) -> dg.Output:
         round_plan = plan(context, "round_eval", inputs)
         adapter, accepted, r = inputs["round_adapter"], inputs["round_accepted"], round_plan.index
-        merge = round_plan.evaluation(accepted, adapter)
+        merge = round_plan.merge(accepted, adapter)
         started = time.time()
         run_step(context, pipes_subprocess_client, merge, "merging")
+        out = merge.output()
+        scoring = round_plan.scoring(accepted, adapter, out)
+        run_step(context, pipes_subprocess_client, scoring, "scoring")
+        scoring.output()
+        after, before = scoring.score(), scoring.score("base") if scoring.base_score_key else None
         summary = TrainingSummary.from_dict(adapter.manifest)
-        metrics = round_metrics(context.instance, exp, r, accepted, summary, merge.score())
-        sampling = round_plan.pass_at_k_samples(merge.output())
+        metrics = round_metrics(context.instance, exp, r, accepted, summary, after, before)
+        sampling = round_plan.pass_at_k_samples(out)
         if sampling is not None:  # pass@k: k samples per held-out prompt, as the loop samples
             run_step(context, pipes_subprocess_client, sampling, "pass@k sampling")
             k = cfg.generation.samples_per_prompt
@@ -241,24 +250,30 @@ def build_loop_assets(exp: Experiment) -> list:
                                                            exp=round_plan.exp)
         metrics["eval_seconds"] = round(time.time() - started, 2)
         context.log.info(f"round {r}: " + ", ".join(f"{k} {v}" for k, v in metrics.items()))
-        _log_to_mlflow(exp, r, metrics)
-        out = merge.output()
+        _log_to_mlflow(exp, r, metrics, scoring.answers_path())
         made_with = rounds.lineage(exp, cfg, round_plan.upstream.start_model.key)
-        return dg.Output(out, data_version=dg.DataVersion(out.key), metadata={
-            **metrics, "path": dg.MetadataValue.path(str(out.path)), "score_version": merge.score_key,
-            "adapter_dir": dg.MetadataValue.path(str(adapter.path)),
-            LINEAGE: dg.MetadataValue.json(_as_json(made_with))})
+        metadata = {**metrics, "path": dg.MetadataValue.path(str(out.path)), "score_version": scoring.score_key,
+                    "adapter_dir": dg.MetadataValue.path(str(adapter.path)),
+                    "held_out_answers": dg.MetadataValue.md(answers_table(scoring.answers_path())),
+                    LINEAGE: dg.MetadataValue.json(_as_json(made_with))}
+        if exp.eval.promote.enabled:
+            metadata.update(_promote_round(context, pipes_subprocess_client, exp, r, out, adapter, after,
+                                           scoring.score_key, summary))
+        return dg.Output(out, data_version=dg.DataVersion(out.key), metadata=metadata)
 
     return [prompts, round_samples, round_accepted, round_adapter, round_eval]
 
 
 def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepted: StageOutput,
-                  summary: TrainingSummary, score: dict) -> dict[str, float | int]:
-    """What a round reports (plotted by partition in the UI, logged to MLflow with step = round)."""
+                  summary: TrainingSummary, after: dict, before: dict | None) -> dict[str, float | int]:
+    """What a round reports (plotted by partition in the UI, logged to MLflow with step = round): the
+    filter's figures, the held-out pass@1 by the headline scorer of the round's model and of the
+    starting model, every scorer's (per task when rows carry one) and the held-out loss."""
     filtered = accepted.manifest["metrics"]
     samples_meta = latest_metadata(instance, round_asset_key(exp, "round_samples"), str(r))
     adapter_meta = latest_metadata(instance, round_asset_key(exp, "round_adapter"), str(r))
-    pass1 = float(score["accuracy_merged"]) if score.get("accuracy_merged") is not None else float("nan")
+    pass1 = float(after["accuracy"]) if after.get("accuracy") is not None else float("nan")
+    start = before.get("accuracy") if before is not None else None
     history = round_history(instance, exp)[:r]
     metrics: dict[str, float | int] = {
         "round": r, "prompts": filtered["prompts"], "samples": filtered["samples"], "accepted": filtered["accepted"],
@@ -266,19 +281,41 @@ def round_metrics(instance: dg.DagsterInstance, exp: Experiment, r: int, accepte
         "accepted_per_prompt": filtered["accepted_per_prompt"], "duplicate_rate": filtered["duplicate_rate"],
         "truncation_rate": filtered["truncation_rate"], "mean_sample_tokens": filtered["mean_sample_tokens"],
         "tokens_trained": summary.trainable_tokens, HELD_OUT: pass1, "heldout_pass1": pass1,
-        "start_pass1": summary.accuracy_before if summary.accuracy_before is not None else float("nan"),
+        "start_pass1": float(start) if start is not None else float("nan"),
         "generate_seconds": samples_meta["generate_seconds"].value if "generate_seconds" in samples_meta else 0.0,
         "filter_seconds": accepted.manifest["filter_seconds"],
         "pack_seconds": adapter_meta["pack_seconds"].value if "pack_seconds" in adapter_meta else 0.0,
         "train_seconds": round(summary.train_runtime, 2),
     }
+    for name in ("band_removed_samples", "always_solved_prompts", "replayed_rows", "preference_pairs"):
+        if filtered.get(name) is not None or accepted.manifest.get(name) is not None:
+            metrics[name] = filtered.get(name, accepted.manifest.get(name))
+    metrics.update({f"heldout_{name}": value for name, value in score_figures(after).items()})
     metrics["change_vs_round0"] = pass1 - (history[0]["heldout_pass1"] if history else pass1)
     metrics["change_vs_previous"] = pass1 - (history[-1]["heldout_pass1"] if history else metrics["start_pass1"])
     return metrics
 
 
-def _log_to_mlflow(exp: Experiment, r: int, metrics: dict) -> None:
-    """One MLflow run per loop (tagged sftdag.loop), its metrics stepped by round."""
+def _promote_round(context, pipes_subprocess_client, exp: Experiment, r: int, merged: StageOutput,
+                   adapter: StageOutput, score: dict, score_key: str, summary: TrainingSummary) -> dict:
+    """The round's model registered, and promoted only when it beats the holder (the SFT model or
+    an earlier round's): the loop never makes a worse model current."""
+    score_out = Store(exp.store_root).get("score", score_key)
+    lineage = {"sftdag.merged_key": merged.key, "sftdag.adapter_key": adapter.key,
+               "sftdag.data_version": str(summary.tags.get("data_version")), "sftdag.experiment": exp.name,
+               "sftdag.loop_round": str(r)}
+
+    def rescore(model_dir: str, merged_key: str | None):
+        return rescore_model(context, pipes_subprocess_client, exp, model_dir, merged_key, score_out)
+
+    _, decision = promote_model(exp, merged, score, lineage, summary.mlflow_run_id, rescore)
+    context.log.info(f"round {r}: {decision.reason}")
+    return promotion_metadata(exp, decision)
+
+
+def _log_to_mlflow(exp: Experiment, r: int, metrics: dict, answers: Path | None = None) -> None:
+    """One MLflow run per loop (tagged sftdag.loop), its metrics stepped by round, each round's
+    held-out answers an artifact (`round-<r>/answers.jsonl`): a shortcut shows at a glance."""
     try:
         from mlflow.tracking import MlflowClient
 
@@ -293,4 +330,6 @@ def _log_to_mlflow(exp: Experiment, r: int, metrics: dict) -> None:
         experiment_id, run_name=f"{exp.name} loop", tags={"sftdag.loop": exp.name}).info.run_id
     for key, value in metrics.items():
         if isinstance(value, (int, float)) and value == value:  # NaN is not a metric
-            client.log_metric(run_id, key, float(value), step=r)
+            client.log_metric(run_id, mlflow_name(key), float(value), step=r)
+    if answers is not None and answers.is_file():
+        client.log_artifact(run_id, str(answers), f"round-{r}")

@@ -1,10 +1,11 @@
-"""Training assets: trained adapter (launched as its own process through Dagster Pipes) → merged model."""
+"""Training assets: trained adapter (launched as its own process through Dagster Pipes) → merged model
+(scored by `assets.evaluation`)."""
 
 
 import dagster as dg
 
 from trainer.core.config import Experiment
-from trainer.training.launch import held_out_file, plan_adapter, plan_merge
+from trainer.training.launch import plan_adapter, plan_merge
 from trainer.core.graph import NODES, STAGES
 from trainer.core.store import StageOutput
 from trainer.training.spec import TrainingSummary
@@ -72,33 +73,15 @@ def build_training_assets(exp: Experiment) -> list:
         return dg.Output(plan.output(), metadata=metadata, data_version=dg.DataVersion(plan.key))
 
     @asset("merged_model", {"pytorch", "safetensors"},
-           "The adapter folded into the base weights (a model `from_pretrained` loads), scored on the held-out prompts.")
+           "The adapter folded into the base weights: a model `from_pretrained` loads alone (scored by the evaluation).")
     def merged_model(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient,
                      **inputs) -> dg.Output:
         adapter = inputs["trained_adapter"]
-        merge = plan_merge(exp, adapter, inputs["tokenizer"].path, held_out_file(inputs["templated_text"].get("eval")))
-        run_step(context, pipes_subprocess_client, merge, "merging")  # merging and scoring load models
-        result = merge.score()
+        merge = plan_merge(exp, adapter, inputs["tokenizer"].path)
+        cache_hit = run_step(context, pipes_subprocess_client, merge, "merging")
         summary = TrainingSummary.from_dict(adapter.manifest)
-        metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)), "score_version": merge.score_key,
+        metadata = {"path": dg.MetadataValue.path(str(merge.output_dir)), "cache_hit": dg.MetadataValue.bool(cache_hit),
                     "adapter_version": dg.MetadataValue.text(adapter.key), **_mlflow_metadata(summary)}
-        if summary.accuracy_before is not None:
-            metadata["accuracy_base"] = float(summary.accuracy_before)
-        if result.get("accuracy_merged") is not None:
-            metadata["accuracy_merged"] = float(result["accuracy_merged"])
-            metadata["scored_rows"] = int(result["scored_rows"])
-            _log_merged_accuracy(summary, result["accuracy_merged"])
-            context.log.info(f"held-out exact match: base {summary.accuracy_before} → merged "
-                             f"{result['accuracy_merged']}")
         return dg.Output(merge.output(), metadata=metadata, data_version=dg.DataVersion(merge.key))
 
     return [trained_adapter, merged_model]
-
-
-def _log_merged_accuracy(summary: TrainingSummary, accuracy: float) -> None:
-    if not (summary.mlflow_run_id and summary.mlflow_tracking_uri):
-        return
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=summary.mlflow_tracking_uri).log_metric(summary.mlflow_run_id, "accuracy_merged",
-                                                                       float(accuracy))

@@ -45,7 +45,8 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     from assets.data import data_asset_key
     from assets.loop import STEPS, loop_tags, round_asset_key
     from assets.models import base_model_asset_key
-    from assets.training import GPU_TAG, merged_asset_key
+    from assets.evaluation import final_asset_key
+    from assets.training import GPU_TAG
 
     from .definitions import build_definitions, resources
     from .liveness import RunLease, fail_dead_runs
@@ -61,7 +62,7 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     elif through == "base":
         selection, tags = dg.AssetSelection.assets(base_model_asset_key(exp)), {}
     else:
-        target = data_asset_key(exp.data_group, "packed") if through == "data" else merged_asset_key(exp)
+        target = data_asset_key(exp.data_group, "packed") if through == "data" else final_asset_key(exp)
         selection = dg.AssetSelection.assets(target).upstream().materializable()
         tags = {GPU_TAG: "true"} if (through == "model" and exp.training.gpu) else {}
     # Not verbose: the console logger logs nothing (a step failure is a page of stack); the run's
@@ -159,7 +160,8 @@ def cmd_prepare(args) -> dict:
 def cmd_run(args) -> dict:
     import dagster as dg
 
-    from assets.store_io import latest_outputs
+    from assets.evaluation import champion_asset_key, evaluation_asset_key
+    from assets.store_io import latest_metadata, latest_outputs
     from assets.training import adapter_asset_key, merged_asset_key
     from trainer.training.spec import TrainingSummary
 
@@ -169,8 +171,12 @@ def cmd_run(args) -> dict:
     instance = dg.DagsterInstance.get()
     adapter, merged = latest_outputs(instance, adapter_asset_key(exp)), latest_outputs(instance, merged_asset_key(exp))
     training = TrainingSummary.from_dict(adapter.manifest)
-    scores = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization.metadata
-    accuracy_merged = scores["accuracy_merged"].value if "accuracy_merged" in scores else None
+    scores = latest_metadata(instance, evaluation_asset_key(exp))
+    promotion = latest_metadata(instance, champion_asset_key(exp)) if champion_asset_key(exp) else {}
+
+    def value(meta: dict, name: str):
+        return meta[name].value if name in meta else None
+
     return {
         "experiment": exp.name,
         "adapter_dir": str(adapter.path),
@@ -178,9 +184,15 @@ def cmd_run(args) -> dict:
         "mlflow_run_id": training.mlflow_run_id,
         "mlflow_tracking_uri": training.mlflow_tracking_uri,
         "data_version": training.tags.get("data_version"),
-        "accuracy_before": training.accuracy_before,
-        "accuracy_after": accuracy_merged if accuracy_merged is not None else training.accuracy_after,
+        "scorer": value(scores, "headline_scorer"),
+        "accuracy_before": value(scores, "accuracy_base"),
+        "accuracy_after": value(scores, "accuracy_merged"),
+        "held_out_loss_before": value(scores, "held_out_loss_base"),
+        "held_out_loss_after": value(scores, "held_out_loss"),
         "train_loss": training.train_loss,
+        "registered_model": value(promotion, "registered_model"),
+        "champion_version": value(promotion, "champion_version"),
+        "promotion": value(promotion, "why"),
         "dagster_run_id": result.run_id,
     }
 

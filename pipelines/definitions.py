@@ -7,7 +7,8 @@ from assets.data import build_data_assets, data_asset_key
 from assets.loop import build_loop_assets, loop_tags
 from assets.models import base_model_asset_key, build_base_model_asset
 from assets.store_io import StageStoreIOManager
-from assets.training import GPU_TAG, build_training_assets, merged_asset_key
+from assets.evaluation import build_evaluation_assets, final_asset_key
+from assets.training import GPU_TAG, build_training_assets
 from trainer.core.config import ConfigError, Experiment
 
 from .experiments import load_experiments
@@ -63,11 +64,12 @@ def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
     for exp in base_models(experiments).values():
         assets.append(build_base_model_asset(exp))
     for exp in experiments:
-        assets += build_training_assets(exp)
+        assets += build_training_assets(exp) + build_evaluation_assets(exp)
         tags = {GPU_TAG: "true"} if exp.training.gpu else {}
         job = dg.define_asset_job(train_job_name(exp),
-                                  selection=dg.AssetSelection.assets(merged_asset_key(exp)).upstream().materializable(),
-                                  tags=tags, description=f"Data → adapter → merged model for {exp.name}")
+                                  selection=dg.AssetSelection.assets(final_asset_key(exp)).upstream().materializable(),
+                                  tags=tags, description=f"Data → adapter → merged model → evaluation (→ promotion) "
+                                                         f"for {exp.name}")
         jobs.append(job)
         if exp.schedule.cron:
             schedules.append(build_retrain_schedule(exp, job))

@@ -29,6 +29,7 @@ def load_checked(path: str, through: str):
     _check_files(exp, through)
     _check_formatting(exp)
     _check_init_adapter(exp, through)
+    _check_scoring(exp, through)
     return exp
 
 
@@ -112,6 +113,25 @@ def _check_init_adapter(exp, through: str) -> None:
     path = exp.resolve_path(lora.init_adapter)
     if not (path / "adapter_config.json").is_file():
         raise ConfigError(f"training.lora.init_adapter: {path}: no adapter_config.json")
+
+
+def _check_scoring(exp, through: str) -> None:
+    """The scorers import (a verifier beside the YAML too) and `eval.promote.metric` names one of
+    them, before anything is trained: a user's mistake in one line, never a failed run after training."""
+    from trainer.core.config import ConfigError
+    from trainer.training.scorers import experiment_scorers
+
+    if through not in ("model", "round"):
+        return
+    ids = [s.id for s in experiment_scorers(exp)]  # ScorerError (a ConfigError) naming the scorer
+    promote = exp.eval.promote
+    if promote.enabled and promote.metric is not None and promote.metric not in ids + ["held_out_loss"]:
+        raise ConfigError(f"eval.promote.metric: {promote.metric!r} is neither one of the scorers {ids} "
+                          "nor held_out_loss")
+    if promote.enabled and promote.registered_model is not None and not str(promote.registered_model).strip():
+        raise ConfigError("eval.promote.registered_model: empty; leave it out to use the experiment's name")
+    if promote.min_delta < 0:
+        raise ConfigError(f"eval.promote.min_delta: must be >= 0, got {promote.min_delta}")
 
 
 def _check_formatting(exp) -> None:

@@ -61,6 +61,11 @@ BEFORE_RUN = [
      "sftdag: {yaml}: data.name: 'my-data': use letters, digits and underscores (it names Dagster assets)"),
     ("init_adapter missing", lambda c: c.update(training={"lora": {"init_adapter": "adapters/old"}}), "run",
      "sftdag: training.lora.init_adapter: {tmp}/adapters/old: no adapter_config.json"),
+    ("scorer not importable", lambda c: c.update(eval={"scorers": ["exact", {"verifier": "no_such_checks:verify"}]}),
+     "run", "sftdag: eval.scorers[1].verifier 'no_such_checks:verify': cannot import: ModuleNotFoundError: "
+            "No module named 'no_such_checks'"),
+    ("promotion metric not a scorer", lambda c: c.update(eval={"scorers": ["exact"], "promote": {"metric": "bleu"}}),
+     "run", "sftdag: eval.promote.metric: 'bleu' is neither one of the scorers ['exact'] nor held_out_loss"),
     ("loop prompts missing", lambda c: c.update(loop={"prompts": {"source": {"path": "prompts.jsonl"}}}), "loop",
      "sftdag: loop.prompts.source.path: no file matches 'prompts.jsonl' (looked in {tmp}/prompts.jsonl)"),
 ]

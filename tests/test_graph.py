@@ -62,7 +62,7 @@ def test_code_versions_and_markers_come_from_the_table(loaded):
     exps, graph = loaded
     for exp in exps:
         for node in ("tokenizer", "raw_dataset", "templated_text", "tokenized_rows", "packed_shards",
-                     "trained_adapter", "merged_model"):
+                     "trained_adapter", "merged_model", "evaluation"):
             key = asset_key(exp, node)
             assert graph.get(key).code_version == STAGES[NODES[node].stage].code_version
     assert CODE_VERSIONS == {name: s.code_version for name, s in STAGES.items()}

@@ -11,7 +11,7 @@ import pytest
 from tests.train_helpers import TINY, base_vocab, held_out_rows, lora_run, write_held_out
 from trainer.core.config import ConfigError
 from trainer.core.store import StageOutput, Store
-from trainer.training.launch import model_identity, plan_adapter, plan_merge
+from trainer.training.launch import model_identity, plan_adapter, plan_merge, plan_score
 
 
 def tiny_llama(seed: int):
@@ -97,16 +97,18 @@ def test_new_held_out_prompts_change_the_score_key_not_the_merged_key(make_exper
     adapter = StageOutput("adapter", "adapter-1", Path(spec["output_dir"]), summary.to_dict(), cache_hit=True)
     exp = make_experiment(name="scored")
     held_out = write_held_out(tmp_path / "held_out.jsonl", held_out_rows(4))
-    first = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), held_out)
+    merge = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]))
+    merged = StageOutput("merged", merge.key, merge.output_dir, {}, cache_hit=True)
+    first = plan_score(exp, merged, adapter, Path(spec["tokenizer_dir"]), held_out)
     write_held_out(held_out, held_out_rows(2))  # same file, other prompts
-    second = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), held_out)
-    assert second.output_dir == first.output_dir  # the merged model is the same
+    assert plan_merge(exp, adapter, Path(spec["tokenizer_dir"])).key == merge.key  # the merged model is the same
+    second = plan_score(exp, merged, adapter, Path(spec["tokenizer_dir"]), held_out)
     assert second.spec_path != first.spec_path  # its scoring spec is named by the score key
-    assert second.score_key != first.score_key
+    assert second.score_key != first.score_key and second.base_score_key != first.base_score_key
     assert Store(exp.store_root).path("score", second.score_key) in second.missing()
     # No held-out prompts at all is a score of its own too.
-    assert plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), None).score_key not in (first.score_key,
-                                                                                          second.score_key)
+    assert plan_score(exp, merged, adapter, Path(spec["tokenizer_dir"]), None).score_key not in (first.score_key,
+                                                                                                  second.score_key)
 
 
 def test_a_hub_model_is_keyed_by_the_commit_its_revision_names(make_experiment, tmp_path, monkeypatch):

@@ -90,15 +90,18 @@ def test_merge_sampling_and_conversion_specs_round_trip(tmp_path):
     from trainer.loop.sample import SamplingSpec
     from trainer.models.convert import ConversionSpec
     from trainer.training.generate import SamplingSettings
-    from trainer.training.spec import MergeSpec
+    from trainer.training.spec import MergeSpec, ScoreSpec
 
     specs = [
         MergeSpec(adapter_dir=tmp_path / "adapter", base_model=str(tmp_path / "base"), tokenizer_dir=tmp_path / "tok",
-                  store=str(tmp_path / "store"), merged_key="m1", score_key="s1", accuracy_rows=5, max_new_tokens=7,
-                  eot_token="<|im_end|>", held_out=tmp_path / "held_out.jsonl",
-                  versions={"adapter_version": "a", "merged_version": "m1", "score_version": "s1"}),
+                  store=str(tmp_path / "store"), merged_key="m1", eot_token="<|im_end|>"),
         MergeSpec(adapter_dir=tmp_path / "adapter", base_model="hub/id", tokenizer_dir=tmp_path / "tok",
-                  store="s3://bucket/prefix", merged_key="m1", score_key="s2", accuracy_rows=5, max_new_tokens=7),
+                  store="s3://bucket/prefix", merged_key="m1"),
+        ScoreSpec(store=str(tmp_path / "store"), tokenizer_dir=tmp_path / "tok", accuracy_rows=5, max_new_tokens=7,
+                  models={"merged": {"model_dir": str(tmp_path / "m"), "score_key": "s1", "versions": {"basis": "b"}},
+                          "base": {"model_dir": "hub/id", "score_key": "s2", "versions": {}}},
+                  eot_token="<|im_end|>", held_out=tmp_path / "held_out.jsonl",
+                  scorers=["exact", {"verifier": "checks:verify"}], scorers_where="eval.scorers", scorers_base_dir="/x"),
         SamplingSpec(model_dir=tmp_path / "model", tokenizer_dir=tmp_path / "tok", prompts=tmp_path / "p.jsonl",
                      settings=SamplingSettings(samples_per_prompt=3, temperature=0.7, top_p=0.9, max_new_tokens=5,
                                                seed=11, batch_size=2),
@@ -110,13 +113,13 @@ def test_merge_sampling_and_conversion_specs_round_trip(tmp_path):
         assert back == spec, type(spec).__name__
         for f in dataclasses.fields(spec):
             assert type(getattr(back, f.name)) is type(getattr(spec, f.name)), f.name
-    assert isinstance(_through_json(specs[2])[1].settings, SamplingSettings)
+    assert isinstance(_through_json(specs[3])[1].settings, SamplingSettings)
     # Values are read by their type hints, as the hand-written readers did.
     assert spec_from_json(ConversionSpec, {"gguf_file": "m.gguf", "store": "s", "key": "k"}).gguf_file == Path("m.gguf")
     with pytest.raises(SpecError, match=r"^spec.settings: sampling samples_per_prompt: must be at least 1"):
-        SamplingSpec.load({**spec_to_json(specs[2]), "settings": {"samples_per_prompt": 0}})
+        SamplingSpec.load({**spec_to_json(specs[3]), "settings": {"samples_per_prompt": 0}})
     with pytest.raises(SpecError, match=r"^spec.round_index: expected int, got 'two'$"):
-        SamplingSpec.load({**spec_to_json(specs[2]), "round_index": "two"})
+        SamplingSpec.load({**spec_to_json(specs[3]), "round_index": "two"})
 
 
 def test_spec_file_is_rewritten_only_when_it_changes(tmp_path):
@@ -219,39 +222,49 @@ def test_a_failing_process_is_failed_with_its_own_reason(tmp_path):
 
 
 @pytest.mark.slow
-def test_merge_step_leaves_the_merged_model_and_its_score_stage(make_experiment, tmp_path, tmp_path_factory):
-    """`python -m trainer.training.merge SPEC` without Dagster: the merged model and a score stage
-    (`<store>/score/<key>/score.json`); new held-out prompts rescore without merging again."""
+def test_merge_and_score_steps_leave_the_merged_model_and_the_scores(make_experiment, tmp_path, tmp_path_factory):
+    """`python -m trainer.training.merge SPEC` then `python -m trainer.training.score SPEC`, without
+    Dagster: the merged model, then a score stage for it and one for its base (`score.json`, the
+    answers beside it); new held-out prompts rescore both without merging again."""
     from tests.train_helpers import held_out_rows, lora_run, train_env, write_held_out
     from trainer.core.schemas import SCORE
     from trainer.core.store import StageOutput
-    from trainer.training.launch import plan_merge
+    from trainer.training.launch import plan_merge, plan_score
 
     spec, summary = lora_run(tmp_path_factory)
     adapter = StageOutput("adapter", "adapter-1", Path(spec["output_dir"]), summary.to_dict(), cache_hit=True)
     exp = make_experiment(training={"accuracy_rows": 3, "max_new_tokens": 4})
     held_out = write_held_out(tmp_path / "held_out.jsonl", held_out_rows(4))
-    step = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), held_out)
+    merge = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]))
     store = Store(exp.store_root)
-    assert step.missing() == [store.path("merged", step.key), store.path("score", step.score_key)]
+    assert merge.missing() == [store.path("merged", merge.key)]
+    done = subprocess.run(merge.command(), env=train_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    merged = merge.output()
+    step = plan_score(exp, merged, adapter, Path(spec["tokenizer_dir"]), held_out)
+    assert step.missing() == [store.path("score", step.score_key), store.path("score", step.base_score_key)]
     done = subprocess.run(step.command(), env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert step.complete
-    score = step.score()
+    score, base = step.score(), step.score("base")
     assert json.loads((store.path("score", step.score_key) / SCORE).read_text()) == score
-    assert score["scored_rows"] == 3 and 0 <= score["accuracy_merged"] <= 1
-    assert score["score_version"] == step.score_key and score["merged_version"] == step.key
-    assert step.output().path == store.path("merged", step.key)
+    for s in (score, base):
+        assert s["scored_rows"] == 3 and 0 <= s["accuracy"] <= 1 and s["headline"] == "exact"
+        assert s["held_out_loss"]["loss"] > 0 and s["basis"] == score["basis"]
+    assert score["score_version"] == step.score_key and score["merged_version"] == merged.key
+    assert len(step.answers_path().read_text().splitlines()) == 3
     assert not list((store.root / "score").glob(".tmp-*"))
 
-    weights = store.path("merged", step.key) / "model.safetensors"
+    weights = store.path("merged", merge.key) / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     write_held_out(held_out, held_out_rows(4)[::-1])  # the eval split changed
-    rescore = plan_merge(exp, adapter, Path(spec["tokenizer_dir"]), held_out)
-    assert rescore.key == step.key and rescore.missing() == [store.path("score", rescore.score_key)]
+    assert plan_merge(exp, adapter, Path(spec["tokenizer_dir"])).complete
+    rescore = plan_score(exp, merged, adapter, Path(spec["tokenizer_dir"]), held_out)
+    assert rescore.score_key != step.score_key and len(rescore.missing()) == 2
     done = subprocess.run(rescore.command(), env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert rescore.complete and rescore.score()["score_version"] == rescore.score_key
+    assert rescore.score()["basis"] != score["basis"]  # another held-out set: not comparable
     assert weights.stat().st_mtime_ns == stamp  # scored again, not merged again
 
 

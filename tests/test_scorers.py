@@ -47,6 +47,10 @@ def divides(sample, text):
 
 def sees(sample, text):
     return {"prompt", "reference", "text"} <= set(sample) and sample["text"] == text
+
+
+def answers_the_question(sample, text):
+    return text == "answer to " + sample["prompt"]
 '''
 
 
@@ -168,11 +172,15 @@ def test_yaml_section_and_defaults(tmp_path, checks):
                                   "data": {"eval": {"fraction": 0.1}}}, base_dir=tmp_path)  # data.eval is the split
     assert [s.id for s in experiment_scorers(given)] == ["exact", "answer_regex"]
     assert given.data.eval.fraction == 0.1
-    # A loop's filters do not score its held-out set (yet): exact unless `eval.scorers` says otherwise.
+    # A loop's verifier scores its held-out set unless `eval.scorers` says otherwise.
     loop = {"prompts": {"source": {"path": "p.jsonl"}},
             "filters": ["dedup", {"length": {"max_tokens": 9}}, {"verifier": "checks:sorted_numbers"}]}
     looped = experiment_from_dict({**base, "loop": loop}, base_dir=checks)
-    assert scorer_specs(looped) == (["exact"], "eval.scorers")
+    assert scorer_specs(looped) == ([{"verifier": "checks:sorted_numbers"}], "loop.filters[2]")
+    (default,) = experiment_scorers(looped)
+    assert default.label == "loop.filters[2].verifier 'checks:sorted_numbers'"
+    with pytest.raises(ConfigError, match=r"^loop\.filters\[0\]\.verifier: expected 'package\.module:function'"):
+        scorer_specs(experiment_from_dict({**base, "loop": {**loop, "filters": [{"verifier": 3}]}}, base_dir=checks))
     both = experiment_from_dict({**base, "loop": loop, "eval": {"scorers": [{"verifier": "checks:sorted_numbers"}]}},
                                 base_dir=checks)
     (v,) = experiment_scorers(both)
@@ -253,6 +261,32 @@ def test_loop_pass_at_k_is_unbiased_and_takes_the_scorer(tmp_path, checks):
         loop_pass_at_k(samples, held, build_scorers([{"verifier": "checks:divides"}], checks))
 
 
+def test_loop_pass_at_k_hands_the_verifier_what_was_asked(tmp_path, checks):
+    from trainer.core.store import StageOutput
+    from trainer.loop.rounds import pass_at_k as loop_pass_at_k
+
+    samples, held = _loop_outputs(tmp_path, ["r0", "r1"], [("0", 0, "answer to q0"), ("0", 1, "answer to <s>q0"),
+                                                            ("1", 0, "answer to <s>q1"), ("1", 1, "answer to q1")])
+    written = [json.loads(line) for line in (held.path / "held_out.jsonl").read_text().splitlines()]
+    asking = tmp_path / "asking"
+    asking.mkdir()
+    (asking / "held_out.jsonl").write_text("".join(
+        json.dumps({**row, "prompt": f"<s>{row['prompt']}", "asked": row["prompt"]}) + "\n" for row in written))
+    asked = StageOutput("templated", "t2", asking, {}, True)
+    scorers = build_scorers([{"verifier": "checks:answers_the_question"}], checks)
+    assert loop_pass_at_k(samples, asked, scorers, k=1) == pytest.approx(0.5)
+    assert loop_pass_at_k(samples, asked, scorers) == pytest.approx(1.0)
+    # the experiment's default: its loop's verifier
+    loop = {"prompts": {"source": {"path": "p.jsonl"}}, "filters": [{"verifier": "checks:answers_the_question"}]}
+    exp = experiment_from_dict({"name": "e", "store": str(tmp_path / "store"), "loop": loop}, base_dir=checks)
+    assert loop_pass_at_k(samples, asked, k=1, exp=exp) == pytest.approx(0.5)
+    # a file without `asked`: the rendered prompt (here q0, q1) is what the verifier gets
+    only_rendered = [("0", 0, "answer to q0"), ("0", 1, "answer to <s>q0"), ("1", 0, "no"), ("1", 1, "no")]
+    (tmp_path / "old").mkdir()
+    samples, held = _loop_outputs(tmp_path / "old", ["r0", "r1"], only_rendered)
+    assert loop_pass_at_k(samples, held, scorers, k=1) == pytest.approx(0.25)
+
+
 # -- keys -----------------------------------------------------------------------------------------
 
 def _summary(tmp_path: Path) -> dict:
@@ -267,7 +301,7 @@ def _summary(tmp_path: Path) -> dict:
 
 def test_score_key_follows_the_scorers_and_their_code_not_the_adapter_or_merged_key(tmp_path, checks):
     from trainer.core.store import StageOutput, Store
-    from trainer.training.launch import adapter_key, plan_merge
+    from trainer.training.launch import adapter_key, plan_merge, plan_score
 
     held_out = tmp_path / "held_out.jsonl"
     held_out.write_text(json.dumps({"prompt": "q", "reference": "1 2"}) + "\n")
@@ -276,7 +310,10 @@ def test_score_key_follows_the_scorers_and_their_code_not_the_adapter_or_merged_
     def plan(scorers=None):
         exp = experiment_from_dict({"name": "e", "store": str(tmp_path / "store"), "tokenizer": {"path": "builtin:tiny"},
                                     **({"eval": {"scorers": scorers}} if scorers is not None else {})}, base_dir=checks)
-        step = plan_merge(exp, adapter, tmp_path / "tok", held_out)
+        merge = plan_merge(exp, adapter, tmp_path / "tok")
+        merged = StageOutput("merged", merge.key, merge.output_dir, {}, True)
+        step = plan_score(exp, merged, adapter, tmp_path / "tok", held_out, score_base=False)
+        step.merged_key = merge.key
         key, _ = adapter_key(exp, Store(exp.store_root), "packed-train", None, "tok-identity", 40)
         return key, step
 
@@ -295,26 +332,26 @@ def test_score_key_follows_the_scorers_and_their_code_not_the_adapter_or_merged_
     score_keys = [plain.score_key, verified.score_key, edited.score_key, regex.score_key]
     assert len(set(score_keys)) == len(score_keys)  # every change of scorer rescores …
     steps = [plain, exact, verified, edited, same_code, regex]
-    assert {s.key for s in steps} == {plain.key}  # … the same merged model (merged key)
+    assert {s.merged_key for s in steps} == {plain.merged_key}  # … the same merged model (merged key)
     assert {adapter0, adapter1, adapter2, adapter3, adapter4} == {adapter0}  # never retrains
     # a verifier that does not import fails the planning, in one line
     with pytest.raises(ScorerError, match=r"^eval\.scorers\[0\]\.verifier 'checks:gone': cannot import"):
         plan([{"verifier": "checks:gone"}])
 
 
-# -- end to end: `python -m trainer.training.merge` ------------------------------------------------
+# -- end to end: `python -m trainer.training.score` ------------------------------------------------
 
-def test_merge_process_scores_with_every_scorer_and_keeps_the_answers(tmp_path, checks):
-    """A tiny full model (no adapter: merging copies it) scored on real generations: the score
-    reports every scorer, `accuracy_merged` is the first one's, and answers.jsonl keeps the answers."""
+def test_score_process_scores_with_every_scorer_and_keeps_the_answers(tmp_path, checks):
+    """A tiny model scored on real generations: the score reports every scorer, `accuracy` is the
+    first one's, and answers.jsonl keeps the answers."""
     from tests.train_helpers import base_vocab, held_out_rows, make_tokenizer, train_env, write_held_out
     from trainer.core.config import ModelConfig
     from trainer.core.process_step import write_spec_file
     from trainer.core.schemas import SCORE
     from trainer.core.store import Store
     from trainer.training.base_model import resolve_base_model
-    from trainer.training.merge import ANSWERS
-    from trainer.training.spec import MergeSpec
+    from trainer.training.score import ANSWERS
+    from trainer.training.spec import ScoreSpec
 
     model = resolve_base_model(ModelConfig(), tmp_path / "models", base_vocab())
     tok = make_tokenizer(tmp_path / "tok")
@@ -325,18 +362,18 @@ def test_merge_process_scores_with_every_scorer_and_keeps_the_answers(tmp_path, 
                                       "        raise ValueError('odd row')\n    return False\n")
     scorers = ["exact", {"verifier": "always:yes"}, {"verifier": "always:odd_rows"}]
     store = tmp_path / "store"
-    spec = MergeSpec(adapter_dir=Path(model), base_model=model, tokenizer_dir=tok, store=str(store), merged_key="m1",
-                     score_key="s1", accuracy_rows=3, max_new_tokens=3, eot_token="<|im_end|>", held_out=held_out,
-                     versions={"score_version": "s1"}, scorers=scorers, scorers_base_dir=str(checks))
+    spec = ScoreSpec(store=str(store), tokenizer_dir=tok, models={"merged": {"model_dir": str(model), "score_key": "s1"}},
+                     accuracy_rows=3, max_new_tokens=3, eot_token="<|im_end|>", held_out=held_out, scorers=scorers,
+                     scorers_base_dir=str(checks))
     spec_file = write_spec_file(tmp_path / "spec.json", spec)
-    done = subprocess.run([sys.executable, "-m", "trainer.training.merge", str(spec_file)], env=train_env(),
+    done = subprocess.run([sys.executable, "-m", "trainer.training.score", str(spec_file)], env=train_env(),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = Store(str(store)).path("score", "s1")
     score = json.loads((out / SCORE).read_text())
     assert score["scored_rows"] == 3 and score["score_version"] == "s1"
     assert list(score["scorers"]) == ["exact", "verifier", "verifier_2"]
-    assert score["accuracy_merged"] == score["scorers"]["exact"]["pass_rate"]
+    assert score["accuracy"] == score["scorers"]["exact"]["pass_rate"] and score["headline"] == "exact"
     assert (score["scorers"]["verifier"]["passed"], score["scorers"]["verifier"]["pass_rate"]) == (3, 1.0)
     odd = score["scorers"]["verifier_2"]
     assert (odd["passed"], odd["failed"], odd["errors"]) == (0, 2, 1)
@@ -351,8 +388,9 @@ def test_merge_process_scores_with_every_scorer_and_keeps_the_answers(tmp_path, 
         a["answer"].strip() == a["reference"] for a in answers]
 
     # A verifier that errs on every row fails the process in one line, before any score is written.
-    failing = dataclasses.replace(spec, score_key="s2", scorers=[{"verifier": "checks:divides"}])
-    done = subprocess.run([sys.executable, "-m", "trainer.training.merge",
+    failing = dataclasses.replace(spec, models={"merged": {"model_dir": str(model), "score_key": "s2"}},
+                                  scorers=[{"verifier": "checks:divides"}])
+    done = subprocess.run([sys.executable, "-m", "trainer.training.score",
                            str(write_spec_file(tmp_path / "failing.json", failing))],
                           env=train_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode != 0

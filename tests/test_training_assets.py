@@ -11,6 +11,7 @@ from pipelines.cli import materialize_experiment
 from pipelines.definitions import build_definitions, train_job_name
 from trainer.training.evaluate import exact_match, generate, load_held_out
 from trainer.training.launch import plan_adapter, plan_merge
+from assets.evaluation import evaluation_asset_key
 
 from .conftest import small_rows
 
@@ -59,7 +60,7 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][:2] == [1, 2]
 
     plan = plan_adapter(exp)
-    merged_dir = plan_merge(exp, plan.output(), plan.spec.tokenizer_dir, plan.spec.held_out).output_dir
+    merged_dir = plan_merge(exp, plan.output(), plan.spec.tokenizer_dir).output_dir
     merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
     assert merged.metadata["path"].value == str(merged_dir)
     # The merged model on disk, loaded alone, is the trained adapter on its base model: same logits
@@ -90,8 +91,14 @@ def test_materialize_training_assets_end_to_end(make_experiment, instance):
     assert (base_logits - adapter_logits).abs().max() > 1e-3
     accuracy = exact_match(generations, [r["reference"] for r in rows])
     assert accuracy == summary.accuracy_after
-    assert merged.metadata["accuracy_merged"].value == accuracy
-    assert client.get_run(run.info.run_id).data.metrics["accuracy_merged"] == accuracy
+    evaluation = instance.get_latest_materialization_event(evaluation_asset_key(exp)).asset_materialization
+    assert evaluation.metadata["accuracy_merged"].value == accuracy
+    assert evaluation.metadata["accuracy_base"].value == summary.accuracy_before  # the base, by the same scorer
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert metrics["exact"] == accuracy and metrics["exact_base"] == summary.accuracy_before
+    assert metrics["held_out_loss"] == evaluation.metadata["held_out_loss"].value
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} == {
+        "evaluation/answers.jsonl", "evaluation/scores.png"}
 
     # Materializing again reuses the completed adapter version: nothing is retrained.
     again = materialize_experiment(exp, "model", instance=instance)
@@ -129,8 +136,8 @@ def test_evaluation_and_reporting_settings_never_retrain(make_experiment, instan
     assert again.metadata["cache_hit"].value is True
     assert again.tags["dagster/data_version"] == first.tags["dagster/data_version"]
     # ...while the merged model is scored again on the rows now asked for.
-    merged = instance.get_latest_materialization_event(merged_asset_key(exp)).asset_materialization
-    assert merged.metadata["scored_rows"].value == 3
+    evaluation = instance.get_latest_materialization_event(evaluation_asset_key(exp)).asset_materialization
+    assert evaluation.metadata["scored_rows"].value == 3
 
 
 def test_gpu_runs_are_tagged_and_limited_to_one(make_experiment, instance):

@@ -218,6 +218,12 @@ class TrainingConfig:
     save_strategy: Literal["no", "steps", "epoch"] = "steps"
     save_steps: int = 50
     save_total_limit: Optional[int] = 2
+    # Keep, in the finished output, `checkpoints/step-<N>/` for every checkpoint the run saved, each
+    # holding only what loads the model at that step (LoRA: the adapter; full: weights and config),
+    # so each can be evaluated. Kept are the checkpoints save_total_limit left: to keep every one,
+    # set `save_total_limit: null`. It changes what the output holds, so it enters the adapter key
+    # (with save_strategy, save_steps and save_total_limit when true).
+    keep_checkpoints: bool = False
     logging_steps: int = 10
     # Training processes in TOTAL, over all machines (accelerate's --num_processes): the global
     # batch is per_device_train_batch_size x num_processes x gradient_accumulation_steps whatever
@@ -252,6 +258,9 @@ class TrainingConfig:
                               "(the address of the machine of rank 0)")
         if not 0 < self.main_process_port < 65536:
             raise ConfigError(f"training.main_process_port: {self.main_process_port} is not a TCP port")
+        if self.keep_checkpoints and self.save_strategy == "no":
+            raise ConfigError('training.keep_checkpoints: true keeps the checkpoints a run saves, but '
+                              'training.save_strategy is "no" (none are saved); set it to "steps" or "epoch"')
 
     def check_machine_rank(self, rank: int, where: str) -> None:
         if not 0 <= rank < self.num_machines:
@@ -273,6 +282,21 @@ class ScheduleConfig:
 
 
 @dataclass
+class PromoteConfig:
+    """`eval.promote`: each merged model (the SFT model, every loop round's) is registered in
+    MLflow's model registry with its lineage, and the alias moves to it only when `metric`
+    beats the current holder's by more than `min_delta` (ties keep the holder)."""
+
+    enabled: bool = True
+    registered_model: Optional[str] = None  # default: the experiment's name
+    # a scorer's id (`exact`, `verifier`, `answer_regex`, ...; default: the first scorer) or
+    # `held_out_loss` (lower is better)
+    metric: Optional[str] = None
+    min_delta: float = 0.0
+    alias: str = "champion"
+
+
+@dataclass
 class ScoringConfig:
     """`eval:` (top level; not `data.eval`, the eval split): how held-out answers are judged.
     `scorers`: a list of `exact`, `answer_regex: {pattern: ...}`, `verifier: module:function`
@@ -281,6 +305,7 @@ class ScoringConfig:
     `[exact]`. Scorers are no training setting: changing them rescores, never retrains."""
 
     scorers: Optional[list[Any]] = None
+    promote: PromoteConfig = field(default_factory=PromoteConfig)
 
 
 @dataclass

@@ -69,8 +69,9 @@ class Node:
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("tokenizer", "1", keys.tokenizer_params, why="keyed by its identity (content, chat template, versions)"),
     Stage("raw", "2", keys.raw_params, sharded=True, why="2: sharded; eval carved per record"),
-    Stage("templated", "3", keys.templated_params, sharded=True,
-          why="2: turns located by the template's own text; end-of-turn text; tool calls; 3: sharded"),
+    Stage("templated", "4", keys.templated_params, sharded=True,
+          why="2: turns located by the template's own text; end-of-turn text; tool calls; 3: sharded; "
+              "4: held-out rows carry what they asked, their task and source file"),
     Stage("tokenized", "3", keys.tokenized_params, sharded=True,
           why="2: no word-start marker at piece boundaries (SentencePiece); 3: sharded"),
     Stage("packed", "2", keys.packed_params, why="2: no row without a trainable token (wrapped)"),
@@ -78,10 +79,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           why="a GGUF converted to safetensors"),
     Stage("adapter", "1", keys.adapter_params, marker=TRAINING_SUMMARY, process="trainer.training.train"),
     Stage("merged", "1", keys.merged_params, marker=MERGE_INFO, process="trainer.training.merge"),
-    Stage("score", "2", keys.score_params, marker=SCORE, process="trainer.training.merge",
-          why="2: a stage of its own, keyed by the held-out prompts"),
+    Stage("score", "3", keys.score_params, marker=SCORE, process="trainer.training.score",
+          why="2: a stage of its own, keyed by the held-out prompts; 3: its own process and asset, any model (the base "
+              "too), held-out loss, per-task figures"),
     Stage("samples", "1", keys.samples_params, process="trainer.loop.sample"),
-    Stage("accepted", "1", keys.accepted_params),
+    Stage("accepted", "2", keys.accepted_params, why="2: preference pairs, SFT replay, the band filter"),
 )}
 
 # The data stages built per split, in build order (the tokenizer is shared by the splits).
@@ -99,14 +101,21 @@ NODES: dict[str, Node] = {n.asset: n for n in (
     # templated: the held-out prompts scored before and after; raw: the raw version, a tag
     Node("trained_adapter", EXPERIMENT, ("adapter",), inputs=("packed_shards", "tokenizer", "base_model"),
          reads=("templated_text", "raw_dataset")),
-    Node("merged_model", EXPERIMENT, ("merged", "score"), inputs=("trained_adapter", "templated_text"),
-         reads=("tokenizer",)),
+    Node("merged_model", EXPERIMENT, ("merged",), inputs=("trained_adapter",), reads=("tokenizer",)),
+    # the merged model and its base scored on the held-out prompts by the experiment's scorers
+    Node("evaluation", EXPERIMENT, ("score",), inputs=("merged_model", "templated_text"),
+         reads=("trained_adapter", "tokenizer")),
+    # the merged model registered in MLflow; the alias moves only when its evaluation beats the holder's
+    Node("champion", EXPERIMENT, (), inputs=("evaluation", "merged_model"), reads=("trained_adapter",),
+         optional=True),
     # The loop, a partition per round: its prompts through raw → templated (built once, then found), the round's steps.
     Node("prompts", LOOP, ("raw", "templated"), inputs=("tokenizer",), partitioned=True, optional=True),
     # round 0's generator: the start model (merged_model, base_model or a directory); round r: round r-1's round_eval
     Node("round_samples", LOOP, ("samples",), inputs=("prompts", "merged_model", "base_model"), reads=("tokenizer",),
          partitioned=True, optional=True),
-    Node("round_accepted", LOOP, ("accepted",), inputs=("round_samples", "prompts"), partitioned=True, optional=True),
+    # raw_dataset: the SFT rows `loop.training.replay` mixes in (its key enters only when replay > 0)
+    Node("round_accepted", LOOP, ("accepted",), inputs=("round_samples", "prompts", "raw_dataset"), partitioned=True,
+         optional=True),
     Node("round_adapter", LOOP, ("raw", "templated", "tokenized", "packed", "adapter"),
          inputs=("round_accepted", "tokenizer", "merged_model", "base_model"), reads=("templated_text",),
          partitioned=True, optional=True),

@@ -13,11 +13,11 @@ so changing them never rebuilds or retrains anything.
 | templated (and each shard: its raw shard instead of raw) | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer; a shard: its templated shard, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
-| adapter | `training` minus `TRAINING_REPORTING` (an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
+| adapter | `training` minus `TRAINING_REPORTING` (with keep_checkpoints: the checkpoint cadence too; an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
 | score | held-out rows scored, max new tokens, the scorers (a verifier with its code) (inputs: merged, the held-out prompts file's sha256 or "none") |
 | samples | the round, generation settings, stop texts (inputs: generator model, prompts) |
-| accepted | filters, the code of their verifier/scorer functions, the round's data mode (inputs: samples, prompts, previous accepted) |
+| accepted | filters, the code of their verifier/scorer functions, the round's data mode, SFT replay (fraction, the SFT raw train split's key; only when replaying) (inputs: samples, prompts, previous accepted) |
 
 A round's training reuses the stages above: its accepted rows are a data source (raw → packed)
 and its adapter is keyed like any adapter, on the starting model.
@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from trainer.core.config import Experiment
+from trainer.core.config import Experiment, TrainingConfig
 
 # Training settings that change what is measured or reported, never the trained weights.
 TRAINING_REPORTING = (
@@ -87,12 +87,26 @@ def packed_params(exp: Experiment, split: str) -> dict[str, Any]:
             "truncate_side": d.truncate_side, "rows_per_shard": d.rows_per_shard}
 
 
+def adapter_training_params(training: TrainingConfig) -> dict[str, Any]:
+    """The training settings that change an adapter's output: all but TRAINING_REPORTING. With
+    `keep_checkpoints` the output holds the checkpoints, so the cadence that picks them
+    (save_strategy, save_steps, save_total_limit) counts too; `keep_checkpoints: false` stays out,
+    so adapters trained before the setting existed keep their keys."""
+    params = {k: v for k, v in dataclasses.asdict(training).items() if k not in TRAINING_REPORTING}
+    if training.keep_checkpoints:
+        params.update(save_strategy=training.save_strategy, save_steps=training.save_steps,
+                      save_total_limit=training.save_total_limit)
+    else:
+        del params["keep_checkpoints"]
+    return params
+
+
 def adapter_params(exp: Experiment, base_identity: dict[str, Any], tokenizer_identity: str,
                    init_adapter: str | None = None) -> dict[str, Any]:
     """`init_adapter`: the content identity of the adapter `training.lora.init_adapter` continues
     (`trainer.training.launch.init_adapter_identity`); it stands in the key for the path, so the
     same adapter anywhere is the same key and an adapter retrained in place is a new one."""
-    training = {k: v for k, v in dataclasses.asdict(exp.training).items() if k not in TRAINING_REPORTING}
+    training = adapter_training_params(exp.training)
     if init_adapter is not None:
         training["lora"]["init_adapter"] = {"content": init_adapter}
     return {"training": training, "model": dataclasses.asdict(exp.model), "base": base_identity,
@@ -120,8 +134,12 @@ def samples_params(round_index: int, generation: dict[str, Any], stop_tokens: li
     return {"round": round_index, "generation": generation, "stop_tokens": stop_tokens}
 
 
-def accepted_params(filters: list[Any], drop_truncated: bool, filter_code: dict[str, str], data_mode: str
-                    ) -> dict[str, Any]:
+def accepted_params(filters: list[Any], drop_truncated: bool, filter_code: dict[str, str], data_mode: str,
+                    replay: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`replay`: {"fraction", "sft_raw": the SFT raw train split's key, "seed": [generation seed,
+    round]} when a round replays SFT rows (`loop.training.replay` > 0); None otherwise, so rounds
+    that replay nothing keep their keys."""
     # all_rounds adds only the rows earlier rounds lack (keys differ from the version that appended all)
     data = {"data": data_mode, "union": "new_rows"} if data_mode == "all_rounds" else {"data": data_mode}
-    return {"filters": filters, "drop_truncated": drop_truncated, "filter_code": filter_code, **data}
+    return {"filters": filters, "drop_truncated": drop_truncated, "filter_code": filter_code, **data,
+            **({"replay": replay} if replay else {})}

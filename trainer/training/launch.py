@@ -1,7 +1,8 @@
-"""Plans for the training stages: the adapter's and the merged model's process steps (keys, spec, command).
+"""Plans for the training stages: the adapter's, the merged model's and the scores' process steps
+(keys, spec, command).
 
 Nothing here trains: `trainer.training.train` does, in its own process (so a crash cannot take the
-orchestrator with it), and `trainer.training.merge` merges. This module decides *what* to train, where
+orchestrator with it), `trainer.training.merge` merges and `trainer.training.score` scores. This module decides *what* to train, where
 the result goes, and whether it already exists.
 """
 
@@ -18,13 +19,13 @@ from trainer.core import keys
 from trainer.core.config import ConfigError, Experiment
 from trainer.core.identity import directory_identity, skip_work_files
 from trainer.core.process_step import ProcessStep
-from trainer.core.schemas import HELD_OUT, SCORE
-from trainer.core.store import StageOutput, Store, file_digest
+from trainer.core.schemas import HELD_OUT, MERGE_INFO, SCORE
+from trainer.core.store import StageOutput, Store, content_key, file_digest
 from trainer.core.template_setup import load_template_setup
 from trainer.data.prepare import DataPipeline
 from trainer.models.gguf import STAGE as GGUF_STAGE
 from trainer.models.gguf import is_gguf_base
-from trainer.training.spec import MergeSpec, TrainingSpec, TrainingSummary
+from trainer.training.spec import MergeSpec, ScoreSpec, TrainingSpec, TrainingSummary
 
 
 def model_identity(exp: Experiment, resolved_base: str) -> dict[str, Any]:
@@ -197,16 +198,47 @@ def machine_rank(exp: Experiment) -> int:
 
 @dataclass
 class MergeStep(ProcessStep):
-    """Merging an adapter and scoring the merged model: `python -m trainer.training.merge SPEC`
-    leaves the merged model and its score (`<store>/score/<score key>/score.json`)."""
+    """Merging an adapter into its base: `python -m trainer.training.merge SPEC` leaves the merged model."""
+
+
+def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path) -> MergeStep:
+    """Merge the finished `adapter` (received from its asset) into its base model."""
+    summary = TrainingSummary.from_dict(adapter.manifest)
+    store = Store(exp.store_root)
+    key = merged_key(exp, store, adapter.key)
+    spec = MergeSpec(adapter_dir=adapter.path, base_model=summary.base_model_path, tokenizer_dir=Path(tokenizer_dir),
+                     store=store.location, merged_key=key, eot_token=summary.eot_token)
+    return MergeStep("merged", key, store, spec, "trainer.training.merge").write_spec()
+
+
+@dataclass
+class ScoreStep(ProcessStep):
+    """Scoring the trained model and the model it was trained from on the held-out prompts:
+    `python -m trainer.training.score SPEC` leaves each score (`<store>/score/<key>/score.json`)."""
 
     @property
     def score_key(self) -> str:
-        return self.spec.score_key
+        return self.key
 
-    def score(self) -> dict[str, Any]:
-        """The held-out figures of the merged model (the score stage's `score.json`)."""
-        return json.loads((self.store.get("score", self.score_key).path / SCORE).read_text())
+    @property
+    def base_score_key(self) -> str | None:
+        base = self.spec.models.get("base")
+        return base["score_key"] if base else None
+
+    @property
+    def checkpoint_roles(self) -> list[str]:
+        """`step-<N>` of each kept checkpoint scored, by step."""
+        return sorted((r for r in self.spec.models if r.startswith("step-")), key=lambda r: int(r[5:]))
+
+    def score(self, role: str = "merged") -> dict[str, Any]:
+        """A model's held-out figures (its `score.json`): `merged` (the trained model), `base` or `step-<N>`."""
+        key = self.spec.models[role]["score_key"]
+        return json.loads((self.store.get("score", key).path / SCORE).read_text())
+
+    def answers_path(self, role: str = "merged") -> Path:
+        from trainer.training.score import ANSWERS
+
+        return self.store.get("score", self.spec.models[role]["score_key"]).path / ANSWERS
 
 
 def held_out_digest(held_out: Path | None) -> str:
@@ -214,27 +246,71 @@ def held_out_digest(held_out: Path | None) -> str:
     return file_digest(held_out) if held_out is not None else "none"
 
 
-def plan_merge(exp: Experiment, adapter: StageOutput, tokenizer_dir: Path, held_out: Path | None) -> MergeStep:
-    """Merge the finished `adapter` (received from its asset) and score the result on `held_out`.
-    The score is keyed by the merged model and the held-out prompts' content (and the rows scored):
-    new prompts rescore the same merged model, never merge again."""
+def plan_score(exp: Experiment, merged: StageOutput, adapter: StageOutput, tokenizer_dir: Path,
+               held_out: Path | None, score_base: bool = True, base_key: str | None = None) -> ScoreStep:
+    """Score the merged model (and, with `score_base`, the base it was trained from: the
+    "before"; `base_key`: its key when the caller knows it, else its identity) on `held_out`.
+    Each score is keyed by its model, the held-out prompts' content, the rows scored and the
+    scorers' code: new prompts or a changed scorer rescore the same models, never merge or train
+    again; the base's score is shared by every model trained from it."""
     summary = TrainingSummary.from_dict(adapter.manifest)
+    models = {"merged": (merged.path, merged.key, {"adapter_version": adapter.key, "merged_version": merged.key})}
+    if score_base and held_out is not None:
+        # the base by its key when the caller has one (a loop's starting model), else by its identity
+        base = base_key or json.dumps(model_identity(exp, summary.base_model_path), sort_keys=True)
+        models["base"] = (summary.base_model_path, base, {"base_model": summary.base_model})
+    if held_out is not None:  # the checkpoints training kept (`training.keep_checkpoints`), by step
+        for checkpoint in summary.checkpoints:
+            path, step = adapter.path / checkpoint["path"], int(checkpoint["step"])
+            lora = (path / "adapter_config.json").is_file()  # a LoRA checkpoint merged in memory; a full one as is
+            models[f"step-{step}"] = (summary.base_model_path if lora else path, f"{adapter.key}@step-{step}",
+                                      {"adapter_version": adapter.key, "step": step}, *((path,) if lora else ()))
+    return _plan_scores(exp, models, Path(tokenizer_dir), summary.eot_token, held_out)
+
+
+def plan_model_score(exp: Experiment, model_dir: Path, model_key: str | None, held_out: Path | None) -> ScoreStep:
+    """Score a standalone model directory (a merged model: its tokenizer and end-of-turn text
+    inside) on `held_out`, keyed by `model_key` when known, else by its files' digests."""
+    info = model_dir / MERGE_INFO
+    eot = json.loads(info.read_text()).get("eot_token") if info.is_file() else None
+    key = model_key or json.dumps({"local": directory_identity(model_dir)}, sort_keys=True)
+    return _plan_scores(exp, {"merged": (model_dir, key, {"merged_version": model_key or ""})}, model_dir, eot,
+                        held_out)
+
+
+def _plan_scores(exp: Experiment, models: dict[str, tuple], tokenizer_dir: Path, eot_token: str | None,
+                 held_out: Path | None) -> ScoreStep:
+    """The step scoring `models` ({role: (model dir, model key, versions[, a LoRA adapter merged into
+    it in memory])}); its own key: the first's score key."""
     store = Store(exp.store_root)
-    key = merged_key(exp, store, adapter.key)
-    score = score_key(exp, store, key, held_out)
-    spec = MergeSpec(adapter_dir=adapter.path, base_model=summary.base_model_path, tokenizer_dir=Path(tokenizer_dir),
-                     store=store.location, merged_key=key, score_key=score, eot_token=summary.eot_token,
-                     held_out=held_out, accuracy_rows=exp.training.accuracy_rows,
-                     max_new_tokens=exp.training.max_new_tokens,
-                     versions={"adapter_version": adapter.key, "merged_version": key, "score_version": score},
-                     **_scorer_fields(exp))
-    # The spec is named by the score key: two scorings of one merged model never share a file.
-    return MergeStep("merged", key, store, spec, "trainer.training.merge", also=(("score", score),),
-                     spec_name=score).write_spec()
+    basis = score_basis_of(exp, held_out)
+    spec_models = {role: {"model_dir": str(path), "score_key": score_key(exp, store, key, held_out),
+                          "versions": {**versions, "basis": basis}, **({"adapter_dir": str(lora[0])} if lora else {})}
+                   for role, (path, key, versions, *lora) in models.items()}
+    spec = ScoreSpec(store=store.location, tokenizer_dir=tokenizer_dir, models=spec_models,
+                     accuracy_rows=exp.training.accuracy_rows, max_new_tokens=exp.training.max_new_tokens,
+                     eot_token=eot_token, held_out=held_out, **_scorer_fields(exp))
+    first, *others = spec_models.values()
+    return ScoreStep("score", first["score_key"], store, spec, "trainer.training.score",
+                     also=tuple(("score", m["score_key"]) for m in others)).write_spec()
+
+
+def score_basis_of(exp: Experiment, held_out: Path | None) -> str:
+    """What a score is measured on, apart from the model: the held-out prompts' content, the rows
+    scored and the scorers with their code. Two scores are comparable only on one basis."""
+    from trainer.training.scorers import experiment_scorers, scorers_identity
+
+    params = keys.score_params(exp, scorers_identity(experiment_scorers(exp)))
+    return content_key("score", inputs=[held_out_digest(held_out)], params=params)  # the scoring code's version too
+
+
+def score_basis(score: dict[str, Any]) -> str | None:
+    """The basis a score.json was measured on (`score_basis_of`)."""
+    return score.get("basis")
 
 
 def _scorer_fields(exp: Experiment) -> dict[str, Any]:
-    """The MergeSpec's scorers: `eval.scorers`, or a loop's verifier, or `[exact]` (`trainer.training.scorers`)."""
+    """The ScoreSpec's scorers: `eval.scorers`, or a loop's verifier, or `[exact]` (`trainer.training.scorers`)."""
     from trainer.training.scorers import scorer_specs
 
     specs, where = scorer_specs(exp)
@@ -245,11 +321,11 @@ def merged_key(exp: Experiment, store: Store, adapter_key: str) -> str:
     return store.key("merged", {"adapter": adapter_key}, keys.merged_params(exp))
 
 
-def score_key(exp: Experiment, store: Store, merged: str, held_out: Path | None) -> str:
-    """Keyed by the merged model and the held-out prompts' content (and the rows scored): new
-    prompts rescore the same merged model, never merge again."""
+def score_key(exp: Experiment, store: Store, model: str, held_out: Path | None) -> str:
+    """Keyed by the model scored (its key), the held-out prompts' content, the rows scored and the
+    scorers with their code: new prompts or a changed scorer rescore the same model, never merge again."""
     from trainer.training.scorers import experiment_scorers, scorers_identity
 
     scorers = scorers_identity(experiment_scorers(exp))  # a verifier that does not import fails here
-    return store.key("score", {"merged": merged, "held_out": held_out_digest(held_out)},
+    return store.key("score", {"model": model, "held_out": held_out_digest(held_out)},
                      keys.score_params(exp, scorers))

@@ -15,18 +15,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from trainer.core.entry_point import run_entry_point
-from trainer.core.schemas import MERGE_INFO, SCORE
+from trainer.core.schemas import MERGE_INFO
 from trainer.core.store import Store
 from trainer.training.spec import MergeSpec
 
 log = logging.getLogger(__name__)
-
-# The scored answers beside score.json: prompt id, reference, answer, each scorer's outcome, one per line.
-ANSWERS = "answers.jsonl"
-
 
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
@@ -108,53 +103,23 @@ def _generation_config(model, tokenizer, eot_token: str | None):
     return config
 
 
-def merge_and_score(spec: MergeSpec) -> dict[str, Any]:
-    """Merge the adapter into `<store>/merged/<merged key>/` (once) and score the merged model on
-    the held-out prompts into `<store>/score/<score key>/score.json` (once per score key: built in a
-    temporary directory and renamed into place, published like every stage output), judged by the
-    spec's scorers: per scorer its pass rate, fails and errors (`scorers`), the first one's pass
-    rate as `accuracy_merged`, and the scored answers beside it (`answers.jsonl`). Returns the score."""
-    from trainer.training.scorers import scorers_at
-
-    # Before merging: a scorer that does not import fails here, in one line.
-    scorers = scorers_at(spec.scorers, spec.scorers_where, spec.scorers_base_dir)
+def merge(spec: MergeSpec) -> Path:
+    """Merge the adapter into `<store>/merged/<merged key>/` once (here, or found merged on
+    another machine)."""
     store = Store(spec.store)
     if store.has("merged", spec.merged_key):
-        merged = store.get("merged", spec.merged_key).path  # merged before (here, or on another machine)
-    else:
-        merged = merge_adapter(spec.adapter_dir, spec.base_model, spec.tokenizer_dir,
-                               store.path("merged", spec.merged_key), spec.eot_token)
-
-    def score(tmp: Path) -> dict[str, Any]:
-        result: dict[str, Any] = dict(spec.versions)
-        if spec.held_out is not None:
-            from trainer.training.evaluate import score_model_with
-
-            report, answers = score_model_with(merged, spec.held_out, [spec.eot_token] if spec.eot_token else [],
-                                               spec.accuracy_rows, spec.max_new_tokens, scorers)
-            # accuracy_merged: the first scorer's pass rate (exact match by default), as readers expect it
-            result["accuracy_merged"] = report[scorers[0].id]["pass_rate"]
-            result["scored_rows"] = len(answers)
-            result["scorers"] = report
-            with open(tmp / ANSWERS, "w", encoding="utf-8") as f:
-                for record in answers:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (tmp / SCORE).write_text(json.dumps(result, indent=2))
-        return {"held_out": str(spec.held_out) if spec.held_out else None}
-
-    out = store.get_or_build("score", spec.score_key, score)
-    return json.loads((out.path / SCORE).read_text())
+        return store.get("merged", spec.merged_key).path
+    return merge_adapter(spec.adapter_dir, spec.base_model, spec.tokenizer_dir, store.path("merged", spec.merged_key),
+                         spec.eot_token)
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m trainer.training.merge SPEC.json`: its own process, so the orchestrator never loads a model."""
 
-    def merge(spec_path: Path) -> str:
-        spec = MergeSpec.load(spec_path)
-        score = merge_and_score(spec)
-        return f"merged into {Store(spec.store).path('merged', spec.merged_key)}; score {json.dumps(score)}"
+    def merge_spec(spec_path: Path) -> str:
+        return f"merged into {merge(MergeSpec.load(spec_path))}"
 
-    return run_entry_point(argv, "trainer.training.merge", merge)
+    return run_entry_point(argv, "trainer.training.merge", merge_spec)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """What passes between the orchestrator and the training and merging processes: typed, as JSON.
 
-The orchestrator writes a `TrainingSpec` (or a `MergeSpec`) file and starts
-`python -m trainer.training.train SPEC` (or `trainer.training.merge`); the training process
+The orchestrator writes a `TrainingSpec` (a `MergeSpec`, a `ScoreSpec`) file and starts
+`python -m trainer.training.train SPEC` (`trainer.training.merge`, `trainer.training.score`); the training process
 writes a `TrainingSummary` into the finished adapter directory. Each is read back into the same
 dataclass (`trainer.core.process_step.spec_from_json`, by its type hints), so a field added on
 one side is a field the other side knows.
@@ -19,7 +19,7 @@ from trainer.core.config import Experiment
 from trainer.core.process_step import JsonSpec, SpecError
 from trainer.core.schemas import TRAINING_SUMMARY
 
-__all__ = ["MergeSpec", "SpecError", "TrainingSpec", "TrainingSummary"]
+__all__ = ["MergeSpec", "ScoreSpec", "SpecError", "TrainingSpec", "TrainingSummary"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,9 @@ class TrainingSummary:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     resumed_from_step: int | None = None
+    # `training.keep_checkpoints`: [{"step": N, "path": "checkpoints/step-N"}] (relative to the
+    # output directory, by step) for the checkpoints kept in the output; empty when none are kept.
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainingSummary":
@@ -91,20 +94,29 @@ class TrainingSummary:
 
 @dataclass(frozen=True)
 class MergeSpec(JsonSpec):
-    """Merge an adapter into `<store>/merged/<merged_key>/` (once) and score the merged model on
-    the held-out prompts into `<store>/score/<score_key>/` (once per score key)."""
+    """Merge an adapter into `<store>/merged/<merged_key>/` (once)."""
 
     adapter_dir: Path
     base_model: str
     tokenizer_dir: Path
     store: str  # the store's location (a directory or an object-storage URL)
     merged_key: str
-    score_key: str  # keyed by what it measures (the held-out prompts, rows): rescored, never remerged
+    eot_token: str | None = None
+
+
+@dataclass(frozen=True)
+class ScoreSpec(JsonSpec):
+    """Score models on the held-out prompts, each into `<store>/score/<its score key>/` (once per
+    key): `models` maps a role (`merged`: the trained model; `base`: the model it was trained
+    from, the "before") to `{"model_dir", "score_key", "versions"}`."""
+
+    store: str
+    tokenizer_dir: Path  # the data stage's tokenizer: the base model may hold none (or an older one)
+    models: dict[str, dict[str, Any]]
     accuracy_rows: int
     max_new_tokens: int
     eot_token: str | None = None
     held_out: Path | None = None
-    versions: dict[str, str] = field(default_factory=dict)  # adapter, merged and score keys, copied into the score
     # How answers are judged (`trainer.training.scorers`): the entries as written, where they come
     # from (`eval.scorers`, or the loop filter whose verifier is the default) and the folder a
     # verifier file beside the YAML is found in.
