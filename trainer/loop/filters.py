@@ -35,12 +35,12 @@ from __future__ import annotations
 
 import inspect
 import math
-import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from trainer.core.answers import answer_pattern, normalize
 from trainer.core.config import ConfigError
 from trainer.core.user_code import resolve_function
 
@@ -56,11 +56,6 @@ SOLVING_FILTERS = ("answer_regex", "verifier")
 # Filters whose rejects are worse answers (best_k: lower scored), the rejected side of preference
 # pairs; dedup, max_per_prompt, band, length and truncation reject answers that may be right.
 CORRECTNESS_FILTERS = (*SOLVING_FILTERS, "best_k")
-
-
-def normalize(text: str) -> str:
-    """Text compared for equality: whitespace runs collapsed, ends stripped, case folded."""
-    return " ".join(text.split()).casefold()
 
 
 @dataclass(frozen=True)
@@ -230,26 +225,15 @@ def _drop_truncated() -> Filter:
 
 
 def _answer_regex(options: Any, where: str) -> Filter:
-    pattern_text = _options(options, where, {"pattern"}, {"pattern"})["pattern"]
-    if not isinstance(pattern_text, str):
-        raise ConfigError(f"{where}.pattern: expected a string, got {pattern_text!r}")
-    try:
-        pattern = re.compile(pattern_text)
-    except re.error as e:
-        raise ConfigError(f"{where}.pattern: bad regular expression {pattern_text!r}: {e}") from None
-
-    def answer(text: str) -> str | None:
-        m = pattern.search(text)
-        return None if m is None else normalize(m.group(1) if pattern.groups else m.group(0))
+    pattern = answer_pattern(_options(options, where, {"pattern"}, {"pattern"})["pattern"], where)
 
     def reject_reason(s: dict) -> str | None:
         if s.get("reference") is None:
             return "prompt has no reference to check the answer against"
-        got = answer(s["text"])
+        got = pattern.answer(s["text"])
         if got is None:
-            return f"no answer matching {pattern_text!r}"
-        reference = str(s["reference"])
-        want = answer(reference) or normalize(reference)
+            return f"no answer matching {pattern.text!r}"
+        want = pattern.expected(str(s["reference"]))
         return None if got == want else f"answer {got!r} != reference {want!r}"
 
     return _per_sample("answer_regex", reject_reason)

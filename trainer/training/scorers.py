@@ -31,11 +31,11 @@ Nothing here loads a model or imports torch: the orchestrator plans keys with it
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from trainer.core.answers import answer_pattern
 from trainer.core.config import ConfigError
 
 PASS, FAIL, ERROR = "pass", "fail", "error"
@@ -87,11 +87,6 @@ def as_outcome(verdict: Any) -> tuple[str, str | None]:
 
 # -- building scorers from their YAML entries -----------------------------------------------------
 
-def normalize(text: str) -> str:
-    """As the loop's answer_regex filter compares: whitespace runs collapsed, ends stripped, case folded."""
-    return " ".join(text.split()).casefold()
-
-
 def _exact(sample: dict, text: str) -> bool:
     return text.strip() == str(sample["reference"]).strip()
 
@@ -99,28 +94,12 @@ def _exact(sample: dict, text: str) -> bool:
 def _answer_regex(options: Any, where: str) -> Callable[[dict, str], bool]:
     if not isinstance(options, dict) or set(options) != {"pattern"}:
         raise ConfigError(f"{where}: expected {{pattern: REGEX}}, got {options!r}")
-    text = options["pattern"]
-    if not isinstance(text, str):
-        raise ConfigError(f"{where}.pattern: expected a string, got {text!r}")
-    try:
-        pattern = re.compile(text)
-    except re.error as e:
-        raise ConfigError(f"{where}.pattern: bad regular expression {text!r}: {e}") from None
-
-    def answer(s: str) -> str | None:
-        m = pattern.search(s)
-        if m is None:
-            return None
-        got = m.group(1) if pattern.groups else m.group(0)
-        return normalize(got) if got is not None else None
+    pattern = answer_pattern(options["pattern"], where)  # as the loop's answer_regex filter compares
 
     def check(sample: dict, given: str) -> bool:
-        got = answer(given)
-        if got is None:
-            return False
+        got = pattern.answer(given)
         reference = "" if sample.get("reference") is None else str(sample["reference"])
-        want = answer(reference)
-        return got == (want if want is not None else normalize(reference))
+        return got is not None and got == pattern.expected(reference)
 
     return check
 
