@@ -89,6 +89,10 @@ def load_for_scoring(model_dir: str | Path, tokenizer_dir: str | Path, adapter_d
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    import torch
+
+    if torch.cuda.is_available():  # as the sampler does: scoring is generation
+        model.to("cuda")
     return model.eval(), tokenizer
 
 
