@@ -1,13 +1,15 @@
 """Samples per second of the loop's sampler (`trainer.training.generate.sample`: batched, left padded,
-prompts sorted by length, each prompt prefilled once for all its samples) against a per-prompt
-`model.generate` loop (how IterativeSFTTrainer users wrote their generation step), on the same model,
-prompts and settings, measured in one run and printed as ratios. The sampler is also timed with
-every sample's copy of its prompt prefilled (`--no-copied-prefill` leaves that out), which shows
-what the shared prefill saves.
+prompts sorted by length, each prompt prefilled once for all its samples, a row dropped from the batch
+once it has stopped) against a per-prompt `model.generate` loop (how IterativeSFTTrainer users wrote
+their generation step), on the same model, prompts and settings, measured in one run and printed as
+ratios. The sampler is also timed keeping its finished rows (transformers' `generate` decoding every
+row until the batch's last one stops, `--no-kept-rows` leaves that out) and with every sample's copy
+of its prompt prefilled (`--no-copied-prefill` leaves that out), which show what dropping finished
+rows and the shared prefill save.
 
     python benchmarks/generate.py [--prompts 64] [--samples 4] [--max-new-tokens 32] [--runs 2]
     python benchmarks/generate.py --model builtin:smollm2-135m-instruct --data few_shot \
-        --prompts 32 --samples 8 --max-new-tokens 16 --runs 1
+        --prompts 32 --samples 8 --max-new-tokens 16 --runs 2
 
 Default model: a Llama with random weights (a config, nothing downloaded) over the shipped tiny
 tokenizer; random weights rarely say end-of-turn, so both sides generate about --max-new-tokens per
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="default", choices=sorted(BUILTIN_DATASETS))
     parser.add_argument("--store", default=str(REPO / ".sftdag" / "store"), help="where a GGUF is converted")
     parser.add_argument("--no-copied-prefill", action="store_true", help="skip the sampler without shared prefill")
+    parser.add_argument("--no-kept-rows", action="store_true", help="skip the sampler that keeps finished rows")
     args = parser.parse_args(argv)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -103,8 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     stops, _ = stop_tokens_and_strings(tok, stop_tokens)
     items = [{"prompt_id": i, "prompt": p} for i, p in enumerate(prompts)]
 
-    def sampler() -> int:
-        return sum(r.token_count for r in sample(model, tok, items, settings, stop_tokens))
+    records_of: dict[str, list] = {}  # each sampler's samples, which must be the same
+
+    def sampler(prompt_items: list[dict] = items, name: str = "sampler") -> int:
+        records_of[name] = sample(model, tok, prompt_items, settings, stop_tokens)
+        return sum(r.token_count for r in records_of[name])
 
     def baseline() -> int:
         return per_prompt_loop(model, tok, prompts, settings, stops)
@@ -112,13 +118,25 @@ def main(argv: list[str] | None = None) -> None:
     def sampler_copied_prefill() -> int:
         shared, generate_module._shared_prefill = generate_module._shared_prefill, lambda *a: {}
         try:
-            return sampler()
+            return sampler(name="sampler_copied_prefill")
         finally:
             generate_module._shared_prefill = shared
 
-    sample(model, tok, items[:2], settings, stop_tokens)  # warm-up (first-call set-up) for both sides
+    def sampler_keeping_finished_rows(prompt_items: list[dict] = items) -> int:
+        droppable, generate_module._rows_can_be_dropped = generate_module._rows_can_be_dropped, lambda model: False
+        try:
+            return sampler(prompt_items, "sampler_keeping_finished_rows")
+        finally:
+            generate_module._rows_can_be_dropped = droppable
+
+    sampler(items[:2])  # warm-up (first-call set-up) for every side
+    if not args.no_kept_rows:
+        sampler_keeping_finished_rows(items[:2])
     per_prompt_loop(model, tok, prompts[:2], settings, stops)
+    records_of.clear()
     contenders = {"per_prompt_generate": baseline, "sampler": sampler}
+    if not args.no_kept_rows:
+        contenders["sampler_keeping_finished_rows"] = sampler_keeping_finished_rows
     if not args.no_copied_prefill:
         contenders["sampler_copied_prefill"] = sampler_copied_prefill
     best = {name: float("inf") for name in contenders}
@@ -144,7 +162,10 @@ def main(argv: list[str] | None = None) -> None:
         "samples_per_second": {k: round(samples / v, 1) for k, v in best.items()},
         "tokens_per_second": {k: round(tokens[k] / v) for k, v in best.items()},
         "speedup": round(best["per_prompt_generate"] / best["sampler"], 2),
+        "same_samples": all(records == records_of["sampler"] for records in records_of.values()),
     }
+    if "sampler_keeping_finished_rows" in best:
+        result["dropped_rows_speedup"] = round(best["sampler_keeping_finished_rows"] / best["sampler"], 2)
     if "sampler_copied_prefill" in best:
         result["shared_prefill_speedup"] = round(best["sampler_copied_prefill"] / best["sampler"], 2)
     print(json.dumps(result, indent=1))

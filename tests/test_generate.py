@@ -1,9 +1,10 @@
-"""The loop's sampler on a tiny real Llama and a real tokenizer: samples per prompt, stop reasons
-and token counts, left padding, multi-token stop strings, reproducibility, and shards that a
-killed generation resumes from."""
+"""The loop's sampler on a tiny real Llama (and GPT-2) and a real tokenizer: samples per prompt,
+stop reasons and token counts, left padding, multi-token stop strings, reproducibility, finished
+rows dropped from the batch, and shards that a killed generation resumes from."""
 
 from __future__ import annotations
 
+import collections
 import copy
 from contextlib import contextmanager
 from dataclasses import replace
@@ -281,3 +282,91 @@ def test_a_pad_token_the_model_has_no_row_for_pads_with_an_id_it_has(model, tok)
     with logits_rule(model, bias(eos=0.0)):
         assert [r.text for r in sample(model, padded_tok, PROMPTS, settings)] == \
             [r.text for r in sample(model, tok, PROMPTS, settings)]
+
+
+WORDS = "add reverse the sum of and is what to count list letters numbers 12 30 7 abc xyz".split()
+
+
+def tiny_model(architecture: str, vocab_size: int):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if architecture == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
+    return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=0, eos_token_id=1)).eval()
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_dropping_finished_rows_samples_what_decoding_every_row_samples(architecture, monkeypatch):
+    """The sampler drops a row from the batch once it has stopped; transformers' `generate` (the
+    sampler before, still used for caches whose rows cannot be dropped) decodes every row until the
+    batch's last one stops. Same texts, token counts and stop reasons, with rows stopping at every
+    step: greedy and sampled, 1 and 4 samples per prompt, stop ids, multi-token stop strings,
+    max_new_tokens hit and not, left-padded prompts of 1 to 14 words in batches of 3 to 16.
+    The remaining rows round a few sums differently in a smaller batch (as in any other batch
+    composition), so a draw on a near tie could differ; none does in these cases."""
+    from trainer.training import generate as generate_module
+
+    tok = load_tokenizer(TokenizerConfig(path="builtin:tiny"))
+    model = tiny_model(architecture, len(tok))
+    words = iter(torch.randint(len(WORDS), (200,), generator=torch.Generator().manual_seed(1)).tolist())
+    prompts = [{"prompt_id": f"q{i}", "prompt": " ".join(WORDS[next(words)] for _ in range(1 + i % 14))}
+               for i in range(16)]
+    # Stops the random model says after a few tokens: tokens it generates often (what each decoding
+    # step is fed), and pieces of its text that are several tokens long.
+    generated: collections.Counter = collections.Counter()
+
+    def count_generated(input_ids, logits):
+        if input_ids.shape[1] == 1:
+            generated.update(input_ids[:, 0].tolist())
+
+    with logits_rule(model, count_generated):
+        free = sample(model, tok, prompts, SamplingSettings(temperature=0, max_new_tokens=16))
+    stop_ids = [t for t, _ in generated.most_common(6)[2:]]
+    stop_strings = []
+    for r in free:  # of each text, the middle one of its pieces of three characters that are several tokens
+        pieces = sorted({r.text[k:k + 3] for k in range(len(r.text) - 2)} - set(stop_strings), key=r.text.find)
+        pieces = [p for p in pieces if p.isascii() and p.isprintable()
+                  and len(tok(p, add_special_tokens=False)["input_ids"]) > 1]
+        stop_strings += pieces[len(pieces) // 2:][:1]
+    assert stop_tokens_and_strings(tok, stop_strings)[1] == stop_strings and len(stop_strings) > 2
+    # (settings, stops, whether the model also says eos after about one token in eight)
+    cases = [
+        (SamplingSettings(temperature=0, max_new_tokens=8, batch_size=5), stop_strings, False),
+        (SamplingSettings(samples_per_prompt=4, temperature=1.0, top_p=0.9, max_new_tokens=12, batch_size=3, seed=1),
+         stop_ids[2:] + stop_strings[:1], True),
+        (SamplingSettings(samples_per_prompt=4, temperature=0.7, max_new_tokens=20, batch_size=16, seed=2), stop_ids,
+         True),
+        (SamplingSettings(samples_per_prompt=4, temperature=1.3, max_new_tokens=16, batch_size=6, seed=3),
+         stop_strings[:4], False),
+        (SamplingSettings(temperature=1.0, max_new_tokens=5, batch_size=4, seed=4), stop_ids[:1], True),
+    ]
+    decode_rows: list[int] = []
+
+    def count_decode_rows(input_ids, logits):
+        if input_ids.shape[1] == 1:
+            decode_rows.append(input_ids.shape[0])
+
+    def eos_after_every_eighth_token(input_ids, logits):
+        logits[input_ids[:, -1] % 8 == 0, tok.eos_token_id] += 1e4
+
+    def run(settings, stops, eos_rule):
+        with logits_rule(model, eos_after_every_eighth_token if eos_rule else lambda *args: None):
+            return sample(model, tok, prompts, settings, stops)
+
+    with logits_rule(model, count_decode_rows):
+        dropped = [run(*case) for case in cases]
+        dropping_rows = sum(decode_rows)
+        decode_rows.clear()
+        monkeypatch.setattr(generate_module, "_rows_can_be_dropped", lambda model: False)
+        kept = [run(*case) for case in cases]
+    assert dropped == kept
+    assert dropping_rows < 0.8 * sum(decode_rows)  # finished rows were not computed
+    for (settings, _, _), records in zip(cases, kept):  # each case stops rows at many different steps
+        assert len(records) == len(prompts) * settings.samples_per_prompt
+        assert {r.stop_reason for r in records} == {END_OF_TURN, LENGTH}, settings
+        assert len({r.token_count for r in records if r.stop_reason == END_OF_TURN}) >= 3, settings
+    # Stop strings only (the random model does not say eos): rows ended by several tokens.
+    assert any(r.stop_reason == END_OF_TURN for r in kept[3])

@@ -1,8 +1,12 @@
 """Sampling completions for the generate → filter → train loop, and greedy decoding for evaluation.
 
-`sample` runs transformers' `generate`: batched, left padded with an attention mask, KV cache,
+`sample` decodes batches of prompts: left padded with an attention mask, KV cache,
 `samples_per_prompt` sequences per prompt, prompts sorted by length. Each prompt is prefilled
-once and its cache copied for its samples (`_shared_prefill`), not prefilled once per sample. It stops at the tokenizer's
+once and its cache copied for its samples (`_shared_prefill`), not prefilled once per sample. The
+steps are those of transformers' greedy `generate` with our logits processors and stop criteria,
+but a row that has stopped leaves the batch (`_decode_dropping_finished`): `generate` computes
+every row until the batch's longest sample stops. A model whose cache rows cannot be dropped is
+decoded by `generate` itself (`_generate_keeping_finished`). It stops at the tokenizer's
 eos and the given stops: a stop that is one token is a stop id, a longer one (an end-of-turn
 marker the tokenizer lacks, such as "<|im_end|>" spelled in pieces) a stop string. Only the new
 token ids are decoded; the text ends before the first stop. Temperature 0 is greedy decoding and
@@ -12,8 +16,8 @@ What is reproducible: each sample draws its tokens from its own random generator
 `sample_seed(settings.seed, prompt_id, sample_index)`. A sample therefore does not depend on which
 prompts share its batch, the batch size, the prompt order, the shard size or whether the run was
 resumed, given the same model weights, device type and library versions. Prompts padded to
-different widths give slightly different floating-point sums, so a draw that falls on a near tie
-can still come out differently.
+different widths, and batches of other sizes (as when finished rows leave), give slightly
+different floating-point sums, so a draw that falls on a near tie can still come out differently.
 
 `generate_to_shards` writes the samples of `prompts_per_shard` prompts at a time to
 `samples-00000.arrow`, ... (temporary file, then rename) and `manifest.json` last; a killed run,
@@ -124,7 +128,6 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
     generation sees it: template and bos included, so it is tokenized without special tokens), in
     prompt order then sample order. `on_prompts_done(n)` is called after each batch of n prompts."""
     import torch
-    from transformers import GenerationConfig, StoppingCriteriaList
 
     items = _checked_prompts(prompts)
     if not items:
@@ -140,12 +143,8 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
         # with the data stage's tokenizer): padded positions are masked, any id in range will do.
         pad_id = stops[0] if stops else 0
     n = settings.samples_per_prompt
-    # Greedy steps: a sampled token is drawn by `_sampler` (transformers' do_sample would add its
-    # default top-k and draw from the global generator). Each prompt is repeated n times here, as
-    # num_return_sequences would (which greedy decoding refuses).
-    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
-                              use_cache=True, eos_token_id=stops or None, pad_token_id=pad_id)
     stop_criteria = _stop_criteria(tokenizer, stops, stop_strings)
+    decode = _decode_dropping_finished if _rows_can_be_dropped(model) else _generate_keeping_finished
     device = _device_of(model)
     # Longest first: similar lengths share a batch, and an out-of-memory shows in the first one.
     order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
@@ -159,21 +158,100 @@ def sample(model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSetti
             for row, i in enumerate(batch):
                 ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
                 mask[row, width - len(encoded[i]):] = 1
-            recorder = _StopRecorder(stop_criteria, width)
-            ids, mask = ids.to(device), mask.to(device)
-            out = model.generate(
-                input_ids=ids.repeat_interleave(n, dim=0), attention_mask=mask.repeat_interleave(n, dim=0),
-                generation_config=config, logits_processor=_sampler(settings, [items[i][0] for i in batch], device),
-                stopping_criteria=StoppingCriteriaList([recorder]), **_shared_prefill(model, ids, mask, n),
-            )
-            stopped_at = recorder.stopped_at.tolist()
-            for row, new_ids in enumerate(out[:, width:].tolist()):
+            new_ids, stopped_at = decode(
+                model, ids.to(device), mask.to(device), n, settings.max_new_tokens,
+                _sampler(settings, [items[i][0] for i in batch], device), stop_criteria, stops, pad_id)
+            for row, (row_ids, row_stopped_at) in enumerate(zip(new_ids, stopped_at)):
                 i = batch[row // n]
                 records.setdefault(i, []).append(_record(
-                    items[i][0], row % n, new_ids, stopped_at[row], stops, stop_strings, tokenizer, settings.seed))
+                    items[i][0], row % n, row_ids, row_stopped_at, stops, stop_strings, tokenizer, settings.seed))
             if on_prompts_done is not None:
                 on_prompts_done(len(batch))
     return [r for i in range(len(items)) for r in records[i]]
+
+
+def _rows_can_be_dropped(model) -> bool:
+    """Whether the model's KV cache is one of key/value tensors per layer (transformers'
+    DynamicCache of full or sliding-window attention layers), whose rows `batch_select_indices`
+    drops; a recurrent or quantized layer keeps state that would not follow."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    try:
+        layers = DynamicCache(config=model.config).layers
+    except Exception:  # a config transformers cannot lay a cache out for: its own generate decides
+        return False
+    return bool(layers) and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers)
+
+
+def _decode_dropping_finished(model, ids, mask, n: int, max_new_tokens: int, processors, stop_criteria,
+                              stops: list[int], pad_id: int) -> tuple[list[list[int]], list[int]]:
+    """Each row's new ids and after how many it stopped (0: never), for the prompts `ids` (left
+    padded, `mask`) repeated n times. The forward passes, logits processors and stop criteria of
+    transformers' greedy `generate` (`_generate_keeping_finished`), but a row that has stopped
+    leaves the batch: its input, mask, positions, cache rows and generator. `generate` computes
+    every row until the batch's last one stops, though samples of one batch end at very different
+    lengths. The remaining rows keep their width and positions (the cache is only indexed by row),
+    so what they attend to is unchanged; only their floating-point sums may round differently in
+    a smaller batch, as in any other batch composition. (`stops`, `pad_id`: used by `generate`.)"""
+    import torch
+
+    cache_kwarg, last_logits_only = _cache_kwarg(model), _last_logits_only(model)
+    cache = next(iter(_shared_prefill(model, ids, mask, n).values()), None)  # the prompts but their last tokens
+    sequences, mask = ids.repeat_interleave(n, dim=0), mask.repeat_interleave(n, dim=0)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    step_ids, step_positions = (sequences, positions) if cache is None else (sequences[:, -1:], positions[:, -1:])
+    # As `generate`: no mask when no prompt of the batch is padded (the model then builds none),
+    # and the batch's mask to the end when one is, whichever rows remain.
+    padded = not bool(mask.all())
+    rows = list(range(sequences.shape[0]))  # the batch row of each remaining row
+    new_ids: list[list[int]] = [[] for _ in rows]
+    stopped_at = [0] * len(rows)
+    for step in range(1, max_new_tokens + 1):
+        out = model(input_ids=step_ids, attention_mask=mask if padded else None, position_ids=step_positions,
+                    **{cache_kwarg: cache}, **last_logits_only, use_cache=True, return_dict=True)
+        cache = getattr(out, "cache", None) or out.past_key_values
+        scores = processors(sequences, out.logits[:, -1].to(dtype=torch.float32, copy=True))
+        tokens = scores.argmax(dim=-1)
+        sequences = torch.cat([sequences, tokens[:, None]], dim=-1)
+        done = stop_criteria(sequences, scores).tolist()
+        for row, token, stopped in zip(rows, tokens.tolist(), done):
+            new_ids[row].append(token)
+            if stopped:
+                stopped_at[row] = step
+        remaining = [k for k, stopped in enumerate(done) if not stopped]
+        if not remaining or step == max_new_tokens:
+            break
+        if len(remaining) < len(rows):
+            keep = torch.tensor(remaining, device=sequences.device)
+            cache.batch_select_indices(keep)
+            sequences, mask, tokens, step_positions = sequences[keep], mask[keep], tokens[keep], step_positions[keep]
+            rows = [rows[k] for k in remaining]
+            for processor in processors:
+                if isinstance(processor, _SeededDraw):
+                    processor.keep(remaining)
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+        step_ids, step_positions = tokens[:, None], step_positions[:, -1:] + 1
+    return new_ids, stopped_at
+
+
+def _generate_keeping_finished(model, ids, mask, n: int, max_new_tokens: int, processors, stop_criteria,
+                               stops: list[int], pad_id: int) -> tuple[list[list[int]], list[int]]:
+    """`_decode_dropping_finished` by transformers' `generate`, which feeds a stopped row padding
+    until the batch's last row stops: for a cache whose rows cannot be dropped, and the reference
+    the faster decoding is checked against. Greedy steps: a sampled token is drawn by `_sampler`
+    (transformers' do_sample would add its default top-k and draw from the global generator). Each
+    prompt is repeated n times here, as num_return_sequences would (which greedy decoding refuses)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                              eos_token_id=stops or None, pad_token_id=pad_id)
+    recorder = _StopRecorder(stop_criteria, ids.shape[1])
+    out = model.generate(
+        input_ids=ids.repeat_interleave(n, dim=0), attention_mask=mask.repeat_interleave(n, dim=0),
+        generation_config=config, logits_processor=processors, stopping_criteria=StoppingCriteriaList([recorder]),
+        **_shared_prefill(model, ids, mask, n))
+    return out[:, ids.shape[1]:].tolist(), recorder.stopped_at.tolist()
 
 
 def _shared_prefill(model, ids, mask, n: int) -> dict:
@@ -185,19 +263,31 @@ def _shared_prefill(model, ids, mask, n: int) -> dict:
         return {}
     prefix, prefix_mask = ids[:, :-1], mask[:, :-1]
     positions = (prefix_mask.long().cumsum(-1) - 1).masked_fill(prefix_mask == 0, 0)
-    cache_kwarg = _cache_kwarg(model)
-    out = model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions, use_cache=True)
+    out = model(input_ids=prefix, attention_mask=prefix_mask, position_ids=positions, use_cache=True,
+                **_last_logits_only(model))
     cache = getattr(out, "cache", None) or out.past_key_values
     cache.batch_repeat_interleave(n)
-    return {cache_kwarg: cache}
+    return {_cache_kwarg(model): cache}
 
 
 def _cache_kwarg(model) -> str:
     """transformers 5.x renamed `past_key_values` to `cache` (the old name is deprecated)."""
+    return "cache" if "cache" in _forward_parameters(model) else "past_key_values"
+
+
+def _last_logits_only(model) -> dict:
+    """`logits_to_keep=1` where the model takes it, as `generate` passes it: only the last
+    position's logits are read, and the LM head over every prompt position would be about a fifth
+    of a small model's prefill (SmolLM2: 49k-word vocabulary, hidden size 576). It changes no
+    hidden state, so no cache entry."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in _forward_parameters(model) else {}
+
+
+def _forward_parameters(model) -> set[str]:
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return set(inspect.signature(base.forward).parameters)
 
 
 def generate_to_shards(out_dir: str | Path, model, tokenizer, prompts: Sequence[Mapping], settings: SamplingSettings,
@@ -294,8 +384,8 @@ def _checked_prompts(prompts: Sequence[Mapping]) -> list[tuple[str, str]]:
 
 def _record(prompt_id: str, sample_index: int, new_ids: list[int], stopped_at: int, stops: list[int],
             stop_strings: list[str], tokenizer, seed: int) -> SampleRecord:
-    # A row stopped at step k holds padding after its k-th new token; one never stopped ran to
-    # max_new_tokens (the batch ends only when every row has stopped).
+    # A row stopped at step k may hold padding after its k-th new token (`generate` pads it until
+    # the batch ends); one never stopped ran to max_new_tokens.
     ids = new_ids[:stopped_at] if stopped_at else new_ids
     text = tokenizer.decode(ids[:-1] if stopped_at and ids[-1] in stops else ids, skip_special_tokens=True)
     cut = min((j for j in (text.find(s) for s in stop_strings) if j >= 0), default=len(text))
@@ -349,6 +439,10 @@ class _SeededDraw:
         probs = scores.softmax(dim=-1)
         drawn = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
         return torch.full_like(scores, float("-inf")).scatter_(1, drawn[:, None], 0.0)
+
+    def keep(self, rows: list[int]) -> None:
+        """Only these rows remain in the batch (the others have stopped)."""
+        self.generators = [self.generators[k] for k in rows]
 
 
 def _sampler(settings: SamplingSettings, prompt_ids: list[str], device):
