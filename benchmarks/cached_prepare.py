@@ -1,12 +1,12 @@
-"""A fully cached `sftdag prepare`: wall time, whether torch/transformers get imported, and how
-many times the source file is read, for this checkout and (optionally) a baseline git revision,
-measured alternately in one run and printed as ratios.
+"""A fully cached `sftdag prepare`: wall time, whether torch/transformers/mlflow get imported, and
+how many times the source file is read, for this checkout and (optionally) a baseline git revision,
+measured alternately in one run with the floor (`python -c "import dagster"`) and printed as ratios.
 
     python benchmarks/cached_prepare.py [--baseline REV] [--runs 5] [--rows 2000]
 
 Each tree gets its own store and Dagster home in a temporary folder; one `sftdag prepare` fills
-the cache, then --runs timed runs follow (A, B, A, B, ...). Every stage is a cache hit in the timed
-runs, so what is measured is the price of finding that out.
+the cache, then --runs timed runs follow (floor, A, B, floor, A, B, ...). Every stage is a cache
+hit in the timed runs, so what is measured is the price of finding that out.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ try:
     main(["prepare", sys.argv[1]])
 finally:
     print(json.dumps({"torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules,
-                      "data_file_opens": opened[0]}), file=sys.stderr)
+                      "mlflow": "mlflow" in sys.modules, "data_file_opens": opened[0]}), file=sys.stderr)
 """
 
 
@@ -61,6 +61,17 @@ def prepare_once(tree: Path, work: Path) -> tuple[float, dict]:
     if done.returncode != 0:
         raise SystemExit(f"prepare failed in {tree}:\n{done.stderr[-3000:]}")
     return elapsed, json.loads(done.stderr.strip().splitlines()[-1])
+
+
+def floor_once() -> float:
+    """The least any `sftdag` command that runs Dagster can take: a Python importing dagster."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import dagster"], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg()) + f" on {os.cpu_count()} cores"
 
 
 def set_up(work: Path, rows: int) -> None:
@@ -96,8 +107,11 @@ def main() -> None:
                 set_up(works[name], args.rows)
                 prepare_once(tree, works[name])  # fills the cache
             times: dict[str, list[float]] = {name: [] for name in trees}
+            floor: list[float] = []
             facts: dict[str, dict] = {}
+            load_before = load()
             for _ in range(args.runs):
+                floor.append(floor_once())
                 for name, tree in trees.items():
                     seconds, facts[name] = prepare_once(tree, works[name])
                     times[name].append(seconds)
@@ -107,14 +121,18 @@ def main() -> None:
                     subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                                    capture_output=True)
 
-    print(f"fully cached `sftdag prepare`, {args.rows} rows, {args.runs} runs each (median wall seconds)")
+    print(f"fully cached `sftdag prepare`, {args.rows} rows, {args.runs} runs each (median wall seconds); "
+          f"before: {load_before}, after: {load()}")
     first = next(iter(trees))
+    floor_s = statistics.median(floor)
+    floor_name = 'floor: python -c "import dagster"'
+    print(f"{floor_name:<36}{floor_s:>8.2f} s  x{floor_s / statistics.median(times[first]):.2f}")
     for name in trees:
         med = statistics.median(times[name])
         ratio = med / statistics.median(times[first])
-        print(f"{name:<32}{med:>8.2f} s  x{ratio:.2f}  torch imported: {facts[name]['torch']}, "
-              f"transformers imported: {facts[name]['transformers']}, "
-              f"data file opened {facts[name]['data_file_opens']} times")
+        print(f"{name:<36}{med:>8.2f} s  x{ratio:.2f}  (x{med / floor_s:.2f} the floor)  torch imported: "
+              f"{facts[name]['torch']}, transformers: {facts[name]['transformers']}, mlflow: "
+              f"{facts[name].get('mlflow')}, data file opened {facts[name]['data_file_opens']} times")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,16 @@
-"""The Dagster code location: assets, checks, jobs and schedules for every experiment YAML."""
+"""The Dagster code location: assets, checks, jobs and schedules for every experiment YAML
+(`defs`, built when Dagster loads it; the CLI builds only the assets of the experiment it runs)."""
 
 
 import dagster as dg
 
 from assets.data import build_data_assets, data_asset_key
-from assets.loop import build_loop_assets, loop_tags
 from assets.models import base_model_asset_key, build_base_model_asset
 from assets.store_io import StageStoreIOManager
-from assets.evaluation import build_evaluation_assets, final_asset_key
-from assets.training import GPU_TAG, build_training_assets
 from trainer.core.config import ConfigError, Experiment
 
 from .experiments import load_experiments
 from .liveness import dead_run_sensor
-from .schedules import build_loop_automation, build_retrain_schedule
 
 
 def data_groups(experiments: list[Experiment]) -> dict[str, Experiment]:
@@ -51,6 +48,13 @@ def loop_job_name(exp: Experiment) -> str:
 
 
 def build_definitions(experiments: list[Experiment]) -> dg.Definitions:
+    # Here, not at the top: `sftdag prepare` imports this module and needs none of them.
+    from assets.evaluation import build_evaluation_assets, final_asset_key
+    from assets.loop import build_loop_assets, loop_tags
+    from assets.training import GPU_TAG, build_training_assets
+
+    from .schedules import build_loop_automation, build_retrain_schedule
+
     assets: list = []
     jobs: list = []
     schedules: list = []
@@ -95,4 +99,19 @@ def resources() -> dict:
             "pipes_subprocess_client": dg.PipesSubprocessClient(termination_timeout_seconds=5)}
 
 
-defs = build_definitions(load_experiments())
+def run_assets(exp: Experiment, through: str) -> list:
+    """The assets a CLI run of `exp` through `through` ("data", "base", "model", "round") selects
+    from. A data group's packed shards have only data assets upstream and a GGUF base's conversion
+    has no upstream, so those two build just theirs; a model or a round needs the experiment's graph."""
+    if through == "data":
+        return build_data_assets(exp)
+    if through == "base":
+        return [build_base_model_asset(exp)]
+    return list(build_definitions([exp]).assets)
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    # Lazy: built when Dagster loads the code location, not whenever this module is imported (a
+    # `sftdag` command runs one experiment; a broken YAML elsewhere in experiments/ must not stop it).
+    return build_definitions(load_experiments())

@@ -88,19 +88,19 @@ def _looks_local(path: str) -> bool:
 
 
 def load_tokenizer(cfg: TokenizerConfig, base_dir: Union[str, Path] = ".") -> "PreTrainedTokenizerFast":
+    path = cfg.path
+    if path == "builtin:llama3":  # before AutoTokenizer, whose import pulls in torch (seconds)
+        return _load_llama3()
     # transformers is imported here, not with the module: a cached preparation reads paths and
     # templates from this module and never loads a tokenizer.
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = cfg.path
     if path == "builtin:tiny":
         if not (TINY_TOKENIZER_DIR / "tokenizer.json").is_file():
             raise FileNotFoundError(f"builtin:tiny: the shipped tokenizer is missing at {TINY_TOKENIZER_DIR}")
         tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
         tok.name_or_path = "builtin:tiny"
         return _check_fast(tok, path)
-    if path == "builtin:llama3":
-        return _load_llama3()
     from trainer.models import gguf
 
     if gguf.is_gguf_base(path):
