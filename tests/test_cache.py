@@ -361,9 +361,11 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
 PINNED_ROWS = [{"prompt": f"What is {i} + {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(8)]
 # Passed in as the tokenizer's key: no tokenizer (and so no library version) enters these keys.
 PINNED_TOKENIZER = "0" * 64
-PINNED_KEYS = {  # [raw, templated, tokenized, packed], since sources are sharded (raw 2, templated/tokenized 3)
-    "train": ["748b542bbd5ce0911213", "c404e3636921b2e7a338", "7a0494a839303cd7c22e", "60583787efdd8685cf63"],
-    "eval": ["c4e3328638dc2e582050", "67ec8a339ff77cc9e299", "9c79a02dea88efb9941c", "56a8ea17cf830cfd96a6"],
+# [raw, templated, tokenized, packed], since templated 4 (held-out rows carry the question, task
+# and source: the templated stage and everything after it were rebuilt once, on purpose)
+PINNED_KEYS = {
+    "train": ["748b542bbd5ce0911213", "08072feef18305e80a12", "ac1e47490e78ffd0f16f", "bd65d24079afb839b699"],
+    "eval": ["c4e3328638dc2e582050", "f913c193c509703c5c95", "2335b40610b4b3f8c7c4", "b9dcae30a1702c75d294"],
 }
 
 
