@@ -8,10 +8,12 @@ default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
+import subprocess
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,9 +208,20 @@ class TrainingConfig:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    bf16: bool = False
-    fp16: bool = False
+    # auto: bf16 where the training device computes it natively (a CUDA GPU that supports it, a CPU
+    # with AVX512-BF16 or AMX), else fp32; fp16 needs a GPU. `resolved_precision()` decides, the
+    # adapter key holds its answer: the same YAML on another machine may train another adapter.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # The older switches, aliases of precision (true: bf16 / fp16; false: not that one).
+    bf16: Optional[bool] = None
+    fp16: Optional[bool] = None
+    # Recompute each layer's activations in the backward instead of keeping them (non-reentrant):
+    # less memory, more time (BENCHMARKS.md "Training speed on a real model").
     gradient_checkpointing: bool = False
+    # The loss from the final hidden states, the LM head and cross-entropy run over this many
+    # trainable positions at a time, so the [tokens, vocabulary] fp32 logits of the whole batch never
+    # exist; 0: the model's own loss. Not in the adapter key (same loss and gradients up to rounding).
+    loss_chunk_tokens: int = 1024
     neftune_noise_alpha: Optional[float] = None
     seed: int = 42
     weight_decay: float = 0.0
@@ -258,9 +271,116 @@ class TrainingConfig:
                               "(the address of the machine of rank 0)")
         if not 0 < self.main_process_port < 65536:
             raise ConfigError(f"training.main_process_port: {self.main_process_port} is not a TCP port")
+        self.precision = self._precision_from_aliases()
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError(f"training.loss_chunk_tokens: {self.loss_chunk_tokens} must be >= 0 "
+                              "(0: the model's own loss)")
         if self.keep_checkpoints and self.save_strategy == "no":
             raise ConfigError('training.keep_checkpoints: true keeps the checkpoints a run saves, but '
                               'training.save_strategy is "no" (none are saved); set it to "steps" or "epoch"')
+
+    def _precision_from_aliases(self) -> str:
+        """`precision` with the bf16/fp16 switches folded in (a contradiction is an error)."""
+        if self.bf16 and self.fp16:
+            raise ConfigError("training.bf16 and training.fp16 are both true; set training.precision instead")
+        for name, value in (("bf16", self.bf16), ("fp16", self.fp16)):
+            if value and self.precision not in ("auto", name):
+                raise ConfigError(f"training.{name}: true contradicts training.precision: {self.precision} "
+                                  f"(drop training.{name}; precision replaces it)")
+            if value is False and self.precision == name:
+                raise ConfigError(f"training.{name}: false contradicts training.precision: {name} "
+                                  f"(drop training.{name}; precision replaces it)")
+        if self.precision != "auto":
+            return self.precision
+        if self.bf16:
+            return "bf16"
+        if self.fp16:
+            return "fp16"
+        # an explicit `bf16: false` meant fp32 before auto existed, and still does
+        return "fp32" if self.bf16 is False else "auto"
+
+    def resolved_precision(self, device_type: Optional[str] = None) -> str:
+        """fp32, bf16 or fp16 for a training on `device_type` (default: the device a training
+        process on this machine gets, `training_device_type`). The orchestrator puts it in the
+        adapter key and the training process trains in it: both ask this machine, without torch (the
+        orchestrator imports none). A precision the device cannot train in is a ConfigError."""
+        device_type = device_type or self.training_device_type()
+        if self.precision == "auto":
+            return "bf16" if self.native_bf16(device_type) else "fp32"
+        if self.precision == "fp16" and device_type == "cpu":
+            # accelerate runs fp16 autocast (and its loss scaler) only on accelerators: on a CPU it
+            # would silently train in fp32
+            raise ConfigError("training.precision: fp16 needs a GPU and this training runs on CPU; "
+                              "use bf16 (or auto) or fp32")
+        if self.precision == "bf16" and device_type == "cuda" and not self.native_bf16("cuda"):
+            raise ConfigError("training.precision: bf16 needs an Ampere or newer GPU (compute capability 8.0); "
+                              "use fp16 or fp32")
+        return self.precision
+
+    @staticmethod
+    def training_device_type() -> str:
+        """cpu when ACCELERATE_USE_CPU says so, cuda when an NVIDIA GPU is visible, mps on Apple
+        silicon, else cpu."""
+        import platform
+
+        if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+            return "cpu"
+        if TrainingConfig.cuda_compute_capabilities():
+            return "cuda"
+        return "mps" if platform.system() == "Darwin" and platform.machine() == "arm64" else "cpu"
+
+    @staticmethod
+    def native_bf16(device_type: str) -> bool:
+        """Whether `device_type` here computes bf16 matmuls in hardware (elsewhere bf16 is emulated,
+        slower than fp32): every visible GPU of compute capability 8.0 or more; a CPU with
+        AVX512-BF16 or AMX (x86) or the BF16 extension (Arm)."""
+        if device_type == "cuda":
+            capabilities = TrainingConfig.cuda_compute_capabilities()
+            return bool(capabilities) and min(capabilities) >= 8.0
+        return device_type == "cpu" and TrainingConfig.cpu_has_bf16()
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def cuda_compute_capabilities() -> tuple[float, ...]:
+        """The visible NVIDIA GPUs' compute capabilities (nvidia-smi); () when there are none."""
+        if os.environ.get("CUDA_VISIBLE_DEVICES", "0").strip() in ("", "-1"):
+            return ()
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return ()
+        capabilities = []
+        for field_text in out.stdout.split() if out.returncode == 0 else []:
+            try:
+                capabilities.append(float(field_text))
+            except ValueError:
+                pass
+        return tuple(capabilities)
+
+    @staticmethod
+    @functools.lru_cache(maxsize=None)
+    def cpu_has_bf16() -> bool:
+        """The CPU's flags (what torch reads too): avx512_bf16 or amx_bf16 on x86, bf16 on Arm."""
+        import platform
+
+        if platform.system() == "Darwin":
+            try:
+                out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True,
+                                     text=True, timeout=30)
+            except (OSError, subprocess.SubprocessError):
+                return False
+            return out.stdout.strip() == "1"
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        flags = set()
+        for line in cpuinfo.splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features"):
+                flags.update(value.split())
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
     def check_machine_rank(self, rank: int, where: str) -> None:
         if not 0 <= rank < self.num_machines:

@@ -21,10 +21,15 @@ def use_cpu() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
-def training_arguments(experiment: Experiment, work: Path, has_eval: bool):
+def training_arguments(experiment: Experiment, work: Path, has_eval: bool, device: torch.device | None = None,
+                       precision: str | None = None):
+    """`device`: where this process trains (its PartialState's); `precision`: fp32, bf16 or fp16,
+    as `TrainingConfig.resolved_precision` gives it (resolved here when None)."""
     from transformers import TrainingArguments
 
     tc = experiment.training
+    precision = precision or tc.resolved_precision()
+    on_cpu = use_cpu() or (device is not None and device.type == "cpu")
     # transformers 5 takes the ratio as a float < 1 in warmup_steps.
     warmup: float = tc.warmup_steps if tc.warmup_steps else float(tc.warmup_ratio)
     if not tc.warmup_steps and not 0.0 <= warmup < 1.0:
@@ -39,10 +44,10 @@ def training_arguments(experiment: Experiment, work: Path, has_eval: bool):
         per_device_train_batch_size=tc.per_device_train_batch_size,
         per_device_eval_batch_size=tc.per_device_eval_batch_size,
         gradient_accumulation_steps=tc.gradient_accumulation_steps,
-        bf16=tc.bf16,
-        fp16=tc.fp16,
-        gradient_checkpointing=tc.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=tc.gradient_checkpointing,  # transformers' new name for it
+        activation_checkpointing_kwargs={"use_reentrant": False} if tc.gradient_checkpointing else None,
         neftune_noise_alpha=tc.neftune_noise_alpha,
         seed=tc.seed,
         data_seed=tc.seed,
@@ -59,5 +64,7 @@ def training_arguments(experiment: Experiment, work: Path, has_eval: bool):
         label_names=["labels"],
         prediction_loss_only=True,
         dataloader_num_workers=0,
-        use_cpu=use_cpu(),
+        # transformers refuses bf16 without a GPU unless told the process is a CPU one (accelerate
+        # then runs the CPU bf16 autocast)
+        use_cpu=on_cpu,
     )

@@ -1,13 +1,16 @@
-"""What the training loop adds to transformers' Trainer: packed batches, token counts, reporting.
+"""What the training loop adds to transformers' Trainer: packed batches, token counts, a chunked
+loss, reporting.
 
 `PackedTrainer` converts the block-diagonal mask of packed batches for the model's attention
-implementation, counts tokens, and refuses non-finite losses (naming the rows). The callback sends
-per-step metrics to MLflow/Pipes, logs sample generations at each evaluation, and saves the token
-counters into every checkpoint.
+implementation, counts tokens, computes the loss from the final hidden states a chunk of positions
+at a time (`training.loss_chunk_tokens`; `chunked_causal_lm_loss`), and refuses non-finite losses
+(naming the rows). The callback sends per-step metrics to MLflow/Pipes, logs sample generations at
+each evaluation, and saves the token counters into every checkpoint.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -63,10 +66,125 @@ class TokenCounter:
         return True
 
 
+class _ChunkedNLL(torch.autograd.Function):
+    """Summed negative log-likelihood of `targets` [N] under the logits `hidden` [N, H] @ W.T, `chunk`
+    positions at a time, where W is `weight` [V, H] with the rows `row_ids` replaced by `rows` (peft's
+    trained new-token rows; None: W is `weight`). The forward also computes each chunk's gradients
+    (softmax minus one-hot, times W or the hidden states), as Liger's fused linear cross-entropy does:
+    no [positions, vocabulary] tensor outlives its chunk, and the backward only scales what was kept.
+    A frozen `weight` gets no gradient, the trained rows only theirs. Matmuls run in the autocast
+    dtype when autocast is on (as the model's lm_head would), the softmax in fp32 (as transformers'
+    loss does)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk: int, row_ids=None, rows=None):
+        device = hidden.device.type
+        compute = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_rows = rows is not None and ctx.needs_input_grad[5]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = {
+            "hidden": torch.empty_like(hidden) if need_hidden else None,
+            "weight": torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None,
+            "rows": torch.zeros(rows.shape, dtype=torch.float32, device=rows.device) if need_rows else None,
+        }
+        with torch.autocast(device, enabled=False):
+            h_all, w = hidden.to(compute), weight.to(compute)
+            if rows is not None:
+                w = w.index_copy(0, row_ids, rows.to(compute))
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = h_all[start:start + chunk], targets[start:start + chunk]
+                logits = (h @ w.T).float()
+                log_norm = logits.logsumexp(-1)
+                total += (log_norm - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_hidden or need_weight or need_rows:
+                    d_logits = logits.sub_(log_norm[:, None]).exp_()  # softmax, in place of the logits
+                    d_logits[torch.arange(len(t), device=t.device), t] -= 1
+                    d_logits = d_logits.to(compute)
+                    if need_hidden:
+                        grads["hidden"][start:start + chunk] = d_logits @ w
+                    if need_weight:
+                        grads["weight"] += d_logits.T @ h
+                    if need_rows:
+                        grads["rows"] += d_logits[:, row_ids].T @ h
+        if need_weight and rows is not None:
+            grads["weight"][row_ids] = 0  # replaced by the rows: those entries of `weight` are not used
+        ctx.dtypes = (hidden.dtype, weight.dtype, rows.dtype if rows is not None else None)
+        ctx.save_for_backward(grads["hidden"], grads["weight"], grads["rows"])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        scaled = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes)]
+        return scaled[0], scaled[1], None, None, None, scaled[2]
+
+
+def chunked_causal_lm_loss(hidden: torch.Tensor, head: torch.Tensor | torch.nn.Module, labels: torch.Tensor,
+                           chunk: int, num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+    """The loss a causal LM's own forward computes from `labels` (transformers' `ForCausalLMLoss`):
+    position i predicts labels[i + 1], -100 labels (a packed document's first token among them, so
+    no loss crosses documents) count nowhere; the mean over the counted labels, or their sum over
+    `num_items_in_batch` when given. `hidden` [B, T, H] are the final hidden states (after the last
+    norm), `head` the output projection (the model's `get_output_embeddings()`, or its weight
+    [V, H]); only counted positions reach it."""
+    targets = labels[:, 1:]
+    counted = targets != IGNORE_INDEX
+    weight, row_ids, rows = _projection(head)
+    total = _ChunkedNLL.apply(hidden[:, :-1][counted], weight, targets[counted], max(int(chunk), 1), row_ids, rows)
+    if num_items_in_batch is None:
+        return total / counted.sum()
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _projection(head) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(weight, row ids, rows) of an output projection: peft's trainable-token wrapper (one active,
+    unmerged adapter) as its frozen base weight and its trained rows, so the gradient is computed
+    for those rows alone, not for the whole [V, H] weight its `.weight` merges them into; anything
+    else by its `.weight`."""
+    if isinstance(head, torch.Tensor):
+        return head, None, None
+    adapter = getattr(head, "token_adapter", None)
+    active = getattr(adapter, "active_adapters", None)
+    if adapter is None or not active or len(active) != 1 or adapter.merged or adapter.disable_adapters:
+        return head.weight, None, None
+    rows = adapter.trainable_tokens_delta[active[0]]
+    row_ids = torch.as_tensor(adapter.token_indices[active[0]], dtype=torch.long, device=rows.device)
+    return adapter.base_layer.weight, row_ids, rows
+
+
+def chunked_loss_unsupported(model) -> str | None:
+    """Why `chunked_causal_lm_loss` would not be the model's own loss (None: it is): the output
+    projection must be a plain bias-free Linear (or peft's trainable-token / modules-to-save wrapper
+    of one, whose `.weight` is the trained weight), the logits unscaled, and the forward able to skip
+    the logits (`logits_to_keep`)."""
+    import inspect
+
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    linear = head.original_module if isinstance(head, AuxiliaryTrainingWrapper) else head
+    if type(linear) is not torch.nn.Linear or linear.bias is not None:
+        return f"the output projection is a {type(head).__name__}, not a bias-free Linear"
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    for scaling in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier",
+                    "lm_head_multiplier"):
+        if getattr(config, scaling, None) not in (None, 1, 1.0):
+            return f"the model scales its logits ({scaling})"
+    if "logits_to_keep" not in inspect.signature(type(base).forward).parameters:
+        return f"{type(base).__name__}.forward takes no logits_to_keep"
+    return None
+
+
 class PackedTrainer(Trainer):
-    def __init__(self, *args: Any, token_counter: TokenCounter, **kwargs: Any):
+    def __init__(self, *args: Any, token_counter: TokenCounter, loss_chunk_tokens: int = 0, **kwargs: Any):
+        """`loss_chunk_tokens` > 0: the loss by `chunked_causal_lm_loss` (the caller checks
+        `chunked_loss_unsupported` first); 0: the model's own."""
         super().__init__(*args, **kwargs)
         self.token_counter = token_counter
+        self.loss_chunk_tokens = loss_chunk_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rows = inputs.get("row_index")
@@ -74,7 +192,11 @@ class PackedTrainer(Trainer):
         if labels is not None and model.training:
             self.token_counter.add(labels, inputs.get("row_length"))
         prepared = model_inputs(inputs, self.model)
-        result = super().compute_loss(model, prepared, return_outputs=return_outputs,
+        # Trainer's own compute_loss still decides num_items_in_batch and scales the result; only the
+        # forward that returns the loss differs
+        forward = functools.partial(self._chunked_loss_forward, model) if self.loss_chunk_tokens and \
+            labels is not None else model
+        result = super().compute_loss(forward, prepared, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         loss = result[0] if return_outputs else result
         if labels is not None and not torch.isfinite(loss.detach()).all():
@@ -83,6 +205,17 @@ class PackedTrainer(Trainer):
                 f"non-finite loss {loss.detach().float().item()} on dataset rows "
                 f"{rows.tolist() if rows is not None else '?'} ({trainable} trainable tokens in the batch)")
         return result
+
+    def _chunked_loss_forward(self, model, labels, num_items_in_batch=None, **inputs):
+        # The forward (through DDP, peft and accelerate's autocast) stops before the logits; the
+        # loss runs under the same autocast the model's own loss would have.
+        skip_logits = torch.empty(0, dtype=torch.long, device=labels.device)
+        outputs = model(**inputs, logits_to_keep=skip_logits, output_hidden_states=True)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        with self.accelerator.autocast():
+            loss = chunked_causal_lm_loss(outputs.hidden_states[-1], head, labels, self.loss_chunk_tokens,
+                                          num_items_in_batch)
+        return {"loss": loss}
 
 
 def distributed_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_tokens: list,

@@ -77,7 +77,7 @@ def _quantization(experiment: Experiment, device) -> dict[str, Any]:
         return {}
     from transformers import BitsAndBytesConfig
 
-    compute = torch.bfloat16 if tc.bf16 else torch.float16
+    compute = torch.bfloat16 if tc.resolved_precision() == "bf16" else torch.float16
     if tc.mode == "qlora4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
                                     bnb_4bit_use_double_quant=True)

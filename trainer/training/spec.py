@@ -66,6 +66,9 @@ class TrainingSummary:
     accuracy_before: float | None = None
     accuracy_after: float | None = None
     resumed_from_step: int | None = None
+    # fp32, bf16 or fp16: `training.precision` as resolved on the training device (None: trained
+    # before the field existed)
+    precision: str | None = None
     # `training.keep_checkpoints`: [{"step": N, "path": "checkpoints/step-N"}] (relative to the
     # output directory, by step) for the checkpoints kept in the output; empty when none are kept.
     checkpoints: list[dict[str, Any]] = field(default_factory=list)

@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 from trainer.core.template_setup import load_template_setup
 from trainer.training.arguments import training_arguments, use_cpu
-from trainer.training.callbacks import PackedTrainer, ReportingCallback, TokenCounter, distributed_generate
+from trainer.training.callbacks import (
+    PackedTrainer, ReportingCallback, TokenCounter, chunked_loss_unsupported, distributed_generate,
+)
 from trainer.training.collate import PackedCollator, PackedDataset, steps_per_epoch
 from trainer.training.evaluate import exact_match, load_held_out
 from trainer.training.model_setup import base_vocab_size, build_trainable_model, check_mode_available
@@ -148,12 +150,31 @@ class TrainingRun:
                                                     self.experiment.base_dir)
         self.trainable = build_trainable_model(self.experiment, self.tokenizer, self.base_path,
                                                self.template.added_tokens, self.reporter, self.state.device)
+        self.setup_precision_and_loss()
         self.steps_per_epoch = steps_per_epoch(len(self.train_rows), tc.per_device_train_batch_size,
                                                tc.gradient_accumulation_steps, self.state.num_processes)
         self.reporter.info(
             "training %s (%s) on %d packed rows: %d steps per epoch (batch %d x accumulation %d x %d processes), "
             "base model %s", self.experiment.name, tc.mode, len(self.train_rows), self.steps_per_epoch,
             tc.per_device_train_batch_size, tc.gradient_accumulation_steps, self.state.num_processes, self.base_path)
+
+    def setup_precision_and_loss(self) -> None:
+        """The precision this process trains in (`training.precision` resolved on this machine, as
+        the adapter key has it), recorded in MLflow (`precision_resolved`) and the summary; and
+        whether the loss can be chunked."""
+        tc = self.settings
+        self.precision = tc.resolved_precision()
+        if self.state.device.type == "cpu":
+            tc.resolved_precision("cpu")  # fp16 here is refused as on a machine without a GPU
+        self.reporter.info("precision %s (training.precision %s, on %s)", self.precision, tc.precision,
+                           self.state.device.type)
+        if self.mlflow_run is not None:
+            self.mlflow_run.log_params({"precision_resolved": self.precision})
+        self.loss_chunk_tokens = tc.loss_chunk_tokens
+        unsupported = chunked_loss_unsupported(self.trainable.model) if self.loss_chunk_tokens else None
+        if unsupported:
+            self.reporter.info("training.loss_chunk_tokens: the model's own loss instead: %s", unsupported)
+            self.loss_chunk_tokens = 0
 
     # -- evaluation ------------------------------------------------------------------------------
     def generate(self, model, rows: list[dict]) -> list[str]:
@@ -222,9 +243,12 @@ class TrainingRun:
             sample_strategy=tc.eval_strategy, sample_steps=tc.eval_steps or tc.logging_steps,
             has_eval=self.eval_rows is not None)
         trainer = PackedTrainer(
-            model=self.trainable.model, args=training_arguments(self.experiment, self.work, self.eval_rows is not None),
+            model=self.trainable.model,
+            args=training_arguments(self.experiment, self.work, self.eval_rows is not None, device=self.state.device,
+                                    precision=self.precision),
             train_dataset=self.train_rows, eval_dataset=self.eval_rows, data_collator=PackedCollator(self.pad_id),
-            processing_class=self.tokenizer, callbacks=[self.callback], token_counter=counter)
+            processing_class=self.tokenizer, callbacks=[self.callback], token_counter=counter,
+            loss_chunk_tokens=self.loss_chunk_tokens)
         started = time.time()
         output = trainer.train(resume_from_checkpoint=str(self.resume_from) if self.resume_from else None)
         runtime = time.time() - started
@@ -250,7 +274,7 @@ class TrainingRun:
             trainable_tokens=self.counter.trainable_tokens, tokens=self.counter.tokens, train_runtime=trained.runtime,
             resumed_from_step=trained.resumed_step or None, vocab_size=len(self.tokenizer),
             base_vocab_rows=self.trainable.base_rows, new_token_ids=self.trainable.new_token_ids,
-            eot_token=self.template.eot_token, tags=dict(self.spec.tags),
+            eot_token=self.template.eot_token, tags=dict(self.spec.tags), precision=self.precision,
             # another machine's ranks have no work dir (rank 0 alone writes the result)
             checkpoints=kept_checkpoints(self.work) if self.settings.keep_checkpoints and self.work.is_dir() else [])
 
