@@ -13,7 +13,7 @@ import json
 import dagster as dg
 
 from trainer.core.config import Experiment
-from trainer.data.packing import plot_length_histogram
+from trainer.data.packing import LENGTH_HISTOGRAM_PLOT, plot_length_histogram
 from trainer.data.prepare import DataPipeline
 from trainer.data.shards import SourceShard
 from trainer.core.template_setup import load_template_setup
@@ -76,7 +76,9 @@ def stage_metadata(stage: str, outputs: dict[str, StageOutput]) -> dict:
                 schema=dg.TableSchema(columns=[dg.TableColumn(k, "int") for k in (histogram[0] if histogram else {})]),
             )
             if histogram:
-                png = plot_length_histogram(histogram, int(out.manifest["counts"]["max_length"]))
+                stored = out.path / LENGTH_HISTOGRAM_PLOT  # absent in outputs packed before it was stored
+                png = stored.read_bytes() if stored.exists() else plot_length_histogram(
+                    histogram, int(out.manifest["counts"]["max_length"]))
                 meta["length_histogram_plot"] = dg.MetadataValue.md(
                     f"![length histogram](data:image/png;base64,{base64.b64encode(png).decode()})")
     return meta

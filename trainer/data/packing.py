@@ -604,6 +604,10 @@ def length_histogram(lengths, max_length: int, bins: int = 16) -> list[dict]:
     return out
 
 
+# The picture of a packed output's length histogram, stored in the output beside its shards.
+LENGTH_HISTOGRAM_PLOT = "length_histogram.png"
+
+
 def plot_length_histogram(histogram: list[dict], max_length: int) -> bytes:
     """PNG bytes of a `length_histogram` (matplotlib, Agg, no global pyplot state).
 

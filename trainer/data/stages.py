@@ -397,7 +397,7 @@ def shard_input(stage: str) -> str:
 
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    from trainer.data.packing import length_histogram, pack_files
+    from trainer.data.packing import LENGTH_HISTOGRAM_PLOT, length_histogram, pack_files, plot_length_histogram
     from trainer.data.parallel import close_pools
 
     close_pools()  # packing is one process: the shard workers' memory is given back first
@@ -407,6 +407,9 @@ def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, ou
                         rows_per_file=d.rows_per_shard, strategy=keys.packing_strategy(exp, split),
                         overlong=d.overlong, truncate_side=d.truncate_side, progress=progress,
                         row_trainable=[out.path / ROW_TRAINABLE for out, _ in shards])
+    histogram = length_histogram(result.doc_lengths, d.max_length)
+    # drawn once, with the shards: a cache hit shows the stored picture without importing matplotlib
+    (out_dir / LENGTH_HISTOGRAM_PLOT).write_bytes(plot_length_histogram(histogram, d.max_length))
     return {"split": split, "counts": dict(result.counts), "files": result.files, "rows_per_file": result.rows_per_file,
-            "length_histogram": length_histogram(result.doc_lengths, d.max_length),
+            "length_histogram": histogram,
             "reject_reasons": write_rejects(out_dir, "packed", result.rejects)}
