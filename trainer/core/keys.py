@@ -13,7 +13,7 @@ so changing them never rebuilds or retrains anything.
 | templated (and each shard: its raw shard instead of raw) | format, fields, masking, formatting function (its code), response/instruction templates, empty_assistant_turns (inputs: raw, tokenizer) |
 | tokenized | nothing of its own (inputs: templated, tokenizer; a shard: its templated shard, tokenizer) |
 | packed | max_length, packing strategy, overlong, truncate_side, rows_per_shard |
-| adapter | `training` minus `TRAINING_REPORTING` and `loss_chunk_tokens`, its precision as this machine resolves it (with keep_checkpoints: the checkpoint cadence too; an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
+| adapter | `training` minus `TRAINING_REPORTING`, `loss_chunk_tokens` and `gradient_checkpointing`, its precision as this machine resolves it (with keep_checkpoints: the checkpoint cadence too; an init_adapter by its content), `model`, the base weights' identity (inputs: packed train [+ eval], tokenizer) |
 | merged | training mode (input: adapter) |
 | score | held-out rows scored, max new tokens, the scorers (a verifier with its code) (inputs: merged, the held-out prompts file's sha256 or "none") |
 | samples | the round, generation settings, stop texts (inputs: generator model, prompts) |
@@ -88,8 +88,8 @@ def packed_params(exp: Experiment, split: str) -> dict[str, Any]:
 
 
 def adapter_training_params(training: TrainingConfig) -> dict[str, Any]:
-    """The training settings that change an adapter's output: all but TRAINING_REPORTING, the
-    precision resolved on this machine (the device a training here runs on). With
+    """The training settings that change an adapter's output: all but TRAINING_REPORTING and what
+    changes only memory (loss_chunk_tokens, gradient_checkpointing), the precision resolved on this machine (the device a training here runs on). With
     `keep_checkpoints` the output holds the checkpoints, so the cadence that picks them
     (save_strategy, save_steps, save_total_limit) counts too; `keep_checkpoints: false` stays out,
     so adapters trained before the setting existed keep their keys."""
@@ -101,6 +101,9 @@ def adapter_training_params(training: TrainingConfig) -> dict[str, Any]:
     resolved = training.resolved_precision()
     params.update(bf16=resolved == "bf16", fp16=resolved == "fp16")
     del params["precision"], params["loss_chunk_tokens"]
+    # Recomputing activations changes memory and time, not the weights (tested): keyed as its old
+    # default whatever it is, so adapters trained before it left the key keep their keys.
+    params["gradient_checkpointing"] = False
     if training.keep_checkpoints:
         params.update(save_strategy=training.save_strategy, save_steps=training.save_steps,
                       save_total_limit=training.save_total_limit)
