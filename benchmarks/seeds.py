@@ -1,4 +1,4 @@
-"""The default experiment across training seeds: held-out exact match and wall time per seed.
+"""The default experiment across training seeds: held-out accuracy and wall time per seed.
 
     python benchmarks/seeds.py [--experiment experiments/default.yaml] [--seeds 42 43 44]
 
@@ -6,8 +6,12 @@ Each seed is one `sftdag run` (a process, as `make run` starts it) of the experi
 `training.seed` changed, one after another: two trainings on the same cores slow each other
 several times. The runs share one store in a temporary folder, so the data assets are prepared
 by the first run and are cache hits afterwards (the data key does not depend on the training
-seed); every run trains, merges and scores its own model. The last lines are a table and the
-minimum accuracy over the seeds.
+seed); every run trains, merges and scores its own model. The accuracies are what `sftdag run`
+prints (its last line, JSON), which come from the evaluation asset's score (`score.json`): the
+headline scorer's pass rate (`scorer`; exact match unless `eval.scorers` says otherwise) of the
+base model (`accuracy_before`) and of the merged model (`accuracy_after`) on the first
+`training.accuracy_rows` held-out rows; the training process itself scores nothing. The last
+lines are a table and the minimum accuracy over the seeds.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_seed(experiment: dict, seed: int, work: Path) -> tuple[float, dict]:
-    """Wall seconds and the CLI's summary of one `sftdag run` with `training.seed` = seed."""
+    """Wall seconds and the CLI's result (its JSON line) of one `sftdag run` with `training.seed` = seed."""
     config = {**experiment, "store": str(work / "store"),
               "training": {**experiment["training"], "seed": seed}}
     config_path = work / f"seed-{seed}.yaml"
@@ -58,7 +62,7 @@ def main() -> None:
         for seed in args.seeds:
             elapsed, summary = run_seed(experiment, seed, Path(tmp))
             results.append((seed, elapsed, summary))
-            print(f"seed {seed}: {elapsed:.0f} s, accuracy {summary['accuracy_before']:.3f} -> "
+            print(f"seed {seed}: {elapsed:.0f} s, accuracy ({summary['scorer']}) {summary['accuracy_before']:.3f} -> "
                   f"{summary['accuracy_after']:.3f}", flush=True)
 
     print("\n| seed | wall time | accuracy before | accuracy after (merged model) |")

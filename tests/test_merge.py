@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -55,12 +56,32 @@ def test_merged_equals_adapter_and_loads_alone(tmp_path_factory):
     g_merged = generate(merged, tok, prompts, 4, stop_tokens=["<|im_end|>"])
     g_adapter = generate(with_adapter, tok, prompts, 4, stop_tokens=["<|im_end|>"])
     assert g_merged == g_adapter
-    assert exact_match(g_merged, [r["reference"] for r in rows]) == pytest.approx(summary.accuracy_after)
+    # ...and as the training process answered them at its end (its final sample table in MLflow,
+    # generated in the precision it trained in).
+    final = _final_samples(summary)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if summary.precision == "bf16"
+                else contextlib.nullcontext())
+    with autocast:
+        g_trained = generate(with_adapter, tok, [row[1] for row in final], 4, stop_tokens=["<|im_end|>"])
+    assert [row[1] for row in final] == prompts[:len(final)] and len(final) == 2
+    assert [row[2] for row in final] == g_trained
 
     # A second merge into the same place is a no-op.
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     merge_adapter(adapter_dir, summary.base_model_path, spec["tokenizer_dir"], out, "<|im_end|>")
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def _final_samples(summary) -> list[list]:
+    """The rows (step, prompt, generation, reference) of the training's final sample table in MLflow."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary.mlflow_tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(client.download_artifacts(summary.mlflow_run_id, "samples/final.json", tmp))
+        return json.loads(path.read_text())["data"]
 
 
 @pytest.mark.slow

@@ -59,8 +59,8 @@ def test_training_run_contents(tmp_path_factory):
     trainable = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "trainable_tokens"),
                                          key=lambda m: (m.step, m.timestamp))]
     assert trainable == sorted(trainable) and trainable[-1] == summary.trainable_tokens
-    assert run.data.metrics["accuracy_before"] == summary.accuracy_before
-    assert run.data.metrics["accuracy_after"] == summary.accuracy_after
+    # Held-out answers are scored by the evaluation asset (its own MLflow metrics), not by the training.
+    assert not {"accuracy_before", "accuracy_after"} & run.data.metrics.keys()
 
     # Artifacts: sample-generation tables at each evaluation and at the end, the adapter, the summary.
     top = {a.path for a in client.list_artifacts(run.info.run_id)}

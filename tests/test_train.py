@@ -105,7 +105,7 @@ def test_lora_trains_new_token_rows_and_writes_outputs(tmp_path_factory):
     client = MlflowClient(on_disk["mlflow_tracking_uri"])
     run = client.get_run(on_disk["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    for key in ("accuracy_before", "accuracy_after", "train_loss", "trainable_tokens"):
+    for key in ("train_loss", "trainable_tokens"):
         assert run.data.metrics[key] == pytest.approx(on_disk[key]), key
     # train_loss is the mean over the run's optimizer steps (logged one by one: logging_steps 1).
     step_losses = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
@@ -212,6 +212,61 @@ def test_continue_training_an_existing_adapter(tmp_path, tmp_path_factory):
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert any("lora_B" in k and before[k].abs().max() > 0 for k in before)  # a trained adapter, not a fresh one
+
+
+def test_training_generates_only_the_sample_tables(tmp_path, monkeypatch):
+    """Held-out answers are scored by the evaluation asset, not by the training: with
+    `accuracy_rows` > 0 and no sample generations the training generates nothing; with sample
+    generations it generates once, for the final sample table."""
+    import trainer.training.evaluate as evaluate_module
+    from mlflow.tracking import MlflowClient
+
+    calls: list[list[str]] = []
+    real_generate = evaluate_module.generate
+
+    def counting_generate(model, tokenizer, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return real_generate(model, tokenizer, prompts, *args, **kwargs)
+
+    # Every generation in the training process goes through it (distributed_generate imports it when called).
+    monkeypatch.setattr(evaluate_module, "generate", counting_generate)
+    rows = held_out_rows(4)
+    for samples in (0, 2):
+        spec = make_spec(tmp_path / f"samples{samples}", rows=8, held_out=rows,
+                         training={"accuracy_rows": 4, "sample_generations": samples})
+        calls.clear()
+        summary = run_training(spec)
+        assert summary.global_step == 2
+        assert calls == ([[r["prompt"] for r in rows[:samples]]] if samples else [])
+        assert not {"accuracy_before", "accuracy_after"} & summary.to_dict().keys()
+        client = MlflowClient(summary.mlflow_tracking_uri)
+        run = client.get_run(summary.mlflow_run_id)
+        assert not {"accuracy_before", "accuracy_after"} & run.data.metrics.keys()
+        tables = {a.path for a in client.list_artifacts(summary.mlflow_run_id, "samples")}
+        assert tables == ({"samples/final.json"} if samples else set())
+        assert not (Path(spec["output_dir"]) / "sftdag_before.json").exists()
+    assert [row[1] for row in _final_samples(summary)] == [r["prompt"] for r in rows[:2]]
+
+
+def test_summary_written_before_the_accuracy_fields_were_dropped_still_loads(tmp_path):
+    """A summary from a version whose training scored the held-out rows itself (accuracy_before,
+    accuracy_after) loads, and its finished output is reused as it is."""
+    spec = make_spec(tmp_path, rows=2)
+    out = Path(spec["output_dir"])
+    old = {"experiment": "t", "mode": "lora", "output_dir": str(out), "base_model": "builtin:tiny-llama",
+           "base_model_path": str(tmp_path / "base"), "global_step": 4, "steps_per_epoch": 4, "train_rows": 16,
+           "world_size": 1, "train_loss": 2.5, "trainable_tokens": 100, "tokens": 200, "train_runtime": 1.5,
+           "vocab_size": 32, "base_vocab_rows": 30, "new_token_ids": [30, 31], "eot_token": "<|im_end|>",
+           "tags": {"data_version": "dv-1"}, "mlflow_run_id": None, "mlflow_tracking_uri": None,
+           "eval_loss": None, "accuracy_before": 0.25, "accuracy_after": 0.75, "resumed_from_step": None,
+           "precision": None, "checkpoints": []}
+    out.mkdir()
+    (out / "training_summary.json").write_text(json.dumps(old))
+    summary = TrainingSummary.read(out)
+    assert summary == TrainingSummary.from_dict(old)
+    assert summary.to_dict() == {k: v for k, v in old.items() if k not in ("accuracy_before", "accuracy_after")}
+    assert run_training(spec) == summary  # already complete: read, not trained again
+    assert not partial_dir(out).exists()
 
 
 def test_completed_output_is_not_retrained(tmp_path_factory):
@@ -387,8 +442,9 @@ def test_killed_after_the_summary_completes_without_training(tmp_path, monkeypat
     again = run_training(spec)
     assert again == summary
     assert out.is_dir() and not work.exists() and not list(out.glob("checkpoint-*"))
+    assert "sftdag_before.json" not in finished  # the training no longer scores the base model
     assert {k: v for k, v in _files(out).items() if k in finished} == {
-        k: v for k, v in finished.items() if k not in ("mlflow_run_id", "sftdag_before.json")}
+        k: v for k, v in finished.items() if k != "mlflow_run_id"}
     assert "adapter_model.safetensors" in finished
     # One MLflow run, closed, its figures logged once.
     (run,) = _mlflow_runs(summary)
@@ -481,7 +537,7 @@ def test_two_processes_equal_one(tmp_path):
         methods = [m["method"] for m in messages]
         assert methods.count("opened") == 1 and methods.count("closed") == 1, methods
         logs = [m["params"]["message"] for m in messages if m["method"] == "log"]
-        assert any("step 4/4" in line for line in logs) and any("exact match after" in line for line in logs)
+        assert any("step 4/4" in line for line in logs) and any("training complete" in line for line in logs)
         (mat,) = [m["params"] for m in messages if m["method"] == "report_asset_materialization"]
         assert mat["data_version"] == "ad-2" and mat["metadata"]["global_step"]["raw_value"] == 4
         assert not [m for m in messages if m["method"] == "closed" and m["params"]]  # no exception
@@ -496,5 +552,20 @@ def test_two_processes_equal_one(tmp_path):
     assert s1.tokens == s2.tokens and s1.trainable_tokens == s2.trainable_tokens
     assert abs(s1.train_loss - s2.train_loss) < 1e-4
     assert abs(s1.eval_loss - s2.eval_loss) < 1e-3  # float reduction order differs slightly
-    # Held-out generation is split over the ranks and gathered in order.
-    assert s1.accuracy_before == s2.accuracy_before and s1.accuracy_after == s2.accuracy_after
+    # Held-out generation (the final sample table) is split over the ranks and gathered in order.
+    assert _final_samples(s1) == _final_samples(s2)
+    assert [row[1] for row in _final_samples(s1)] == [r["prompt"] for r in held_out_rows(4)[:2]]
+
+
+def _final_samples(summary: TrainingSummary) -> list[list]:
+    """The rows (step, prompt, generation, reference) of the run's final sample table in MLflow."""
+    import tempfile
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary.mlflow_tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        table = json.loads(Path(client.download_artifacts(summary.mlflow_run_id, "samples/final.json", tmp))
+                           .read_text())
+    assert table["columns"] == ["step", "prompt", "generation", "reference"]
+    return table["data"]

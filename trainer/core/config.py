@@ -258,7 +258,8 @@ class TrainingConfig:
     # Held-out generation: how many eval prompts to sample per evaluation, and max new tokens.
     sample_generations: int = 8
     max_new_tokens: int = 64
-    # Rows of the held-out (raw) split scored by exact match before and after training.
+    # Rows of the held-out split the evaluation scores by `eval.scorers` (the merged model and the
+    # model it was trained from).
     accuracy_rows: int = 200
 
     def __post_init__(self) -> None:

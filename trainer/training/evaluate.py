@@ -1,5 +1,6 @@
-"""Held-out prompts: greedy generation, exact-match accuracy, scoring by the configured scorers,
-and the teacher-forced loss of the references.
+"""Held-out prompts: greedy generation, exact match, and the teacher-forced loss of the references
+(the evaluation's score, `trainer.training.score`, judges answers by the configured scorers,
+`trainer.training.scorers`).
 
 A held-out file is JSONL of `{"prompt": <text exactly as generation sees it, template and bos
 included>, "reference": <expected completion>}`, and as the templated stage writes it also
@@ -57,37 +58,6 @@ def exact_match(generations: Sequence[str], references: Sequence[str]) -> float:
         return 0.0
     hits = sum(g.strip() == r.strip() for g, r in zip(generations, references))
     return hits / len(references)
-
-
-def score_model(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,
-                max_new_tokens: int) -> tuple[float, int]:
-    """Held-out exact match of the standalone model in `model_dir`, and how many rows were scored."""
-    rows = load_held_out(held_out)[:accuracy_rows]
-    generations = answer_held_out(model_dir, rows, stop_tokens, max_new_tokens)
-    return exact_match(generations, [r["reference"] for r in rows]), len(rows)
-
-
-def score_model_with(model_dir: str | Path, held_out: str | Path, stop_tokens: Iterable[str], accuracy_rows: int,
-                     max_new_tokens: int, scorers: Sequence) -> tuple[dict, list[dict]]:
-    """The standalone model's greedy answers to the first `accuracy_rows` held-out rows, judged by
-    each of `scorers` (`trainer.training.scorers`): ({scorer id: pass rate, fail and error
-    counts}, one record per row: prompt id, reference, answer, each scorer's outcome)."""
-    from trainer.training.scorers import score_answers
-
-    rows = load_held_out(held_out)[:accuracy_rows]
-    generations = answer_held_out(model_dir, rows, stop_tokens, max_new_tokens) if rows else []
-    return score_answers(scorers, rows, generations)
-
-
-def answer_held_out(model_dir: str | Path, rows: Sequence[dict], stop_tokens: Iterable[str],
-                    max_new_tokens: int) -> list[str]:
-    """The standalone model's greedy answers to held-out rows (`load_held_out`), as it is scored."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
-    stops = [t for t in (*stop_tokens, tokenizer.eos_token) if t]
-    return generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, stop_tokens=stops)
 
 
 def held_out_loss(model, tokenizer, rows: Sequence[dict], stop_token: str | None, batch_size: int = 8) -> dict:

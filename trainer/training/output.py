@@ -31,7 +31,9 @@ from trainer.core.template_setup import TemplateSetup
 MODEL_CARD = "README.md"
 RUN_ID_FILE = "mlflow_run_id"  # the MLflow run a resumed training continues
 COUNTERS_FILE = "sftdag_counters.json"  # token counters, saved into every checkpoint
-BEFORE_FILE = "sftdag_before.json"  # accuracy of the base model, kept across a resume
+# the base model's accuracy, which versions that scored it during training kept across a resume: a
+# work dir they left may hold it
+BEFORE_FILE = "sftdag_before.json"
 BOOKKEEPING = (RUN_ID_FILE, BEFORE_FILE)  # in the work dir only, never in the result
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 KEPT_CHECKPOINTS = "checkpoints"  # in the result: checkpoints/step-<N>/ (training.keep_checkpoints)
@@ -223,8 +225,7 @@ def model_card(experiment: Experiment, setup: TemplateSetup, summary, spec) -> s
         "",
         "## Metrics",
     ]
-    for key in ("global_step", "train_loss", "eval_loss", "accuracy_before", "accuracy_after",
-                "trainable_tokens", "tokens", "train_runtime"):
+    for key in ("global_step", "train_loss", "eval_loss", "trainable_tokens", "tokens", "train_runtime"):
         if getattr(summary, key) is not None:
             lines.append(f"- {key}: {getattr(summary, key)}")
     if summary.mlflow_run_id:

@@ -63,8 +63,6 @@ class TrainingSummary:
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None
     eval_loss: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
     resumed_from_step: int | None = None
     # fp32, bf16 or fp16: `training.precision` as resolved on the training device (None: trained
     # before the field existed)
@@ -75,6 +73,9 @@ class TrainingSummary:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "TrainingSummary":
+        """The fields it knows; a key it does not know is left out, so a summary written by an
+        older version loads (one with `accuracy_before`/`accuracy_after`: the training once scored
+        the held-out rows itself, which the evaluation asset now does)."""
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls) if f.name in raw})
 
     @classmethod

@@ -8,9 +8,11 @@ Runs where only torch, transformers, peft, accelerate and pyarrow (and pyyaml, a
 dependency) are installed: MLflow and Dagster Pipes are used when importable, never required.
 
 The recipe reads top to bottom (`TrainingRun.run`): set up the tokenizer, the data, tracking and
-the model; score the base model; train; evaluate; save. SPEC.json is a `TrainingSpec` and the
-result's `training_summary.json` a `TrainingSummary` (`trainer.training.spec`); how the output
-directory is worked in, resumed and finished is `trainer.training.output`.
+the model; train; evaluate (the eval loss, the final sample table); save. SPEC.json is a
+`TrainingSpec` and the result's `training_summary.json` a `TrainingSummary` (`trainer.training.spec`);
+how the output directory is worked in, resumed and finished is `trainer.training.output`. Held-out
+answers are scored elsewhere: the evaluation asset scores the merged model and its base
+(`trainer.training.score`), on the first `training.accuracy_rows` held-out rows.
 
 Batches: packed rows with restarting position_ids and a block-diagonal 4-D mask (see
 `trainer.training.collate`); a batch without any trainable token raises `NoTrainableTokensError` naming its
@@ -21,7 +23,6 @@ replace it). MLflow (rank 0): `experiment.tracking.mlflow_tracking_uri`, else
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -32,15 +33,13 @@ from dataclasses import dataclass
 
 from trainer.core.template_setup import load_template_setup
 from trainer.training.arguments import training_arguments, use_cpu
-from trainer.training.callbacks import (
-    PackedTrainer, ReportingCallback, TokenCounter, chunked_loss_unsupported, distributed_generate,
-)
+from trainer.training.callbacks import PackedTrainer, ReportingCallback, TokenCounter, chunked_loss_unsupported
 from trainer.training.collate import PackedCollator, PackedDataset, steps_per_epoch
-from trainer.training.evaluate import exact_match, load_held_out
+from trainer.training.evaluate import load_held_out
 from trainer.training.model_setup import base_vocab_size, build_trainable_model, check_mode_available
 from trainer.training.base_model import resolve_base_model
 from trainer.training.output import (
-    BEFORE_FILE, COUNTERS_FILE, MODEL_CARD, checkpoint_step, finalize, is_finished, kept_checkpoints,
+    COUNTERS_FILE, MODEL_CARD, checkpoint_step, finalize, is_finished, kept_checkpoints,
     last_checkpoint, model_card, partial_dir, remove_incomplete_checkpoints, result_files, save_model, training_lock,
 )
 from trainer.training.reporting import Reporter, close_mlflow_run_of, open_mlflow_run
@@ -93,11 +92,10 @@ class TrainingRun:
         self.setup_data()
         self.setup_tracking()
         self.setup_model()
-        accuracy_before = self.score_base_model()
         trainer, trained = self.train()
         eval_loss = self.evaluation_loss(trainer, trained.global_step)
-        accuracy_after = self.score_trained_model(trainer.model, trained.global_step, accuracy_before)
-        summary = self.summarize(trained, eval_loss, accuracy_before, accuracy_after)
+        self.callback.log_samples(trainer.model, trained.global_step, name="final")
+        summary = self.summarize(trained, eval_loss)
         self.save(trainer, summary)
         return summary
 
@@ -129,7 +127,6 @@ class TrainingRun:
         eval_rows = PackedDataset(self.spec.eval_shards) if self.spec.eval_shards else None
         self.eval_rows = eval_rows if eval_rows is not None and len(eval_rows) else None
         held_out = load_held_out(self.spec.held_out) if self.spec.held_out else []
-        self.accuracy_rows = held_out[: max(self.settings.accuracy_rows, 0)]
         self.sample_rows = held_out[: max(self.settings.sample_generations, 0)]
 
     def setup_tracking(self) -> None:
@@ -177,31 +174,6 @@ class TrainingRun:
             self.loss_chunk_tokens = 0
 
     # -- evaluation ------------------------------------------------------------------------------
-    def generate(self, model, rows: list[dict]) -> list[str]:
-        return distributed_generate(model, self.tokenizer, [r["prompt"] for r in rows],
-                                    self.settings.max_new_tokens, self.stop_tokens)
-
-    def score_base_model(self) -> float | None:
-        """Held-out exact match of the base model (adapter disabled), once per run: a resumed run
-        reuses it."""
-        if not self.accuracy_rows:
-            return None
-        before_file = self.work / BEFORE_FILE
-        if before_file.exists():
-            accuracy = json.loads(before_file.read_text())["accuracy_before"]
-        else:
-            model = self.trainable.model
-            full = self.settings.mode == "full" or not hasattr(model, "disable_adapter")
-            with nullcontext() if full else model.disable_adapter():
-                generations = self.generate(model, self.accuracy_rows)
-            accuracy = exact_match(generations, [r["reference"] for r in self.accuracy_rows])
-            if self.is_main:
-                before_file.write_text(json.dumps({"accuracy_before": accuracy}))
-        self.reporter.info("held-out exact match before training: %.4f (%d rows)", accuracy, len(self.accuracy_rows))
-        if self.mlflow_run is not None:
-            self.mlflow_run.log_metrics({"accuracy_before": accuracy}, step=0)
-        return accuracy
-
     def evaluation_loss(self, trainer, global_step: int) -> float | None:
         if self.eval_rows is None:
             return None
@@ -209,22 +181,6 @@ class TrainingRun:
         if evaluations and evaluations[-1].get("step") == global_step:
             return evaluations[-1]["eval_loss"]
         return trainer.evaluate().get("eval_loss")
-
-    def score_trained_model(self, model, global_step: int, accuracy_before: float | None) -> float | None:
-        """Held-out exact match after training; the final sample table reuses its generations."""
-        if not self.accuracy_rows:
-            self.callback.log_samples(model, global_step, name="final")
-            return None
-        generations = self.generate(model, self.accuracy_rows)
-        accuracy = exact_match(generations, [r["reference"] for r in self.accuracy_rows])
-        self.reporter.info("held-out exact match after training: %.4f (before %.4f)", accuracy, accuracy_before)
-        if self.mlflow_run is not None:
-            self.mlflow_run.log_metrics({"accuracy_after": accuracy}, step=global_step)
-        if len(self.sample_rows) <= len(self.accuracy_rows):
-            self.callback.log_sample_table(global_step, generations, name="final")
-        else:
-            self.callback.log_samples(model, global_step, name="final")
-        return accuracy
 
     # -- training --------------------------------------------------------------------------------
     def train(self) -> tuple[PackedTrainer, Trained]:
@@ -261,7 +217,7 @@ class TrainingRun:
         return trainer, Trained(global_step, train_loss, runtime, resumed_step)
 
     # -- output ----------------------------------------------------------------------------------
-    def summarize(self, trained: Trained, eval_loss, accuracy_before, accuracy_after) -> TrainingSummary:
+    def summarize(self, trained: Trained, eval_loss) -> TrainingSummary:
         run = self.mlflow_run
         return TrainingSummary(
             experiment=self.experiment.name, mode=self.settings.mode, output_dir=str(self.spec.output_dir),
@@ -270,7 +226,6 @@ class TrainingRun:
             mlflow_tracking_uri=run.tracking_uri if run is not None else None,
             global_step=trained.global_step, steps_per_epoch=self.steps_per_epoch, train_rows=len(self.train_rows),
             world_size=self.state.num_processes, train_loss=trained.train_loss, eval_loss=eval_loss,
-            accuracy_before=accuracy_before, accuracy_after=accuracy_after,
             trainable_tokens=self.counter.trainable_tokens, tokens=self.counter.tokens, train_runtime=trained.runtime,
             resumed_from_step=trained.resumed_step or None, vocab_size=len(self.tokenizer),
             base_vocab_rows=self.trainable.base_rows, new_token_ids=self.trainable.new_token_ids,
