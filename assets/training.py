@@ -66,7 +66,8 @@ def build_training_assets(exp: Experiment) -> list:
             "base_model": dg.MetadataValue.text(plan.base_model),
             **_mlflow_metadata(summary),
         }
-        for name in ("global_step", "train_loss", "trainable_tokens", "train_runtime"):
+        for name in ("global_step", "train_loss", "trainable_tokens", "train_runtime", "precision", "peak_rss_gb",
+                     "peak_gpu_gb"):
             if getattr(summary, name) is not None:
                 metadata[name] = getattr(summary, name)
         return dg.Output(plan.output(), metadata=metadata, data_version=dg.DataVersion(plan.key))

@@ -60,10 +60,9 @@ def experiment(args, mode: str, base_dir: Path, **training):
 
 def product_settings(name: str) -> tuple[str, dict]:
     mode, precision, *extra = name.split("-", 2)
-    training = {"precision": precision}
-    if extra == ["checkpointing"]:
-        training["gradient_checkpointing"] = True
-    elif extra == ["own-loss"]:
+    # checkpointing only where the name says so (it is on by default): the step against torch's own
+    training = {"precision": precision, "gradient_checkpointing": extra == ["checkpointing"]}
+    if extra == ["own-loss"]:
         training["loss_chunk_tokens"] = 0
     return mode, training
 

@@ -130,6 +130,13 @@ def test_bf16_trains_in_a_cpu_process_and_auto_is_recorded(tmp_path):
             assert "doesn't support bf16" not in proc.stderr
             assert "precision bf16 (training.precision bf16, on cpu)" in proc.stderr
             summary = TrainingSummary.read(spec["output_dir"])
+            # its own peak resident memory: no more than the largest of this test's children, more
+            # than torch alone
+            import resource
+            children_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+            assert 0.2 < summary.peak_rss_gb <= children_peak_gb and summary.peak_gpu_gb is None
+            metrics = MlflowClient(summary.mlflow_tracking_uri).get_run(summary.mlflow_run_id).data.metrics
+            assert metrics["peak_rss_gb"] == summary.peak_rss_gb
         else:
             summary = run_training(spec)
         runs[precision] = summary

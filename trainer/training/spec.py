@@ -67,6 +67,10 @@ class TrainingSummary:
     # fp32, bf16 or fp16: `training.precision` as resolved on the training device (None: trained
     # before the field existed)
     precision: str | None = None
+    # The training process's peak resident memory (rank 0's, GB) and, on a GPU, the most its tensors
+    # held there (GB); None: trained before the fields existed
+    peak_rss_gb: float | None = None
+    peak_gpu_gb: float | None = None
     # `training.keep_checkpoints`: [{"step": N, "path": "checkpoints/step-N"}] (relative to the
     # output directory, by step) for the checkpoints kept in the output; empty when none are kept.
     checkpoints: list[dict[str, Any]] = field(default_factory=list)

@@ -230,6 +230,7 @@ class TrainingRun:
             resumed_from_step=trained.resumed_step or None, vocab_size=len(self.tokenizer),
             base_vocab_rows=self.trainable.base_rows, new_token_ids=self.trainable.new_token_ids,
             eot_token=self.template.eot_token, tags=dict(self.spec.tags), precision=self.precision,
+            peak_rss_gb=peak_rss_gb(), peak_gpu_gb=peak_gpu_gb(self.state.device),
             # another machine's ranks have no work dir (rank 0 alone writes the result)
             checkpoints=kept_checkpoints(self.work) if self.settings.keep_checkpoints and self.work.is_dir() else [])
 
@@ -256,7 +257,8 @@ class TrainingRun:
             return
         try:
             run.log_metrics({k: v for k, v in summary.scalars().items()
-                             if k in ("train_loss", "trainable_tokens", "train_runtime")}, step=summary.global_step)
+                             if k in ("train_loss", "trainable_tokens", "train_runtime", "peak_rss_gb", "peak_gpu_gb")},
+                            step=summary.global_step)
             artifacts = "adapter" if self.settings.mode != "full" else "model"
             for p in result_files(self.work):
                 if p.is_dir():
@@ -311,6 +313,21 @@ def _full_train_loss(log_history: list[dict], global_step: int, resumed_step: in
         return session_loss
     session_steps = global_step - resumed_step
     return (total + session_loss * session_steps) / (steps + session_steps)
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, in GB (ru_maxrss: kilobytes on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1e9 if sys.platform == "darwin" else 1e6), 3)
+
+
+def peak_gpu_gb(device) -> float | None:
+    """The most this process's tensors held on its GPU, in GB; None off a GPU."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 1e9, 3) if device.type == "cuda" else None
 
 
 def run_training(spec: str | os.PathLike | dict | TrainingSpec) -> TrainingSummary:
