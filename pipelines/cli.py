@@ -41,7 +41,9 @@ def sqlite_files_kept_open(instance, run_id: str):
     Dagster opens and closes a connection for each event it stores, and closing a file's last
     connection checkpoints its write-ahead log into it and deletes the log, with fsyncs each time:
     40% of the Dagster run of a fully cached `sftdag prepare`. Beside an idle connection none is
-    the last; every commit is still synced, and the last close here checkpoints once.
+    the last; every commit is still synced, and the last close here checkpoints once. The event
+    log's connections also come from one SQLAlchemy engine per file (`_engines_reused`), not a new
+    engine (and dialect set-up) per event.
     """
     import sqlite3
 
@@ -49,6 +51,7 @@ def sqlite_files_kept_open(instance, run_id: str):
     from dagster._core.storage.runs import SqliteRunStorage
 
     kept: list[sqlite3.Connection] = []
+    restore = contextlib.nullcontext()
 
     def keep(path: str, statement: str = "SELECT count(*) FROM sqlite_master") -> None:
         # A connection counts once it has read (it then maps the log's index); the read ends at once.
@@ -67,13 +70,56 @@ def sqlite_files_kept_open(instance, run_id: str):
             kept[-1].execute("SELECT count(*) FROM sqlite_master").fetchall()  # the file had no log to map before
             with events.index_connection() as conn:
                 keep(conn.engine.url.database)
+            restore = _engines_reused(events)
         if isinstance(instance.run_storage, SqliteRunStorage):
             with instance.run_storage.connect() as conn:
                 keep(conn.engine.url.database)
-        yield
+        with restore:
+            yield
     finally:
         for conn in kept:
             conn.close()
+
+
+@contextlib.contextmanager
+def _engines_reused(events):
+    """While entered, `events` (Dagster's SQLite event log) connects through one engine per file,
+    each connection still new and in its own transaction, as its `_connect` does with a new
+    engine every time. Left as it is where `_connect` is not the one this mirrors."""
+    from dagster._core.storage.sql import create_engine
+    from sqlalchemy.pool import NullPool
+
+    expected = ("_db_lock", "_initialized_dbs", "_initdb", "conn_string_for_shard")
+    if type(events)._connect.__qualname__ != "SqliteEventLogStorage._connect" or \
+            not all(hasattr(events, name) for name in expected):
+        yield
+        return
+    from dagster._core.storage.event_log.sqlite.sqlite_event_log import SQLITE_BUSY_TIMEOUT_SECONDS
+
+    engines: dict[str, object] = {}
+
+    @contextlib.contextmanager
+    def connect(shard: str):
+        with events._db_lock:
+            conn_string = events.conn_string_for_shard(shard)
+            engine = engines.get(conn_string)
+            if engine is None:
+                engine = engines[conn_string] = create_engine(
+                    conn_string, poolclass=NullPool, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS})
+            if shard not in events._initialized_dbs:
+                events._initdb(engine)
+                events._initialized_dbs.add(shard)
+            with engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+
+    events._connect = connect
+    try:
+        yield
+    finally:
+        del events._connect
+        for engine in engines.values():
+            engine.dispose()
 
 
 def materialize_experiment(exp, through: str, instance=None, partition: str | None = None, verbose: bool = True):
