@@ -134,7 +134,7 @@ def test_bf16_trains_in_a_cpu_process_and_auto_is_recorded(tmp_path):
             # than torch alone
             import resource
             children_peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-            assert 0.2 < summary.peak_rss_gb <= children_peak_gb and summary.peak_gpu_gb is None
+            assert 0.2 < summary.peak_rss_gb <= round(children_peak_gb, 3) and summary.peak_gpu_gb is None
             metrics = MlflowClient(summary.mlflow_tracking_uri).get_run(summary.mlflow_run_id).data.metrics
             assert metrics["peak_rss_gb"] == summary.peak_rss_gb
         else:
