@@ -15,7 +15,7 @@ import torch
 from tests.train_helpers import REPO, TINY, make_spec, train_env
 from trainer.core.config import ConfigError, TrainingConfig, experiment_from_dict
 from trainer.core.keys import adapter_training_params
-from trainer.training.callbacks import chunked_causal_lm_loss, chunked_loss_unsupported
+from trainer.training.callbacks import chunked_causal_lm_loss, chunked_loss_unsupported, final_hidden_states
 from trainer.training.collate import PackedCollator, model_inputs
 from trainer.training.spec import TrainingSummary
 from trainer.training.train import run_training
@@ -270,6 +270,36 @@ def test_chunked_loss_without_gradients():
                        output_hidden_states=True).hidden_states[-1]
         chunked = chunked_causal_lm_loss(hidden, model.get_output_embeddings().weight, inputs["labels"], 2)
     torch.testing.assert_close(chunked, own, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("wrap", ["plain", "lora", "lora_checkpointed"])
+def test_the_loss_reads_the_final_hidden_states_without_keeping_every_layers(wrap):
+    """The chunked loss takes the decoder's output by a hook instead of asking the model for every
+    layer's hidden states (which an evaluation would otherwise hold until the loss): the same
+    tensor as the model's last hidden state, through peft and gradient checkpointing, with and
+    without gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(tie=True)
+    if wrap != "plain":
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear",
+                                                 trainable_token_indices={"embed_tokens": [95, 96]}))
+    if wrap == "lora_checkpointed":
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    features = {k: v for k, v in model_inputs(packed_batch(3), model).items() if k != "labels"}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            expected = model(**features, output_hidden_states=True).hidden_states[-1]
+            with final_hidden_states(model) as final:
+                out = model(**features, logits_to_keep=torch.empty(0, dtype=torch.long))
+            assert not final.needs_all and out.hidden_states is None
+            torch.testing.assert_close(final.value, expected, rtol=0, atol=0)
+            assert final.value.requires_grad == grad
+    # the hook is gone after the block: a later forward leaves the value as it was
+    kept = final.value
+    model(**features)
+    assert final.value is kept
 
 
 def test_models_the_chunked_loss_cannot_stand_for():

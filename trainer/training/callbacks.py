@@ -10,6 +10,8 @@ each evaluation, and saves the token counters into every checkpoint.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import json
 import time
@@ -178,6 +180,26 @@ def chunked_loss_unsupported(model) -> str | None:
     return None
 
 
+@functools.cache
+def _libc_malloc_trim():
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+def return_freed_memory() -> None:
+    """Hand the pages of freed blocks back to the system. glibc keeps the activations' freed
+    buffers in its heap, fragmented around the few tensors a step keeps, so the process's resident
+    memory ratchets up (a checkpoint save, an evaluation's larger batches); trimming at those rare
+    points keeps what is resident close to what is live. Per step it would cost time: the next
+    step faults the pages back in."""
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 class PackedTrainer(Trainer):
     def __init__(self, *args: Any, token_counter: TokenCounter, loss_chunk_tokens: int = 0, **kwargs: Any):
         """`loss_chunk_tokens` > 0: the loss by `chunked_causal_lm_loss` (the caller checks
@@ -206,16 +228,47 @@ class PackedTrainer(Trainer):
                 f"{rows.tolist() if rows is not None else '?'} ({trainable} trainable tokens in the batch)")
         return result
 
+    def evaluate(self, *args, **kwargs):
+        return_freed_memory()  # the evaluation's batches start from what training actually holds
+        return super().evaluate(*args, **kwargs)
+
     def _chunked_loss_forward(self, model, labels, num_items_in_batch=None, **inputs):
         # The forward (through DDP, peft and accelerate's autocast) stops before the logits; the
         # loss runs under the same autocast the model's own loss would have.
         skip_logits = torch.empty(0, dtype=torch.long, device=labels.device)
-        outputs = model(**inputs, logits_to_keep=skip_logits, output_hidden_states=True)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        unwrapped = self.accelerator.unwrap_model(model)
+        with final_hidden_states(unwrapped) as final:
+            outputs = model(**inputs, logits_to_keep=skip_logits, output_hidden_states=final.needs_all)
+        hidden = outputs.hidden_states[-1] if final.needs_all else final.value
         with self.accelerator.autocast():
-            loss = chunked_causal_lm_loss(outputs.hidden_states[-1], head, labels, self.loss_chunk_tokens,
+            loss = chunked_causal_lm_loss(hidden, unwrapped.get_output_embeddings(), labels, self.loss_chunk_tokens,
                                           num_items_in_batch)
         return {"loss": loss}
+
+
+class final_hidden_states:
+    """The decoder's output (the final, normed hidden states) of the next forward, taken by a hook
+    on the decoder: asking the model for `output_hidden_states` would keep every layer's hidden
+    states alive until the loss (a batch's worth per layer, needlessly, in an evaluation without
+    gradients). `needs_all`: the model has no separate decoder, so they must be asked for."""
+
+    def __init__(self, model):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        self.decoder = decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
+        self.needs_all = self.decoder is None
+        self.value = None
+
+    def _keep(self, module, args, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def __enter__(self) -> "final_hidden_states":
+        self.handle = self.decoder.register_forward_hook(self._keep) if self.decoder is not None else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def distributed_generate(model, tokenizer, prompts: list[str], max_new_tokens: int, stop_tokens: list,
@@ -276,6 +329,7 @@ class ReportingCallback(TrainerCallback):
             if folder.is_dir():
                 (folder / COUNTERS_FILE).write_text(json.dumps(self.counter.state()))
                 self.reporter.info("checkpoint saved: %s", folder.name)
+        return_freed_memory()
 
     # -- metrics -------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):
