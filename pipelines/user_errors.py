@@ -34,8 +34,6 @@ def load_checked(path: str, through: str):
 
 
 def _check_models(exp, through: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     from trainer.core.config import ConfigError
     from trainer.models import gguf
 
@@ -51,6 +49,9 @@ def _check_models(exp, through: str) -> None:
             except gguf.GGUFError as e:
                 raise ConfigError(f"{key}: {e}") from None
         elif not value.startswith("builtin:") and not exp.resolve_path(value).exists():
+            # huggingface_hub imported only here: a cached `prepare` of local data never needs it
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
             try:  # not here, but maybe a Hugging Face hub id (loaded in the run, for users with network)
                 validate_repo_id(value)
             except HFValidationError:

@@ -15,7 +15,9 @@ from assets.data import STAGE_ASSETS, data_asset_key, tokenizer_asset_key
 
 from .conftest import small_rows, write_jsonl
 
-HEAVY = ("torch", "transformers", "peft", "mlflow", "matplotlib")
+# What a cached `prepare` of local data never needs (huggingface_hub: only for a hub id; pyarrow.compute:
+# only when a stage builds).
+HEAVY = ("torch", "transformers", "peft", "mlflow", "matplotlib", "huggingface_hub", "pyarrow.compute")
 
 # The command in this process; last on stderr, which of HEAVY it imported.
 PROBE = ("import json, sys\nfrom pipelines.cli import main\ntry:\n    main(sys.argv[1:])\nfinally:\n"

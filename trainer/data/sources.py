@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from trainer.core.config import DataConfig, EvalConfig, SourceConfig
 from trainer.data.shards import SourceShard, file_shard, jsonl_shards
@@ -354,11 +353,13 @@ def build_raw_table(source: SourceConfig, base_dir: str | Path, holdout: EvalCon
     """The whole source's raw table in memory, rows numbered over all its shards (for small
     sources and tests; the raw stage writes shard by shard). Also returns how many well-formed
     records the source's `where` left out."""
+    import pyarrow.compute as pc  # here, not at import: a cached preparation never needs it
+
     tables, base, not_selected, selected = [], 0, 0, 0
     for shard in plan_shards(source, base_dir, rows_per_shard):
         counts = RawCounts()
         for table in raw_batches(source, shard, holdout, side, counts, batch_rows=1 << 30):
-            tables.append(table.set_column(0, "row_id", pa.compute.add(table.column("row_id"), base)))
+            tables.append(table.set_column(0, "row_id", pc.add(table.column("row_id"), base)))
         base += counts.records
         not_selected += counts.not_selected
         selected += counts.selected
