@@ -19,7 +19,7 @@ shared between processes count once per process) is sampled every 0.1 s.
      1 and 2 (--b-num-proc), each into an empty store, and the same preparation without Dagster
      (`DataPipeline(exp).run()` in a fresh process, num_proc 2: the whole process, and its run() alone:
      the Python start-up, the imports and the experiment's loading excluded), which says what the
-     command adds. "x raw" is a rows/s
+     command adds, with the wall seconds of each stage of that run(). "x raw" is a rows/s
      ratio (same rows: raw seconds / prepare seconds); tokens/s is shown too (prepare: the
      summary's packed tokens). Targets: >= 0.9x raw with 2 processes, 2 processes faster than 1.
   c. --inc-rows rows prepared (T_full); --append x that many rows appended to the end of the same
@@ -151,16 +151,38 @@ def prepare(exp_yaml: Path, label: str, rss_limit: float) -> dict:
 
 
 # The preparation without Dagster or the CLI, in a fresh process: prints the seconds of its
-# imports and experiment loading, then of DataPipeline.run() (tokenizer load and workers included).
+# imports and experiment loading, then of DataPipeline.run() (tokenizer load and workers included),
+# and where the run's time went: each stage's wall seconds (the sharded stages across the workers;
+# the tokenizer's loading and the packing in this process).
 IN_PROCESS = r"""
 import json, sys, time
 start = time.perf_counter()
+from trainer.core import store
 from trainer.core.config import load_experiment
+from trainer.data import parallel
 from trainer.data.prepare import DataPipeline
+stages = {}
+build_shards = parallel.ShardBuilder.build
+def timed_shards(self, stage, tasks, what):
+    t = time.perf_counter()
+    try:
+        return build_shards(self, stage, tasks, what)
+    finally:
+        stages[what] = stages.get(what, 0.0) + time.perf_counter() - t
+parallel.ShardBuilder.build = timed_shards
+get_or_build = store.Store.get_or_build
+def timed_build(self, stage, key, build):
+    t = time.perf_counter()
+    try:
+        return get_or_build(self, stage, key, build)
+    finally:
+        if stage in ("tokenizer", "packed"):
+            stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t
+store.Store.get_or_build = timed_build
 exp = load_experiment(sys.argv[1])
 begun = time.perf_counter()
 outputs = DataPipeline(exp, progress=False).run()
-print(json.dumps({"imports": begun - start, "run": time.perf_counter() - begun,
+print(json.dumps({"imports": begun - start, "run": time.perf_counter() - begun, "stages": stages,
                   "tokens": outputs["packed/train"].manifest["counts"]["tokens"]}))
 """
 
@@ -176,7 +198,8 @@ def prepare_in_process(exp_yaml: Path, label: str) -> dict:
         log(f"{label}: FAILED rc {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
         return {"seconds": seconds, "run": None}
     result = {"seconds": seconds, **json.loads(done.stdout.strip().splitlines()[-1])}
-    log(f"{label}: {seconds:.1f} s, of which run {result['run']:.1f} s, imports {result['imports']:.1f} s")
+    log(f"{label}: {seconds:.1f} s, of which run {result['run']:.1f} s, imports {result['imports']:.1f} s; "
+        "stages: " + ", ".join(f"{what} {s:.1f} s" for what, s in result["stages"].items()))
     return result
 
 
@@ -265,6 +288,11 @@ def main() -> None:
             verdicts.append(f"b  x raw (rows/s) {ratios} (target >= 0.9 with 2)"
                             + (f"; 2-proc/1-proc speedup {runs[1]['seconds'] / runs[2]['seconds']:.2f} (target > 1)"
                                if {1, 2} <= set(runs) else "") + caveat(*runs.values()))
+            if alone["run"] is not None:
+                other = alone["run"] - sum(alone["stages"].values())
+                verdicts.append("b  where run() spent its time (wall s): " + ", ".join(
+                    f"{what} {s:.1f}" for what, s in alone["stages"].items())
+                    + f", the rest {other:.1f} (loading the tokenizer for its identity, planning the shards)")
             if 2 in runs and alone["run"] is not None:
                 verdicts.append(f"b  `sftdag prepare` - the same preparation in a fresh process without Dagster: "
                                 f"{runs[2]['seconds'] - alone['seconds']:+.1f} s; that process - its run(): "
