@@ -162,23 +162,19 @@ from trainer.core.config import load_experiment
 from trainer.data import parallel
 from trainer.data.prepare import DataPipeline
 stages = {}
-build_shards = parallel.ShardBuilder.build
-def timed_shards(self, stage, tasks, what):
-    t = time.perf_counter()
-    try:
-        return build_shards(self, stage, tasks, what)
-    finally:
-        stages[what] = stages.get(what, 0.0) + time.perf_counter() - t
-parallel.ShardBuilder.build = timed_shards
-get_or_build = store.Store.get_or_build
-def timed_build(self, stage, key, build):
-    t = time.perf_counter()
-    try:
-        return get_or_build(self, stage, key, build)
-    finally:
-        if stage in ("tokenizer", "packed"):
-            stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - t
-store.Store.get_or_build = timed_build
+def timing(method, name_of):
+    def timed(self, stage, *args):
+        t = time.perf_counter()
+        try:
+            return method(self, stage, *args)
+        finally:
+            name = name_of(stage, args)
+            if name:
+                stages[name] = stages.get(name, 0.0) + time.perf_counter() - t
+    return timed
+parallel.ShardBuilder.build = timing(parallel.ShardBuilder.build, lambda stage, args: args[1])  # (tasks, what)
+store.Store.get_or_build = timing(store.Store.get_or_build,
+                                  lambda stage, args: stage if stage in ("tokenizer", "packed") else None)
 exp = load_experiment(sys.argv[1])
 begun = time.perf_counter()
 outputs = DataPipeline(exp, progress=False).run()
