@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import random
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -251,13 +252,17 @@ def _register_and_promote(uri: str, folder: str, key: str, value: float, start) 
 @pytest.mark.slow
 def test_concurrent_promotions_leave_the_best_champion(uri, model_dir):
     ctx = multiprocessing.get_context("spawn")
-    start = ctx.Manager().Event()
     # Three processes on a store none has opened yet; the best model is registered twice at once.
-    jobs = [(uri, str(model_dir(key)), key, value, start) for key, value in (("m1", 0.2), ("m2", 0.9), ("m2", 0.9))]
-    with ctx.Pool(len(jobs)) as pool:
-        pending = pool.starmap_async(_register_and_promote, jobs)
-        start.set()
-        versions = pending.get(timeout=120)
+    # concurrent.futures, not multiprocessing.Pool: a worker that dies fails the test (BrokenProcessPool)
+    # instead of leaving its task pending for good.
+    with ctx.Manager() as manager:
+        start = manager.Event()
+        jobs = [(uri, str(model_dir(key)), key, value, start)
+                for key, value in (("m1", 0.2), ("m2", 0.9), ("m2", 0.9))]
+        with ProcessPoolExecutor(len(jobs), mp_context=ctx) as pool:
+            futures = [pool.submit(_register_and_promote, *job) for job in jobs]
+            start.set()
+            versions = [future.result(timeout=120) for future in futures]
     assert versions[-1] == versions[-2]
     from mlflow import MlflowClient
 
