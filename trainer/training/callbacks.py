@@ -11,7 +11,6 @@ each evaluation, and saves the token counters into every checkpoint.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
 import json
 import time
@@ -182,9 +181,8 @@ def chunked_loss_unsupported(model) -> str | None:
 
 @functools.cache
 def _libc_malloc_trim():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+    try:  # the process's own symbols, libc's among them (no library search, no subprocess)
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         return None
 
