@@ -300,6 +300,8 @@ def test_the_loss_reads_the_final_hidden_states_without_keeping_every_layers(wra
     kept = final.value
     model(**features)
     assert final.value is kept
+    # a model that is its own decoder has no separate output to hook: every hidden state is asked for
+    assert final_hidden_states(tiny_llama(tie=True).model).needs_all
 
 
 def test_models_the_chunked_loss_cannot_stand_for():

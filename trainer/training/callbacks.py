@@ -252,7 +252,10 @@ class final_hidden_states:
 
     def __init__(self, model):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        try:
+            decoder = base.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):  # a model without one (or no rule to find it)
+            decoder = None
         self.decoder = decoder if isinstance(decoder, torch.nn.Module) and decoder is not base else None
         self.needs_all = self.decoder is None
         self.value = None
