@@ -238,6 +238,9 @@ class PackedTrainer(Trainer):
         with final_hidden_states(unwrapped) as final:
             outputs = model(**inputs, logits_to_keep=skip_logits, output_hidden_states=final.needs_all)
         hidden = outputs.hidden_states[-1] if final.needs_all else final.value
+        if hidden is None:
+            raise RuntimeError(f"{type(unwrapped).__name__}: its decoder's forward did not run; set "
+                               "training.loss_chunk_tokens: 0 for the model's own loss")
         with self.accelerator.autocast():
             loss = chunked_causal_lm_loss(hidden, unwrapped.get_output_embeddings(), labels, self.loss_chunk_tokens,
                                           num_items_in_batch)
