@@ -36,7 +36,8 @@ def _glibc() -> bool:
 
 def _returned_mib(call: str) -> float:
     done = subprocess.run([sys.executable, "-c", FRAGMENTED_HEAP, call], cwd=REPO, capture_output=True, text=True,
-                          check=True, timeout=300)
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]  # the child's traceback, not just its exit code
     before, after = map(int, done.stdout.split())
     return (before - after) / 2**20
 
