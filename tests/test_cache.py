@@ -423,3 +423,55 @@ def test_a_stage_given_its_inputs_computes_nothing_upstream(make_experiment, mon
     assert not templated.cache_hit and not packed.cache_hit
     assert [templated.key, tokenized.key, packed.key] == [expected[f"{s}/train"] for s in STAGES[1:]]
     assert "tokenizer_identity" not in p.__dict__
+
+
+def test_a_fresh_preparation_loads_its_tokenizer_once_beside_the_raw_shards(make_experiment, monkeypatch):
+    """New raw shards to build: the tokenizer loads in the background while they are built, once,
+    and the pipeline (or a Dagster asset's own pipeline after it) takes that load; the keys are
+    those of a pipeline that loads it itself. With the raw shards in the store, nothing loads early."""
+    import threading
+
+    from trainer.data import prepare
+
+    loads = []
+    load = prepare._load_tokenizer_bundle
+
+    def counted(exp):
+        loads.append(threading.current_thread().name)
+        return load(exp)
+
+    monkeypatch.setattr(prepare, "_load_tokenizer_bundle", counted)
+    exp = make_experiment(data={"eval": {"fraction": 0.25}})
+    outputs = DataPipeline(exp, progress=False).run()
+    assert loads == ["sftdag-tokenizer-load"]
+    assert not prepare._BACKGROUND_LOADS  # taken, not left behind
+    assert {n: o.key for n, o in outputs.items() if n != "tokenizer"} == keys(exp)
+    assert outputs["tokenizer"].key == fresh_identity(exp)
+
+    # raw in the store, a new template setting: the tokenizer loads when templated needs it
+    loads.clear()
+    DataPipeline(make_experiment(data={"eval": {"fraction": 0.25}, "template": {"add_markers": True}}),
+                 progress=False).run()
+    assert loads == [threading.current_thread().name]
+
+
+def test_a_background_load_of_other_tokenizer_files_is_not_taken(make_experiment, tmp_path):
+    """A load started before the files changed (its bundle made from other files than those the
+    pipeline finds) is dropped and the tokenizer loaded again: the key names the files there now."""
+    from concurrent.futures import Future
+
+    from trainer.data import prepare
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(ZEPHYR)
+    exp = make_experiment(data={"template": {"source": "chat.jinja"}}, rows=chat_rows())
+    stale = prepare._load_tokenizer_bundle(exp)
+    template.write_text(ZEPHYR.replace("<|{{ m['role'] }}|>", "### {{ m['role'] }}:"))
+    now = prepare._tokenizer_source_digest(exp)
+    assert stale.digest != now.digest
+    loading = Future()
+    loading.set_result(stale)
+    prepare._BACKGROUND_LOADS[now.digest] = loading  # as if it had been started under today's digest
+    outputs = DataPipeline(make_experiment(data={"template": {"source": "chat.jinja"}}), progress=False).run()
+    assert outputs["tokenizer"].key == fresh_identity(exp) != stale.identity
+    assert all("### user:\n" in t for t in templated_texts(outputs["templated/train"]))

@@ -17,6 +17,8 @@ import importlib.metadata
 import json
 import re
 import sys
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +69,41 @@ def _load_tokenizer_bundle(exp: Experiment) -> TokenizerBundle:
         # edited while loading: what was read is neither version for sure
     raise RuntimeError(f"tokenizer {exp.tokenizer.path!r} / template {exp.data.template.source!r}: the files "
                        f"changed while being loaded ({_LOAD_ATTEMPTS} attempts); run again once they are written")
+
+
+# Tokenizers being loaded in the background, by the digest of what they are made from
+# (`_tokenizer_source_digest`): a preparation that must build its raw shards starts loading the
+# tokenizer beside them (both take about a second for Llama-3's), and the pipeline that then needs
+# it (in Dagster, the tokenizer asset's own) takes it from here instead of loading it again.
+_BACKGROUND_LOADS: dict[str, Future] = {}
+_BACKGROUND_LOCK = threading.Lock()
+
+
+def _load_in_background(exp: Experiment, digest: str) -> None:
+    with _BACKGROUND_LOCK:
+        if digest in _BACKGROUND_LOADS:
+            return
+        loading = _BACKGROUND_LOADS[digest] = Future()
+
+    def load() -> None:
+        try:
+            loading.set_result(_load_tokenizer_bundle(exp))
+        except BaseException as e:  # raised again by the load that takes its place, where it belongs
+            loading.set_exception(e)
+
+    # daemon: a run that fails before it needs the tokenizer does not wait for it at exit
+    threading.Thread(target=load, name="sftdag-tokenizer-load", daemon=True).start()
+
+
+def _loaded_in_background(source: "SourceDigest") -> TokenizerBundle | None:
+    """The tokenizer loaded in the background for these source files, if one was (waiting for it);
+    None when it failed or was made from other files than the ones there now."""
+    with _BACKGROUND_LOCK:
+        loading = _BACKGROUND_LOADS.pop(source.digest, None)
+    if loading is None or loading.exception() is not None:
+        return None
+    bundle = loading.result()
+    return bundle if not source.complete or bundle.digest == source.digest else None
 
 
 @dataclass(frozen=True)
@@ -162,7 +199,7 @@ class DataPipeline:
         remembered = self._remembered_identity(source)
         held = held_tokenizer(remembered) if remembered else None
         bundle = (TokenizerBundle(held[0], held[1], remembered, source.digest) if held
-                  else _load_tokenizer_bundle(self.exp))
+                  else _loaded_in_background(source) or _load_tokenizer_bundle(self.exp))
         known = self.__dict__.get("tokenizer_identity")
         if known is not None and known != bundle.identity:
             # The keys were computed for another tokenizer than the one that would build them.
@@ -293,8 +330,18 @@ class DataPipeline:
         inputs = {up: given.get(up) or self.output(up, split) for up in stage.inputs}
         key = self.key(name, split, **{up: out.key for up, out in inputs.items()})
         if (name, key) not in self._outputs:
+            if name == "raw" and not self.store.has(name, key) and any(
+                    not self.store.has(name, shard) for shard, _ in stage.tasks(inputs)):
+                self._start_tokenizer_load()  # this process builds raw shards: the tokenizer loads beside them
             self._outputs[name, key] = self.store.get_or_build(name, key, functools.partial(stage.build, inputs))
         return self._outputs[name, key]
+
+    def _start_tokenizer_load(self) -> None:
+        """New raw shards mean new templated shards, which need the tokenizer; unless its identity
+        is remembered (then the store has it saved), that means loading it: start now."""
+        source = _tokenizer_source_digest(self.exp)
+        if "tokenizer_bundle" not in self.__dict__ and self._remembered_identity(source) is None:
+            _load_in_background(self.exp, source.digest)
 
     def shard_tasks(self, name: str, split: str, **given: StageOutput | None) -> list[ShardTask]:
         """A sharded stage's shards as (key, build), from its inputs' outputs (those given, the
@@ -313,8 +360,10 @@ class DataPipeline:
 
     def run(self) -> dict[str, StageOutput]:
         """All data stages for every split, in order; returns {"<stage>/<split>": StageOutput}."""
-        outputs: dict[str, StageOutput] = {"tokenizer": self.tokenizer_output()}
+        outputs: dict[str, StageOutput] = {}
         for name in DATA_STAGES:  # stage by stage, as the assets run: the shard workers serve every split
+            if name != "raw" and "tokenizer" not in outputs:  # after raw: it loads beside the raw shards
+                outputs["tokenizer"] = self.tokenizer_output()
             for split in self.splits():
                 outputs[f"{name}/{split}"] = self.output(name, split)
         return outputs
