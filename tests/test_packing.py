@@ -509,3 +509,27 @@ def test_packing_files_batch_by_batch_equals_packing_them_together(tmp_path, mon
     assert got.rejects == expected.rejects and got.counts == expected.counts
     assert sum(got.rows_per_file) == expected.table.num_rows and max(got.rows_per_file) <= 37
     assert got.files == [f"shard-{i:05d}.arrow" for i in range(len(got.files))]
+
+
+@pytest.mark.parametrize("min_mean", [0, 10**9])  # every gather by slices, every gather by index arrays
+def test_segments_are_copied_to_their_places_whichever_way(monkeypatch, min_mean):
+    """_copy_segments copies each segment whole to its place, whether slice by slice (long
+    segments) or by one index gather (short ones): the same as a plain loop, over many shapes."""
+    from trainer.data import packing
+
+    monkeypatch.setattr(packing, "_SLICE_COPY_MIN_MEAN", min_mean)
+    rng = np.random.default_rng(11)
+    for case in range(60):
+        n = int(rng.integers(0, 40))
+        seg_len = rng.integers(0, [3, 50, 400][case % 3] + 1, n)  # empty segments too
+        values = rng.integers(-100, 50_000, int(seg_len.sum()) + 500).astype(np.int32)
+        src = rng.integers(0, 500, n) if n else np.zeros(0, np.int64)
+        order = rng.permutation(n)  # disjoint places, in any order
+        seg_out = np.zeros(n, np.int64)
+        seg_out[order] = np.cumsum(seg_len[order]) - seg_len[order]
+        out = np.full(int(seg_len.sum()), 7, np.int32)
+        expected = out.copy()
+        for s, k, o in zip(src, seg_len, seg_out):
+            expected[o:o + k] = values[s:s + k]
+        packing._copy_segments(out, values, src, seg_len, seg_out)
+        assert np.array_equal(out, expected), case

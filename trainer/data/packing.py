@@ -311,11 +311,21 @@ def _run_indices(starts: np.ndarray, lengths: np.ndarray, itype: type) -> np.nda
     return np.cumsum(step, dtype=itype)
 
 
+# Mean segment length (tokens) from which copying slice by slice beats one index gather.
+_SLICE_COPY_MIN_MEAN = 64
+
+
 def _copy_segments(out: np.ndarray, values: np.ndarray, src: np.ndarray, seg_len: np.ndarray,
                    seg_out: np.ndarray) -> None:
-    """out[seg_out[i]:+seg_len[i]] = values[src[i]:+seg_len[i]] for every segment, in one gather."""
+    """out[seg_out[i]:+seg_len[i]] = values[src[i]:+seg_len[i]] for every segment: a slice copy
+    each when segments are long (whole documents: a microsecond or two a segment), else one
+    gather by index arrays (which costs per token, and builds two index arrays as long as `out`)."""
     keep = seg_len > 0
     src, seg_len, seg_out = src[keep], seg_len[keep], seg_out[keep]
+    if len(seg_len) and seg_len.sum() >= _SLICE_COPY_MIN_MEAN * len(seg_len):
+        for s, n, o in zip(src.tolist(), seg_len.tolist(), seg_out.tolist()):
+            out[o:o + n] = values[s:s + n]
+        return
     itype = np.int32 if max(len(values), len(out)) < 2**31 else np.int64
     out[_run_indices(seg_out, seg_len, itype)] = values[_run_indices(src, seg_len, itype)]
 
