@@ -25,11 +25,9 @@ The output is built with numpy gathers over the flat Arrow buffers, never per to
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Executor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -476,39 +474,24 @@ def _plan(parts: Any, row_bases: Sequence[int] | None, M: int, strategy: str, ov
     return _Plan(docs, seg_doc, seg_off, seg_len.astype(np.int64), seg_row, mid_doc, nrows, rejects, counts)
 
 
-@dataclass
-class _Group:
-    """Consecutive output rows of a plan: their segments in output order, each with where its
-    tokens are in the input (all a gather needs: it pickles small, for a worker process)."""
-
-    nrows: int
-    part: np.ndarray
-    src_ids: np.ndarray
-    src_lab: np.ndarray
-    seg_len: np.ndarray
-    seg_row: np.ndarray  # from the group's first row
-    mid_doc: Optional[np.ndarray]  # wrapped only: the segment starts mid-document
-
-
-def _group(plan: _Plan, row_start: int, row_end: int) -> _Group:
+def _rows(plan: _Plan, parts: Any, row_start: int, row_end: int, M: int) -> tuple[pa.Table, dict]:
+    """Output rows [row_start, row_end) of the plan, gathered from the parts; rows with nothing to
+    train are left out and counted."""
     lo, hi = np.searchsorted(plan.seg_row, [row_start, row_end])
-    seg_doc, offset = plan.seg_doc[lo:hi], plan.seg_off[lo:hi]
-    return _Group(row_end - row_start, plan.docs.part[seg_doc], plan.docs.src_ids[seg_doc] + offset,
-                  plan.docs.src_lab[seg_doc] + offset, plan.seg_len[lo:hi], plan.seg_row[lo:hi] - row_start,
-                  None if plan.mid_doc is None else plan.mid_doc[lo:hi])
-
-
-def _rows(group: _Group, parts: Any) -> tuple[pa.Table, dict]:
-    """A group's output rows, gathered from the parts; rows with nothing to train are left out
-    and counted."""
-    seg_len, seg_row, nrows = group.seg_len, group.seg_row, group.nrows
+    seg_doc, seg_len = plan.seg_doc[lo:hi], plan.seg_len[lo:hi]
+    seg_row = plan.seg_row[lo:hi] - row_start
+    nrows = row_end - row_start
+    part = plan.docs.part[seg_doc]
     total = int(seg_len.sum())
     seg_out = np.cumsum(seg_len) - seg_len
-    tokens = parts.gather(group.part, {"input_ids": group.src_ids, "labels": group.src_lab}, seg_len, seg_out, total)
+    offset = plan.seg_off[lo:hi]
+    tokens = parts.gather(part, {"input_ids": plan.docs.src_ids[seg_doc] + offset,
+                                 "labels": plan.docs.src_lab[seg_doc] + offset}, seg_len, seg_out, total)
     out_ids, out_lab = tokens["input_ids"], tokens["labels"]
     wrapped_masked = 0
-    if group.mid_doc is not None:
-        wrapped_masked = int((out_lab[seg_out[group.mid_doc]] != IGNORE_INDEX).sum())
+    if plan.mid_doc is not None:
+        mid = plan.mid_doc[lo:hi]
+        wrapped_masked = int((out_lab[seg_out[mid]] != IGNORE_INDEX).sum())
     out_lab[seg_out] = IGNORE_INDEX  # nothing in the row predicts a segment's first token
 
     row_tokens = np.bincount(seg_row, weights=seg_len, minlength=nrows).astype(np.int64)
@@ -529,7 +512,7 @@ def _rows(group: _Group, parts: Any) -> tuple[pa.Table, dict]:
     # A row with nothing to train (a wrapped row holding only the untrained rest of a document)
     # adds no loss, and a micro-batch of such rows has none at all: never written, counted. Only
     # wrapping makes one: other rows hold whole documents, each with a trainable token after its first.
-    lossless = (_range_sums(trained, row_offsets[:-1], row_offsets[1:]) == 0 if group.mid_doc is not None
+    lossless = (_range_sums(trained, row_offsets[:-1], row_offsets[1:]) == 0 if plan.mid_doc is not None
                 else np.zeros(nrows, dtype=bool))
     dropped_tokens = int(row_tokens[lossless].sum())
     if lossless.any():
@@ -568,7 +551,7 @@ def pack(
     M = int(max_length)
     parts = _InMemoryParts(tokenized)
     plan = _plan(parts, None, M, strategy, overlong, truncate_side, seed, progress)
-    table, written = _rows(_group(plan, 0, plan.nrows), parts)
+    table, written = _rows(plan, parts, 0, plan.nrows, M)
     counts = _finish(plan, [written], M, strategy, overlong, truncate_side)
     return PackResult(table=table, rejects=plan.rejects, counts=counts, doc_lengths=plan.docs.length.copy())
 
@@ -586,7 +569,8 @@ class PackedFiles:
 class FilesPlan:
     """The packing plan of tokenized Arrow files (`plan_files`), which `write_packed` carries out."""
 
-    paths: list[str]
+    paths: list[Path]
+    parts: "_Parts"
     plan: _Plan
     max_length: int
     settings: tuple[str, str, str]  # strategy, overlong, truncate_side
@@ -606,86 +590,40 @@ def plan_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int,
     M = int(max_length)
     parts = _Parts(paths, row_trainable)
     plan = _plan(parts, row_bases, M, strategy, overlong, truncate_side, seed, progress)
-    return FilesPlan([str(p) for p in paths], plan, M, (strategy, overlong, truncate_side))
+    return FilesPlan([Path(p) for p in paths], parts, plan, M, (strategy, overlong, truncate_side))
 
 
-def _write_groups(paths: list[str], out_dir: str, rows_per_file: int, prefix: str, groups: list[_Group],
-                  on_group: Optional[Callable[[int], None]] = None) -> list[tuple[str, int, Optional[dict]]]:
-    """Gather and write each group's rows as files of at most `rows_per_file` rows, named
-    `<prefix>-00000.arrow`, …: [(name, rows, the group's counts on its first file, else None)]."""
-    parts = _Parts(paths)
-    written: list[tuple[str, int, Optional[dict]]] = []
-    for group in groups:
-        table, counts = _rows(group, parts)
-        for offset in range(0, max(table.num_rows, 1), rows_per_file):
-            name = f"{prefix}-{len(written):05d}.arrow"
-            write_table(Path(out_dir) / name, table.slice(offset, rows_per_file))
-            written.append((name, min(rows_per_file, table.num_rows - offset), counts if offset == 0 else None))
-        if on_group is not None:
-            on_group(group.nrows)
-    return written
-
-
-def write_packed(files_plan: FilesPlan, out_dir: Path, rows_per_file: int, executor: Optional[Executor] = None,
-                 workers: int = 1, progress: bool = False) -> PackedFiles:
-    """`shard-00000.arrow`, … of at most `rows_per_file` rows, exactly as `pack` packs the same
-    rows together. The output rows are gathered a group at a time (`GATHER_TOKENS`): each input
-    file read in turn, its segments copied out. Given an `executor` of `workers` processes (the
-    shard workers, idle by then), they gather and write the groups side by side, each holding one
-    group at a time."""
-    plan, M = files_plan.plan, files_plan.max_length
+def write_packed(files_plan: FilesPlan, out_dir: Path, rows_per_file: int, progress: bool = False) -> PackedFiles:
+    """`shard-00000.arrow`, … of at most `rows_per_file` rows, exactly as `pack` packs the same rows
+    together: each group of output files gathered on its own (every input file read in turn, its
+    segments copied out), so memory is set by `GATHER_TOKENS`, not by the tokens."""
+    plan, parts, M = files_plan.plan, files_plan.parts, files_plan.max_length
+    files, sizes, written = [], [], []
     # Several output files per gather: every gather reads each input file once more.
     step = rows_per_file * max(1, GATHER_TOKENS // (rows_per_file * M))
-    workers = workers if executor is not None else 1
-    if workers > 1:  # a group per worker at least
-        step = min(step, rows_per_file * max(1, -(-plan.nrows // (workers * rows_per_file))))
-    groups = [_group(plan, start, min(start + step, plan.nrows)) for start in range(0, max(plan.nrows, 1), step)]
-    # Group g goes to task g % len(tasks), as its (g // len(tasks))-th; each task writes under its own prefix.
-    tasks = [task for task in (groups[i::workers] for i in range(workers)) if task]
-    with tqdm(total=plan.nrows, desc="pack: write", unit="row", disable=not progress) as bar:
-        if len(tasks) == 1:
-            results = [_write_groups(files_plan.paths, str(out_dir), rows_per_file, "part-0", groups, bar.update)]
-        else:
-            futures = [executor.submit(_write_groups, files_plan.paths, str(out_dir), rows_per_file, f"part-{t}", task)
-                       for t, task in enumerate(tasks)]
-            for future in as_completed(futures):
-                future.result()  # the first failure, raised here
-                bar.update(sum(group.nrows for group in tasks[futures.index(future)]))
-            results = [future.result() for future in futures]
-    # The files renamed in row order: shard-00000.arrow, …
-    by_task = [iter(_files_by_group(written)) for written in results]
-    files, sizes, counts = [], [], []
-    for g in range(len(groups)):
-        for name, rows, group_counts in next(by_task[g % len(tasks)]):
-            final = f"shard-{len(files):05d}.arrow"
-            os.replace(Path(out_dir) / name, Path(out_dir) / final)
-            files.append(final)
-            sizes.append(rows)
-            if group_counts is not None:
-                counts.append(group_counts)
-    totals = _finish(plan, counts, M, *files_plan.settings)
-    return PackedFiles(files, sizes, plan.rejects, totals, plan.docs.length.copy())
-
-
-def _files_by_group(written: list[tuple[str, int, Optional[dict]]]) -> list[list[tuple[str, int, Optional[dict]]]]:
-    """A task's files, cut where a group's first file begins."""
-    groups: list[list[tuple[str, int, Optional[dict]]]] = []
-    for entry in written:
-        if entry[2] is not None:
-            groups.append([])
-        groups[-1].append(entry)
-    return groups
+    bar = tqdm(total=plan.nrows, desc="pack: write", unit="row", disable=not progress)
+    for start in range(0, max(plan.nrows, 1), step):
+        table, counts = _rows(plan, parts, start, min(start + step, plan.nrows), M)
+        written.append(counts)
+        for offset in range(0, max(table.num_rows, 1), rows_per_file):
+            name = f"shard-{len(files):05d}.arrow"
+            write_table(Path(out_dir) / name, table.slice(offset, rows_per_file))
+            files.append(name)
+            sizes.append(min(rows_per_file, table.num_rows - offset))
+        bar.update(min(start + step, plan.nrows) - start)
+    bar.close()
+    counts = _finish(plan, written, M, *files_plan.settings)
+    return PackedFiles(files, sizes, plan.rejects, counts, plan.docs.length.copy())
 
 
 def pack_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int, out_dir: Path, rows_per_file: int,
                strategy: str = "bfd", overlong: str = "truncate", truncate_side: str = "keep_start",
                seed: Optional[int] = 0, progress: bool = False,
-               row_trainable: Optional[Sequence[Path]] = None, executor: Optional[Executor] = None,
-               workers: int = 1) -> PackedFiles:
+               row_trainable: Optional[Sequence[Path]] = None) -> PackedFiles:
     """Pack tokenized Arrow files into `shard-00000.arrow`, … (`plan_files`, then `write_packed`)."""
     files_plan = plan_files(paths, row_bases, max_length, strategy, overlong, truncate_side, seed, progress,
                             row_trainable)
-    return write_packed(files_plan, out_dir, rows_per_file, executor, workers, progress)
+    return write_packed(files_plan, out_dir, rows_per_file, progress)
 
 
 def length_histogram(lengths, max_length: int, bins: int = 16) -> list[dict]:

@@ -52,13 +52,6 @@ def _pool(workers: int) -> ProcessPoolExecutor:
     return pool
 
 
-def running_pool() -> tuple[ProcessPoolExecutor, int] | None:
-    """(the workers an earlier stage started, how many), if there are: idle now, they can take a
-    later stage's work without the seconds of starting new ones."""
-    live = [(pool, workers) for workers, pool in _POOLS.items() if not getattr(pool, "_broken", False)]
-    return max(live, key=lambda entry: entry[1]) if live else None
-
-
 def close_pools(wait: bool = True) -> None:
     """Stop the workers (a stage that runs in this process alone gives their memory back first)."""
     for pool in _POOLS.values():

@@ -397,30 +397,24 @@ def shard_input(stage: str) -> str:
 
 
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
-    from trainer.data.packing import LENGTH_HISTOGRAM_PLOT, length_histogram, plan_files, plot_length_histogram, write_packed
     from concurrent.futures import ThreadPoolExecutor
 
-    from trainer.data.parallel import close_pools, running_pool
+    from trainer.data.packing import LENGTH_HISTOGRAM_PLOT, length_histogram, plan_files, plot_length_histogram, write_packed
+    from trainer.data.parallel import close_pools
 
+    close_pools()  # packing is one process: the shard workers' memory is given back first
     d = exp.data
     shards = shard_outputs(inputs["tokenized"])
-    # The shard workers, if the stages before started them, write the packed files side by side
-    # (stopped after: their memory goes back), while this process draws the length histogram.
-    pool, workers = running_pool() or (None, 1)
-    try:
-        plan = plan_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length,
-                          strategy=keys.packing_strategy(exp, split), overlong=d.overlong,
-                          truncate_side=d.truncate_side, progress=progress,
-                          row_trainable=[out.path / ROW_TRAINABLE for out, _ in shards])
-        histogram = length_histogram(plan.doc_lengths, d.max_length)
-        with ThreadPoolExecutor(1, thread_name_prefix="sftdag-histogram") as drawing:
-            # drawn once, with the shards: a cache hit shows the stored picture without importing matplotlib
-            plot = drawing.submit(plot_length_histogram, histogram, d.max_length)
-            result = write_packed(plan, out_dir, d.rows_per_shard, pool, workers, progress)
-            png = plot.result()
-    finally:
-        close_pools(wait=False)
-    (out_dir / LENGTH_HISTOGRAM_PLOT).write_bytes(png)
+    plan = plan_files([out.path / ROWS for out, _ in shards], [base for _, base in shards], d.max_length,
+                      strategy=keys.packing_strategy(exp, split), overlong=d.overlong, truncate_side=d.truncate_side,
+                      progress=progress, row_trainable=[out.path / ROW_TRAINABLE for out, _ in shards])
+    histogram = length_histogram(plan.doc_lengths, d.max_length)
+    # Drawn once, with the shards (a cache hit shows the stored picture without importing
+    # matplotlib), beside the writing: the files are written mostly outside the GIL.
+    with ThreadPoolExecutor(1, thread_name_prefix="sftdag-histogram") as drawing:
+        plot = drawing.submit(plot_length_histogram, histogram, d.max_length)
+        result = write_packed(plan, out_dir, d.rows_per_shard, progress)
+        (out_dir / LENGTH_HISTOGRAM_PLOT).write_bytes(plot.result())
     return {"split": split, "counts": dict(result.counts), "files": result.files, "rows_per_file": result.rows_per_file,
             "length_histogram": histogram,
             "reject_reasons": write_rejects(out_dir, "packed", result.rejects)}
