@@ -16,7 +16,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import pyarrow as pa
 from tokenizers import AddedToken
@@ -343,14 +343,16 @@ def _skeleton(ctx: _Ctx, messages: list[dict], tools: Optional[list]) -> tuple[l
     return result
 
 
-def _rendered_variants(content: str) -> list[str]:
-    """What a template may write for `content`: as is, or trimmed (`| trim`, `.strip()`, ...)."""
-    out = [content]
+def _rendered_variants(content: str) -> Iterator[str]:
+    """What a template may write for `content`: as is, or trimmed (`| trim`, `.strip()`, ...);
+    the trimmed ones only made when asked for (most contents are written as they are)."""
+    yield content
+    seen = {content}
     for v in (content.strip(), content.lstrip(), content.rstrip(), content.strip("\n"), content.lstrip("\n"),
               content.rstrip("\n")):
-        if v not in out:
-            out.append(v)
-    return out
+        if v not in seen:
+            seen.add(v)
+            yield v
 
 
 def _align(text: str, segments: list[str], order: list[int], messages: list[dict]) -> dict[int, Span]:
