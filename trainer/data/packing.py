@@ -569,7 +569,6 @@ class PackedFiles:
 class FilesPlan:
     """The packing plan of tokenized Arrow files (`plan_files`), which `write_packed` carries out."""
 
-    paths: list[Path]
     parts: "_Parts"
     plan: _Plan
     max_length: int
@@ -590,7 +589,7 @@ def plan_files(paths: Sequence[Path], row_bases: Sequence[int], max_length: int,
     M = int(max_length)
     parts = _Parts(paths, row_trainable)
     plan = _plan(parts, row_bases, M, strategy, overlong, truncate_side, seed, progress)
-    return FilesPlan([Path(p) for p in paths], parts, plan, M, (strategy, overlong, truncate_side))
+    return FilesPlan(parts, plan, M, (strategy, overlong, truncate_side))
 
 
 def write_packed(files_plan: FilesPlan, out_dir: Path, rows_per_file: int, progress: bool = False) -> PackedFiles:

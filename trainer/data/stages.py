@@ -399,7 +399,8 @@ def shard_input(stage: str) -> str:
 def build_packed(exp: Experiment, split: str, progress: bool, inputs: Inputs, out_dir: Path) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
-    from trainer.data.packing import LENGTH_HISTOGRAM_PLOT, length_histogram, plan_files, plot_length_histogram, write_packed
+    from trainer.data.packing import (LENGTH_HISTOGRAM_PLOT, length_histogram, plan_files, plot_length_histogram,
+                                      write_packed)
     from trainer.data.parallel import close_pools
 
     close_pools()  # packing is one process: the shard workers' memory is given back first
