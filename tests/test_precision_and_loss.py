@@ -88,6 +88,9 @@ def test_a_precision_the_device_lacks_is_one_line():
     with pytest.raises(ConfigError, match=r"^training.precision: fp16 needs a GPU and this training runs on CPU; "
                                           r"use bf16 \(or auto\) or fp32$"):
         TrainingConfig(precision="fp16").resolved_precision("cpu")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):  # what a training process on a CPU checks
+        TrainingConfig(precision="fp16").check_precision_on("cpu")
+    TrainingConfig(precision="bf16").check_precision_on("cpu")
     if not HAS_CUDA:  # planning the adapter (its key) on this machine says so before any run
         with pytest.raises(ConfigError, match="fp16 needs a GPU"):
             adapter_training_params(TrainingConfig(fp16=True))

@@ -320,6 +320,11 @@ class TrainingConfig:
                               "use fp16 or fp32")
         return self.precision
 
+    def check_precision_on(self, device_type: str) -> None:
+        """A ConfigError when `training.precision` cannot train on `device_type` (fp16 on a CPU,
+        bf16 on a GPU older than Ampere)."""
+        self.resolved_precision(device_type)
+
     @staticmethod
     def training_device_type() -> str:
         """cpu when ACCELERATE_USE_CPU says so, cuda when an NVIDIA GPU is visible, mps on Apple

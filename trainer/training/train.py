@@ -161,8 +161,8 @@ class TrainingRun:
         whether the loss can be chunked."""
         tc = self.settings
         self.precision = tc.resolved_precision()
-        if self.state.device.type == "cpu":
-            tc.resolved_precision("cpu")  # fp16 here is refused as on a machine without a GPU
+        if self.state.device.type == "cpu":  # a process on the CPU of a GPU machine: fp16 refused here too
+            tc.check_precision_on("cpu")
         self.reporter.info("precision %s (training.precision %s, on %s)", self.precision, tc.precision,
                            self.state.device.type)
         if self.mlflow_run is not None:
