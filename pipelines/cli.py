@@ -133,8 +133,12 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     if not verbose:  # Dagster's beta/preview notices (at import and in runs) are for this project's developers
         warnings.simplefilter("ignore", dg.BetaWarning)
         warnings.simplefilter("ignore", dg.PreviewWarning)
+    from trainer.data.prepare import DataPipeline
+
     from .definitions import resources, run_assets
     from .liveness import RunLease, fail_dead_runs
+
+    DataPipeline.stages_in_one_process = True  # the run below executes every step here, in order
 
     instance = instance or dg.DagsterInstance.get()
     # A killed earlier run would stay in progress and hold its concurrency slot (the GPU) for good.

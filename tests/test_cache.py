@@ -450,6 +450,10 @@ def test_a_fresh_preparation_loads_its_tokenizer_once_beside_the_raw_shards(make
 
     # raw in the store, a new template setting: the tokenizer loads when templated needs it
     loads.clear()
+    # stage by stage, as a Dagster step in a process of its own: nothing loads early
+    fresh = make_experiment(data={"eval": {"fraction": 0.25}}, store=str(Path(exp.base_dir) / "other-store"))
+    DataPipeline(fresh, progress=False).raw("train")
+    assert loads == [] and not prepare._BACKGROUND_LOADS
     DataPipeline(make_experiment(data={"eval": {"fraction": 0.25}, "template": {"add_markers": True}}),
                  progress=False).run()
     assert loads == [threading.current_thread().name]

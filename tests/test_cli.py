@@ -114,3 +114,20 @@ def test_run_trains_and_merges_without_loading_a_model_in_the_orchestrator(tmp_p
     assert os.path.isfile(os.path.join(summary["merged_model_dir"], "model.safetensors"))
     training = json.loads(open(os.path.join(summary["adapter_dir"], "training_summary.json")).read())
     assert training["global_step"] == 2 and os.path.isdir(training["base_model_path"])
+
+
+def test_prepare_loads_the_tokenizer_once_beside_the_raw_shards(tmp_path):
+    """Through the command (its Dagster run executes every step in this process): a fresh store's
+    tokenizer is loaded once, in the background while the raw shards are built, and the tokenizer
+    asset's step takes that load."""
+    experiment = write_experiment(tmp_path)
+    probe = ("import sys, threading\nfrom trainer.data import prepare\n"
+             "loads = []\nload = prepare._load_tokenizer_bundle\n"
+             "def counted(exp):\n    loads.append(threading.current_thread().name)\n    return load(exp)\n"
+             "prepare._load_tokenizer_bundle = counted\nfrom pipelines.cli import main\n"
+             "try:\n    main(sys.argv[1:])\nfinally:\n    print('loads:', loads, file=sys.stderr)")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    done = subprocess.run([sys.executable, "-c", probe, "prepare", str(experiment)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1] == "loads: ['sftdag-tokenizer-load']"

@@ -174,6 +174,12 @@ class DataPipeline:
     """The data stages of one experiment. A stage's output is built from its upstream outputs,
     which are given (a Dagster asset receives them) or else produced here first."""
 
+    # True where this process runs every data stage, in order (`run()`; the command, whose Dagster
+    # run executes in process, sets it): then raw shards to build start the tokenizer's loading
+    # beside them. A Dagster step in a process of its own (the UI's multiprocess runs) leaves it:
+    # the tokenizer is another step's, in another process.
+    stages_in_one_process = False
+
     def __init__(self, experiment: Experiment, store: Store | None = None, progress: bool = True):
         refuse_in_a_starting_worker()
         self.exp = experiment
@@ -339,8 +345,10 @@ class DataPipeline:
     def _start_tokenizer_load(self) -> None:
         """New raw shards mean new templated shards, which need the tokenizer; unless its identity
         is remembered (then the store has it saved), that means loading it: start now."""
+        if not self.stages_in_one_process or "tokenizer_bundle" in self.__dict__:
+            return
         source = _tokenizer_source_digest(self.exp)
-        if "tokenizer_bundle" not in self.__dict__ and self._remembered_identity(source) is None:
+        if self._remembered_identity(source) is None:
             _load_in_background(self.exp, source.digest)
 
     def shard_tasks(self, name: str, split: str, **given: StageOutput | None) -> list[ShardTask]:
@@ -360,6 +368,7 @@ class DataPipeline:
 
     def run(self) -> dict[str, StageOutput]:
         """All data stages for every split, in order; returns {"<stage>/<split>": StageOutput}."""
+        self.stages_in_one_process = True
         outputs: dict[str, StageOutput] = {}
         for name in DATA_STAGES:  # stage by stage, as the assets run: the shard workers serve every split
             if name != "raw" and "tokenizer" not in outputs:  # after raw: it loads beside the raw shards
