@@ -133,12 +133,9 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     if not verbose:  # Dagster's beta/preview notices (at import and in runs) are for this project's developers
         warnings.simplefilter("ignore", dg.BetaWarning)
         warnings.simplefilter("ignore", dg.PreviewWarning)
-    from trainer.data.prepare import DataPipeline
-
     from .definitions import resources, run_assets
     from .liveness import RunLease, fail_dead_runs
 
-    DataPipeline.stages_in_one_process = True  # the run below executes every step here, in order
 
     instance = instance or dg.DagsterInstance.get()
     # A killed earlier run would stay in progress and hold its concurrency slot (the GPU) for good.
@@ -177,7 +174,7 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     with RunLease(instance, run_id) as lease:
         # The run never passes the run queue: the instance's tag_concurrency_limits are applied here.
         lease.claim_slots(tags, log=lambda message: print(f"sftdag: {message}", file=sys.stderr))
-        with sqlite_files_kept_open(instance, run_id):
+        with sqlite_files_kept_open(instance, run_id), stages_in_this_process():
             result = job.execute_in_process(run_config=run_config, instance=instance, partition_key=partition,
                                             raise_on_error=False, tags=tags, run_id=run_id)
     if not result.success:
@@ -189,6 +186,19 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
               "--verbose)", file=sys.stderr)
         raise SystemExit(f"sftdag: {failure_reason(failure)}")
     return result
+
+
+@contextlib.contextmanager
+def stages_in_this_process():
+    """While entered, data pipelines know that every step runs here, in order (an in-process run)."""
+    from trainer.data.prepare import DataPipeline
+
+    before = DataPipeline.stages_in_one_process
+    DataPipeline.stages_in_one_process = True
+    try:
+        yield
+    finally:
+        DataPipeline.stages_in_one_process = before
 
 
 def materialized_data(exp, instance, run_id: str | None = None) -> dict:
