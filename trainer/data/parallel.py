@@ -90,7 +90,9 @@ class ShardBuilder:
         missing = []
         for index, (key, _) in enumerate(tasks):
             if self.store.has(stage, key):
-                outputs[index] = self.store.get(stage, key)
+                # publish, not only get: a shard complete in this machine's cache may never have
+                # reached the remote store (a kill before its marker), and the index will name it
+                outputs[index] = self.store.publish(stage, key)
             else:
                 missing.append(index)
         workers = min(self.num_proc or default_num_proc(), len(missing))
