@@ -84,14 +84,17 @@ def test_shard_workers_and_the_resource_tracker_die_with_a_killed_parent(tmp_pat
         parent.stderr.close()
 
 
-# argv: how to start the child ("entry" or "exec"), the file to write the child's pid to.
+# argv: how to start the child ("entry" or "exec"), the file to write the child's pid to. The child
+# touches `ready` once it runs its work: its death signal is set by then (a busy machine can take
+# seconds to get there).
 LAUNCHER = """
 import subprocess, sys, time
 child = {
     "entry": [sys.executable, "-c", "import time; from trainer.core.entry_point import run_entry_point; "
-              "run_entry_point(['spec.json'], 'test', lambda spec: time.sleep(300))"],
+              "run_entry_point(['spec.json'], 'test', lambda spec: (open('ready', 'w').close(), time.sleep(300)))"],
     # a launcher that is not ours, started through the entry point's exec
-    "exec": [sys.executable, "-m", "trainer.core.entry_point", sys.executable, "-c", "import time; time.sleep(300)"],
+    "exec": [sys.executable, "-m", "trainer.core.entry_point", sys.executable, "-c",
+             "import time; open('ready', 'w').close(); time.sleep(300)"],
 }[sys.argv[1]]
 proc = subprocess.Popen(child)
 open(sys.argv[2], "w").write(str(proc.pid))
@@ -106,7 +109,7 @@ def test_a_process_started_through_the_entry_point_dies_with_its_killed_parent(t
     try:
         wait_for(lambda: pid_file.exists() and pid_file.read_text(), 30, "the child did not start")
         child = psutil.Process(int(pid_file.read_text()))
-        time.sleep(1.5)  # past its start: the death signal is set by then
+        wait_for(lambda: (tmp_path / "ready").exists(), 120, "the child did not get to its work", parent)
         assert alive([child])
         parent.kill()
         parent.wait()
