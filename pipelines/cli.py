@@ -136,7 +136,6 @@ def materialize_experiment(exp, through: str, instance=None, partition: str | No
     from .definitions import resources, run_assets
     from .liveness import RunLease, fail_dead_runs
 
-
     instance = instance or dg.DagsterInstance.get()
     # A killed earlier run would stay in progress and hold its concurrency slot (the GPU) for good.
     for run_id in fail_dead_runs(instance):

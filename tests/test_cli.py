@@ -34,6 +34,21 @@ def run_cli(args, tmp_path, **kw):
                           capture_output=True, text=True, timeout=600, **kw)
 
 
+# For run_cli_in_probe: which model libraries the command imported.
+MODEL_LIBRARIES_IMPORTED = "'imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules)"
+
+
+def run_cli_in_probe(args, tmp_path, before: str, report: str) -> tuple[subprocess.CompletedProcess, str]:
+    """The command in a Python process that runs `before` first and prints `report` (an expression)
+    last on stderr, whatever happens: (the process, that last line)."""
+    probe = (f"import sys\n{before}\nfrom pipelines.cli import main\n"
+             f"try:\n    main(sys.argv[1:])\nfinally:\n    print({report}, file=sys.stderr)")
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
+    done = subprocess.run([sys.executable, "-c", probe, *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    return done, done.stderr.strip().splitlines()[-1]
+
+
 def test_prepare_prints_json_and_records_runs_in_the_instance(tmp_path):
     experiment = write_experiment(tmp_path, rows=small_rows(30) + ["{oops"])
     proc = run_cli(["prepare", str(experiment)], tmp_path)
@@ -52,14 +67,9 @@ def test_prepare_prints_json_and_records_runs_in_the_instance(tmp_path):
 
     # Again: every stage is a cache hit, and both runs are in the persistent instance. A cached
     # run loads no tokenizer and no model code: neither transformers nor torch is imported.
-    probe = ("import sys; from pipelines.cli import main\n"
-             "try:\n    main(sys.argv[1:])\nfinally:\n"
-             "    print('imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
-    again = subprocess.run([sys.executable, "-c", probe, "prepare", str(experiment)], cwd=tmp_path, env=env,
-                           capture_output=True, text=True, timeout=600)
+    again, last = run_cli_in_probe(["prepare", str(experiment)], tmp_path, "", MODEL_LIBRARIES_IMPORTED)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.strip().splitlines()[-1] == "imported: []"
+    assert last == "imported: []"
     second = json.loads(again.stdout.strip().splitlines()[-1])
     assert second["data_version"] == summary["data_version"] and second["dagster_run_id"] != summary["dagster_run_id"]
     instance = dg.DagsterInstance.from_config(str(tmp_path / "dagster_home"))
@@ -101,15 +111,10 @@ def test_run_trains_and_merges_without_loading_a_model_in_the_orchestrator(tmp_p
     config["training"] = {"max_steps": 2, "per_device_train_batch_size": 2, "save_strategy": "no",
                           "accuracy_rows": 4, "max_new_tokens": 4, "sample_generations": 0, "lora": {"r": 4}}
     experiment.write_text(yaml.safe_dump(config))
-    probe = ("import sys; from pipelines.cli import main\n"
-             "try:\n    main(sys.argv[1:])\nfinally:\n"
-             "    print('imported:', sorted(m for m in ('torch', 'transformers') if m in sys.modules), file=sys.stderr)")
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
     assert run_cli(["prepare", str(experiment)], tmp_path).returncode == 0
-    proc = subprocess.run([sys.executable, "-c", probe, "run", str(experiment)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc, last = run_cli_in_probe(["run", str(experiment)], tmp_path, "", MODEL_LIBRARIES_IMPORTED)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == "imported: []"
+    assert last == "imported: []"
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert os.path.isfile(os.path.join(summary["merged_model_dir"], "model.safetensors"))
     training = json.loads(open(os.path.join(summary["adapter_dir"], "training_summary.json")).read())
@@ -121,13 +126,10 @@ def test_prepare_loads_the_tokenizer_once_beside_the_raw_shards(tmp_path):
     tokenizer is loaded once, in the background while the raw shards are built, and the tokenizer
     asset's step takes that load."""
     experiment = write_experiment(tmp_path)
-    probe = ("import sys, threading\nfrom trainer.data import prepare\n"
-             "loads = []\nload = prepare._load_tokenizer_bundle\n"
-             "def counted(exp):\n    loads.append(threading.current_thread().name)\n    return load(exp)\n"
-             "prepare._load_tokenizer_bundle = counted\nfrom pipelines.cli import main\n"
-             "try:\n    main(sys.argv[1:])\nfinally:\n    print('loads:', loads, file=sys.stderr)")
-    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home")}
-    done = subprocess.run([sys.executable, "-c", probe, "prepare", str(experiment)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    counting = ("import threading\nfrom trainer.data import prepare\n"
+                "loads = []\nload = prepare._load_tokenizer_bundle\n"
+                "def counted(exp):\n    loads.append(threading.current_thread().name)\n    return load(exp)\n"
+                "prepare._load_tokenizer_bundle = counted")
+    done, last = run_cli_in_probe(["prepare", str(experiment)], tmp_path, counting, "'loads:', loads")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.strip().splitlines()[-1] == "loads: ['sftdag-tokenizer-load']"
+    assert last == "loads: ['sftdag-tokenizer-load']"

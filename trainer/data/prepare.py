@@ -336,16 +336,18 @@ class DataPipeline:
         inputs = {up: given.get(up) or self.output(up, split) for up in stage.inputs}
         key = self.key(name, split, **{up: out.key for up, out in inputs.items()})
         if (name, key) not in self._outputs:
-            if name == "raw" and not self.store.has(name, key) and any(
-                    not self.store.has(name, shard) for shard, _ in stage.tasks(inputs)):
-                self._start_tokenizer_load()  # this process builds raw shards: the tokenizer loads beside them
+            if name == "raw":
+                self._start_tokenizer_load(stage, key, inputs)
             self._outputs[name, key] = self.store.get_or_build(name, key, functools.partial(stage.build, inputs))
         return self._outputs[name, key]
 
-    def _start_tokenizer_load(self) -> None:
-        """New raw shards mean new templated shards, which need the tokenizer; unless its identity
-        is remembered (then the store has it saved), that means loading it: start now."""
-        if not self.stages_in_one_process or "tokenizer_bundle" in self.__dict__:
+    def _start_tokenizer_load(self, raw: Stage, key: str, inputs: Inputs) -> None:
+        """Raw shards this process is about to build mean templated shards, which need the tokenizer;
+        unless its identity is remembered (then the store has it saved), that means loading it:
+        start now, beside them. (The cheap checks first: most calls stop at them.)"""
+        if not self.stages_in_one_process or "tokenizer_bundle" in self.__dict__ or self.store.has("raw", key):
+            return
+        if all(self.store.has("raw", shard) for shard, _ in raw.tasks(inputs)):
             return
         source = _tokenizer_source_digest(self.exp)
         if self._remembered_identity(source) is None:
