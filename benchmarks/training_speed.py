@@ -1,7 +1,7 @@
 """The product's training step against torch's own forward and backward on the same batch, in one run.
 
     python benchmarks/training_speed.py [--model builtin:smollm2-135m-instruct] [--steps 4] [--batch 4]
-        [--max-length 512] [--only torch-frozen-bf16,lora-bf16,...]
+        [--max-length 512] [--only torch-frozen-bf16,lora-bf16,...] [--env-variant KEY=VALUE[,KEY=VALUE] ...]
 
 Every configuration runs in its own process (its peak resident memory is that process's
 `ru_maxrss`), on the first batches of the same packed shards (the embedded dataset through the
@@ -17,6 +17,11 @@ model's chat template, `plan_adapter`'s data stages; a GGUF base is converted on
   step (`run_training`, Trainer, chunked loss, MLflow logging every step), timed by callbacks:
   forward + backward (with gradient clipping), optimizer step, and the rest until the next step
   (scheduler, zero_grad, logging, reporting, the next batch).
+
+`--env-variant` runs every configuration again with those environment variables (each variant a
+process of its own, e.g. `MALLOC_MMAP_THRESHOLD_=4194304`: glibc reads it when the process starts),
+shown as `<configuration>@<variant>` with its tokens/s and peak against the same configuration's
+default run.
 
 bf16 is autocast (`torch.autocast("cpu", bfloat16)`, as accelerate runs it). The first step of each
 is a warm-up and not counted. tokens/s counts real tokens (padding excluded). Ratios are read
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", default="", help="comma-separated configurations (default: all)")
     parser.add_argument("--store", default=str(REPO / ".sftdag" / "store"),
                         help="where the data stages and the converted model are cached")
+    parser.add_argument("--env-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="run each configuration again with these environment variables (repeatable)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -214,23 +221,33 @@ def main(argv: list[str] | None = None) -> None:
     from trainer.core.config import TrainingConfig
 
     names = [n for n in args.only.split(",") if n] or TORCH + PRODUCT
+    try:
+        variants = {v: dict(pair.split("=", 1) for pair in v.split(",")) for v in args.env_variant}
+    except ValueError:
+        sys.exit(f"--env-variant: KEY=VALUE[,KEY=VALUE] expected, got {args.env_variant}")
+    runs = [(name, None) for name in names] + [(name, v) for v in variants for name in names]
     with tempfile.TemporaryDirectory(prefix="sftdag-speed-") as tmp:
         planned_and_base(experiment(args, "lora", Path(tmp)))  # data stages and conversion, not timed
     print(f"load average before: {load()}", flush=True)
     results = {}
-    for name in names:
+    for name, variant in runs:
+        label = f"{name}@{variant}" if variant else name
         command = [sys.executable, __file__, "--child", name, *(argv if argv is not None else sys.argv[1:])]
-        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        env = {**os.environ, "TQDM_DISABLE": "1", **(variants[variant] if variant else {})}
+        out = subprocess.run(command, capture_output=True, text=True, env=env)
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
-            sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
-        results[name] = json.loads(lines[-1][len("RESULT "):])
-        r = results[name]
-        print(f"{name}: {r['tokens_per_second']:.0f} tokens/s ({r['tokens_per_cpu_second']:.0f} per CPU-second), "
+            sys.exit(f"{label} failed:\n{out.stderr[-3000:]}")
+        results[label] = r = json.loads(lines[-1][len("RESULT "):])
+        if variant:  # against the same configuration's run in the default environment, this run
+            r["over_default_env"] = round(r["tokens_per_second"] / results[name]["tokens_per_second"], 2)
+            r["peak_over_default_env"] = round(r["max_rss_gb"] / results[name]["max_rss_gb"], 2)
+        print(f"{label}: {r['tokens_per_second']:.0f} tokens/s ({r['tokens_per_cpu_second']:.0f} per CPU-second), "
               f"peak RSS {r['max_rss_gb']:.2f} GB"
               + (f", {', '.join(f'{k} {v:.2f} s' for k, v in r['parts_seconds'].items())}" if "parts_seconds" in r
                  else ""), flush=True)
-    for name, r in results.items():
+    for label, r in results.items():
+        name = label.split("@")[0]
         mode, training = (name.split("-")[0], {}) if name.startswith("torch-") else product_settings(name)
         baseline = results.get(f"{BASELINE.get(mode, '')}-{training.get('precision', '')}")
         if baseline:
