@@ -81,6 +81,21 @@ def sqlite_files_kept_open(instance, run_id: str):
             conn.close()
 
 
+# What Dagster 1.13's `SqliteEventLogStorage._connect` reads and calls, in order (its code's
+# names): `_engines_reused` replaces that method only while it is still this one.
+MIRRORED_CONNECT_NAMES = ("_db_lock", "check", "str_param", "conn_string_for_shard", "create_engine", "NullPool",
+                          "SQLITE_BUSY_TIMEOUT_SECONDS", "_initialized_dbs", "_initdb", "add", "connect", "begin",
+                          "dispose")
+
+
+def mirrors_connect(storage_type) -> bool:
+    """Whether `storage_type._connect` is the Dagster method `_engines_reused` mirrors (a private
+    method: another Dagster version may change it, and then it is left alone)."""
+    code = getattr(getattr(storage_type._connect, "__wrapped__", None), "__code__", None)
+    return (code is not None and getattr(code, "co_qualname", None) == "SqliteEventLogStorage._connect"
+            and code.co_names == MIRRORED_CONNECT_NAMES)
+
+
 @contextlib.contextmanager
 def _engines_reused(events):
     """While entered, `events` (Dagster's SQLite event log) connects through one engine per file,
@@ -89,9 +104,7 @@ def _engines_reused(events):
     from dagster._core.storage.sql import create_engine
     from sqlalchemy.pool import NullPool
 
-    expected = ("_db_lock", "_initialized_dbs", "_initdb", "conn_string_for_shard")
-    if type(events)._connect.__qualname__ != "SqliteEventLogStorage._connect" or \
-            not all(hasattr(events, name) for name in expected):
+    if not mirrors_connect(type(events)):
         yield
         return
     from dagster._core.storage.event_log.sqlite.sqlite_event_log import SQLITE_BUSY_TIMEOUT_SECONDS

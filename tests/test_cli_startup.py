@@ -2,6 +2,7 @@
 the assets of the experiment it is given and no other, and still records its Dagster run and every
 data asset's materialization (each a cache hit) in the persistent instance."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -76,3 +77,53 @@ def test_a_cached_prepare_imports_no_model_library_and_records_its_run(tmp_path,
     # The connections the command kept open to the instance's SQLite files are closed: their
     # write-ahead logs were checkpointed into the files and removed.
     assert sorted(p.name for p in (tmp_path / "dagster_home").rglob("*.db-wal")) == []
+
+
+def test_the_event_log_reuses_engines_only_while_dagsters_connect_is_the_one_mirrored(tmp_path):
+    """`_engines_reused` replaces a private Dagster method with its own copy of it: only while the
+    installed Dagster's method is the one copied (this fails when an upgrade changes it: re-read it
+    and update the copy), and never for a storage whose `_connect` is another."""
+    import sqlalchemy as db
+    from dagster._core.storage.event_log import SqliteEventLogStorage
+
+    from pipelines.cli import _engines_reused, mirrors_connect
+
+    assert mirrors_connect(SqliteEventLogStorage)
+    instance = dg.DagsterInstance.from_config(str(tmp_path))  # no dagster.yaml: SQLite storages under it
+    try:
+        events = instance.event_log_storage
+        assert isinstance(events, SqliteEventLogStorage)
+
+        def engines(storage, shard="a-run"):
+            seen = []
+            for _ in range(2):
+                with storage._connect(shard) as conn:
+                    assert conn.execute(db.text("SELECT 1")).scalar() == 1
+                    seen.append(conn.engine)
+            return seen
+
+        with _engines_reused(events):
+            first, second = engines(events)
+            assert first is second  # one engine per file while entered
+        assert "_connect" not in vars(events)  # Dagster's own method again
+        first, second = engines(events)
+        assert first is not second
+
+        class Changed(SqliteEventLogStorage):
+            @contextlib.contextmanager
+            def _connect(self, shard):
+                with super()._connect(shard) as conn:
+                    yield conn
+
+        assert not mirrors_connect(Changed)
+        # Another Dagster's method of the same name and class, another body: left alone too.
+        other_version: dict = {}
+        exec("import contextlib\nclass SqliteEventLogStorage:\n    @contextlib.contextmanager\n"
+             "    def _connect(self, shard):\n        with self._db_lock:\n            yield self.engine_for(shard)\n",
+             other_version)
+        assert not mirrors_connect(other_version["SqliteEventLogStorage"])
+        changed = Changed(events._base_dir)
+        with _engines_reused(changed):
+            assert "_connect" not in vars(changed)
+    finally:
+        instance.dispose()
