@@ -188,8 +188,10 @@ def _packed_checks(exp: Experiment, packed: dict[str, StageOutput], reject_rate:
         if raw.get("not_selected"):
             reasons.append(f"{raw['not_selected']} not selected by data.source.where")
         why = f" ({'; '.join(reasons)})" if reasons else ""
+        source = exp.data.source
         what = (f"all {rows_in} rows were rejected" if rows_in and rejects >= rows_in
-                else f"no row of {rows_in} came through" if rows_in else "the source has no rows")
+                else f"no row of {rows_in} came through" if rows_in
+                else f"the source ({source.key}: {source.path or source.hub or source.builtin}) has no rows")
         raise dg.Failure(description=f"data: {what}{why} — nothing to train on", allow_retries=False)
     thresholds = exp.data.checks
     efficiency = float(packed["train"].manifest["counts"]["packing_efficiency"])

@@ -250,3 +250,23 @@ def test_a_source_with_every_row_rejected_is_a_failure_naming_the_reason(tmp_pat
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("sftdag: data: all 12 rows were rejected"), proc.stderr[-3000:]
     assert "raw: 12" in last and "nothing to train on" in last
+
+
+# A source that holds no record at all: one line naming it, whatever the file's format (a zero-byte
+# JSONL file has no shard, the others one shard with no row).
+@pytest.mark.slow
+@pytest.mark.parametrize("name, content", [("train.jsonl", ""), ("train.jsonl", "\n  \n\n"), ("train.json", "[]"),
+                                           ("train.csv", "prompt,completion\n")])
+def test_a_source_with_no_rows_is_a_failure_naming_it(tmp_path, name, content):
+    experiment = _experiment(tmp_path, [])
+    (tmp_path / "data" / "train.jsonl").unlink()
+    (tmp_path / "data" / name).write_text(content)
+    spec = yaml.safe_load(experiment.read_text())
+    spec["data"]["source"]["path"] = f"data/{name}"
+    experiment.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"sftdag: data: the source (data.source: data/{name}) has no rows — nothing to train on", \
+        proc.stderr[-3000:]

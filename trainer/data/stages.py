@@ -311,7 +311,8 @@ def _write_index(stage: str, split: str, shards: list[StageOutput], bases: list[
                  out_dir: Path) -> dict[str, Any]:
     """The split's output of a sharded stage: its shards in order, the counts summed, and the
     rejects (and held-out prompts) of all shards numbered over the split."""
-    totals: Counter = Counter()
+    # rows_in == rows_out + rejects holds for a split with no shard too (an empty source file)
+    totals: Counter = Counter({"rows_in": 0, "rows_out": 0, "rejects": 0})
     reasons: Counter = Counter()
     with BatchWriter(out_dir / "rejects.arrow", REJECTS_SCHEMA) as rejects:
         for out, base in zip(shards, bases):
