@@ -175,24 +175,13 @@ def _packed_check_specs(exp: Experiment) -> list[dg.AssetCheckSpec]:
 
 def _packed_checks(exp: Experiment, packed: dict[str, StageOutput], reject_rate: tuple[float, int, int],
                    stages: list[dict[str, StageOutput]] = ()) -> list[dg.AssetCheckResult]:
-    """The checks' results; a dg.Failure (its one line is what `sftdag` prints) when no train row
-    came through: a failed check would still let training start on nothing."""
-    raw = stages[0]["train"].manifest["counts"] if stages else {}
-    if packed["train"].manifest["counts"]["rows_out"] == 0 or raw.get("rows_out") == 0:
-        _, rejects, rows_in = reject_rate
-        reasons = []
-        for outputs in stages:
-            out = outputs["train"]
-            top = sorted(out.manifest.get("reject_reasons", {}).items(), key=lambda r: -r[1])[:3]
-            reasons += [f"{out.stage}: " + ", ".join(f"{n} {why}" for why, n in top)] if top else []
-        if raw.get("not_selected"):
-            reasons.append(f"{raw['not_selected']} not selected by data.source.where")
-        why = f" ({'; '.join(reasons)})" if reasons else ""
-        source = exp.data.source
-        what = (f"all {rows_in} rows were rejected" if rows_in and rejects >= rows_in
-                else f"no row of {rows_in} came through" if rows_in
-                else f"the source ({source.key}: {source.path or source.hub or source.builtin}) has no rows")
-        raise dg.Failure(description=f"data: {what}{why} — nothing to train on", allow_retries=False)
+    """The checks' results; a dg.Failure (its one line is what `sftdag` prints) when no row of a
+    split came through: a failed check would still let training start on nothing, or train with
+    an evaluation of nothing."""
+    for split in packed if stages else ():
+        failure = _no_rows_failure(exp, split, stages)
+        if failure is not None:
+            raise failure
     thresholds = exp.data.checks
     efficiency = float(packed["train"].manifest["counts"]["packing_efficiency"])
     rate, rejects, rows_in = reject_rate
@@ -204,6 +193,36 @@ def _packed_checks(exp: Experiment, packed: dict[str, StageOutput], reject_rate:
                             metadata={"reject_rate": rate, "rejects": rejects, "rows_in": rows_in,
                                       "threshold": thresholds.max_reject_rate}),
     ]
+
+
+def _no_rows_failure(exp: Experiment, split: str, stages: list[dict[str, StageOutput]]) -> dg.Failure | None:
+    """Why no row of `split` came through its stages (raw … packed), or None when some did."""
+    from trainer.data.stages import source_for
+
+    raw = stages[0][split].manifest["counts"]
+    if stages[-1][split].manifest["counts"]["rows_out"] and raw.get("rows_out"):
+        return None
+    rows_in = raw.get("rows_in", 0)
+    rejects = sum(outputs[split].manifest["counts"]["rejects"] for outputs in stages)
+    source, carved = source_for(exp.data, split)
+    reasons = []
+    for outputs in stages:
+        out = outputs[split]
+        top = sorted(out.manifest.get("reject_reasons", {}).items(), key=lambda r: -r[1])[:3]
+        reasons += [f"{out.stage}: " + ", ".join(f"{n} {why}" for why, n in top)] if top else []
+    if raw.get("not_selected"):
+        reasons.append(f"{raw['not_selected']} not selected by {source.key}.where")
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    if rows_in and rejects >= rows_in:
+        what = f"all {rows_in} rows were rejected"
+    elif rows_in:
+        what = f"no row of {rows_in} came through"
+    elif split == "eval" and carved:
+        what = f"the held-out fraction ({exp.data.eval.fraction} of {source.key}) has no rows"
+    else:
+        what = f"the source ({source.key}: {source.path or source.hub or source.builtin}) has no rows"
+    where, nothing = ("data", "nothing to train on") if split == "train" else ("data.eval", "nothing to evaluate on")
+    return dg.Failure(description=f"{where}: {what}{why} — {nothing}", allow_retries=False)
 
 
 # -- one Dagster step per shard ------------------------------------------------------------------

@@ -270,3 +270,26 @@ def test_a_source_with_no_rows_is_a_failure_naming_it(tmp_path, name, content):
     last = proc.stderr.strip().splitlines()[-1]
     assert last == f"sftdag: data: the source (data.source: data/{name}) has no rows — nothing to train on", \
         proc.stderr[-3000:]
+
+
+# An eval split with no row: the run would train and then evaluate nothing (no held-out loss, no
+# score), so it fails before training, naming the split's source.
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["empty_eval_source", "rejected_eval_rows", "carved_fraction_of_nothing"])
+def test_an_eval_split_with_no_rows_is_a_failure_naming_it(tmp_path, case):
+    experiment = _experiment(tmp_path, small_rows(12))
+    spec = yaml.safe_load(experiment.read_text())
+    if case == "carved_fraction_of_nothing":  # 12 rows, 1% held out: not one
+        spec["data"]["eval"] = {"fraction": 0.01}
+        expected = "data.eval: the held-out fraction (0.01 of data.source) has no rows"
+    else:
+        (tmp_path / "eval").mkdir()
+        (tmp_path / "eval" / "eval.jsonl").write_text("" if case == "empty_eval_source" else "{oops\n" * 3)
+        spec["data"]["eval"] = {"source": {"path": "eval/eval.jsonl"}}
+        expected = ("data.eval: the source (data.eval.source: eval/eval.jsonl) has no rows" if case == "empty_eval_source"
+                    else "data.eval: all 3 rows were rejected (raw: 3 malformed record at eval.jsonl)")
+    experiment.write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
+                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"sftdag: {expected} — nothing to evaluate on", proc.stderr[-3000:]
