@@ -56,6 +56,30 @@ def _check_models(exp, through: str) -> None:
                 validate_repo_id(value)
             except HFValidationError:
                 raise ConfigError(f"{key}: no directory {value!r} (looked in {exp.resolve_path(value)})") from None
+    _check_local_directories(exp, through)
+
+
+# What transformers loads a model or a tokenizer from: a folder with none of these holds neither.
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", "tekken.json")
+
+
+def _check_local_directories(exp, through: str) -> None:
+    """A local folder given as the model or the tokenizer holds its files (else transformers fails
+    in the run with a message naming neither the key nor the folder)."""
+    from trainer.core.config import ConfigError
+    from trainer.models import gguf
+
+    wanted = [("model.base", exp.model.base, MODEL_FILES, "a model")] if through != "data" else []
+    tokenizer_key = "model.base" if exp.tokenizer.path == exp.model.base else "tokenizer.path"
+    wanted.append((tokenizer_key, exp.tokenizer.path, TOKENIZER_FILES, "a tokenizer"))
+    for key, value, files, what in wanted:
+        if value.startswith("builtin:") or gguf.is_gguf_base(value):
+            continue
+        folder = exp.resolve_path(value)
+        if folder.is_dir() and not any((folder / name).is_file() for name in files):
+            raise ConfigError(f"{key}: {value!r} is not {what} folder: none of {', '.join(files)} in {folder}")
 
 
 def _check_files(exp, through: str) -> None:

@@ -48,6 +48,12 @@ BEFORE_RUN = [
      "({tmp}/templates/mine.jinja)"),
     ("tokenizer directory missing", lambda c: c["tokenizer"].update(path="./tokenizers/mine"), "prepare",
      "sftdag: tokenizer.path: no directory './tokenizers/mine' (looked in {tmp}/tokenizers/mine)"),
+    ("tokenizer directory without a tokenizer", lambda c: c["tokenizer"].update(path="data"), "prepare",
+     "sftdag: tokenizer.path: 'data' is not a tokenizer folder: none of " + ", ".join(
+         ["tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
+          "spiece.model", "sentencepiece.bpe.model", "tekken.json"]) + " in {tmp}/data"),
+    ("model directory without a model", lambda c: c.update(model={"base": "data"}), "run",
+     "sftdag: model.base: 'data' is not a model folder: none of config.json, adapter_config.json in {tmp}/data"),
     ("formatting_func not importable",
      lambda c: c["data"].update(format="formatting_func", formatting_func="no_such_module_xyz:fmt"), "prepare",
      "sftdag: formatting_func 'no_such_module_xyz:fmt': cannot import module 'no_such_module_xyz': "
