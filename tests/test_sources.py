@@ -34,6 +34,29 @@ def test_every_file_format_and_globs(tmp_path):
     assert table.column("error").null_count == 6
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_byte_order_mark_at_the_start_of_a_file_is_not_data(tmp_path, fmt):
+    """Windows tools (Excel's "CSV UTF-8", Notepad) start UTF-8 files with a byte-order mark: the
+    file reads as the same records as without it (CRLF line ends too), the mark in no record,
+    field name or reject; its bytes still count in the key."""
+    plain, marked = tmp_path / "plain", tmp_path / "marked"
+    for folder in (plain, marked):
+        folder.mkdir()
+        path = folder / f"rows.{fmt}"
+        if fmt == "jsonl":
+            path.write_text("".join(json.dumps(r) + "\r\n" for r in ROWS), newline="")
+        elif fmt == "json":
+            path.write_text(json.dumps(ROWS))
+        else:
+            pacsv.write_csv(pa.Table.from_pylist(ROWS), path)
+    (marked / f"rows.{fmt}").write_bytes(b"\xef\xbb\xbf" + (plain / f"rows.{fmt}").read_bytes())
+    tables = [build_raw_table(SourceConfig(path=f"rows.{fmt}"), folder)[0] for folder in (plain, marked)]
+    assert records(tables[1]) == records(tables[0]) == ROWS
+    assert tables[1].column("error").null_count == len(ROWS)
+    assert source_fingerprint(SourceConfig(path=f"rows.{fmt}"), marked) != \
+        source_fingerprint(SourceConfig(path=f"rows.{fmt}"), plain)
+
+
 def test_malformed_lines_are_kept_as_errors_with_their_line(tmp_path):
     (tmp_path / "x.jsonl").write_text(json.dumps(ROWS[0]) + "\n{broken\n\n[1, 2]\n" + json.dumps(ROWS[1]) + "\n")
     table, _ = build_raw_table(SourceConfig(path="x.jsonl"), tmp_path)

@@ -8,6 +8,7 @@ their revision named when planned.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import glob
 import hashlib
@@ -135,6 +136,8 @@ def _jsonl_records(shard: SourceShard) -> Iterator[tuple[str, Any, str | None]]:
             digest.update(raw)
             position += len(raw)
             lineno += 1
+            if lineno == 1:  # a byte-order mark (Windows tools write one) starts the file, not its first record
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             where = f"{name}:{lineno}"
             try:
                 line = raw.decode("utf-8")
@@ -166,7 +169,7 @@ def _keyed_bytes(shard: SourceShard) -> bytes:
 
 def _json_records(path: Path, raw: bytes) -> Iterator[tuple[str, Any, str | None]]:
     try:
-        data = json.loads(raw.decode("utf-8"))
+        data = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark before the JSON is not JSON
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f"line {e.lineno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f"byte {e.start}: not UTF-8"
         raise SourceError(f"{path}: invalid JSON at {where}") from None
@@ -193,7 +196,8 @@ def _csv_records(path: Path, data: bytes) -> Iterator[tuple[str, Any, str | None
     a file the csv module cannot parse fails naming the line."""
     csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
     # Decoded as read; a byte that is not UTF-8 is kept (as a lone surrogate) for the row's check.
-    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="surrogateescape", newline="")
+    # utf-8-sig: a byte-order mark (as Excel writes) is not part of the first column's name.
+    text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", errors="surrogateescape", newline="")
     # Every CSV field is text: type inference would turn a completion " 4" into the int 4.
     reader = csv.DictReader(text)
     try:
