@@ -243,13 +243,18 @@ def test_concurrent_prepares_each_report_their_own_run(tmp_path):
 
 @pytest.mark.slow
 def test_a_source_with_every_row_rejected_is_a_failure_naming_the_reason(tmp_path):
-    experiment = _experiment(tmp_path, ["{oops"] * 12)
+    last = _failed_prepare(tmp_path, _experiment(tmp_path, ["{oops"] * 12))
+    assert last.startswith("sftdag: data: all 12 rows were rejected"), last
+    assert "raw: 12" in last and "nothing to train on" in last
+
+
+def _failed_prepare(tmp_path: Path, experiment: Path) -> str:
+    """The last line `sftdag prepare` prints, having failed."""
     proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
                           env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0, proc.stdout[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("sftdag: data: all 12 rows were rejected"), proc.stderr[-3000:]
-    assert "raw: 12" in last and "nothing to train on" in last
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]
 
 
 # A source that holds no record at all: one line naming it, whatever the file's format (a zero-byte
@@ -264,12 +269,8 @@ def test_a_source_with_no_rows_is_a_failure_naming_it(tmp_path, name, content):
     spec = yaml.safe_load(experiment.read_text())
     spec["data"]["source"]["path"] = f"data/{name}"
     experiment.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last == f"sftdag: data: the source (data.source: data/{name}) has no rows — nothing to train on", \
-        proc.stderr[-3000:]
+    assert _failed_prepare(tmp_path, experiment) == \
+        f"sftdag: data: the source (data.source: data/{name}) has no rows — nothing to train on"
 
 
 # An eval split with no row: the run would train and then evaluate nothing (no held-out loss, no
@@ -289,7 +290,4 @@ def test_an_eval_split_with_no_rows_is_a_failure_naming_it(tmp_path, case):
         expected = ("data.eval: the source (data.eval.source: eval/eval.jsonl) has no rows" if case == "empty_eval_source"
                     else "data.eval: all 3 rows were rejected (raw: 3 malformed record at eval.jsonl)")
     experiment.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", str(experiment)], cwd=tmp_path,
-                          env=_env(tmp_path), capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0, proc.stdout[-2000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"sftdag: {expected} — nothing to evaluate on", proc.stderr[-3000:]
+    assert _failed_prepare(tmp_path, experiment) == f"sftdag: {expected} — nothing to evaluate on"
