@@ -361,11 +361,11 @@ def test_formatting_func_module_edited_in_place(make_experiment, tmp_path, monke
 PINNED_ROWS = [{"prompt": f"What is {i} + {i}?\nAnswer:", "completion": f" {2 * i}"} for i in range(8)]
 # Passed in as the tokenizer's key: no tokenizer (and so no library version) enters these keys.
 PINNED_TOKENIZER = "0" * 64
-# [raw, templated, tokenized, packed], since templated 4 (held-out rows carry the question, task
-# and source: the templated stage and everything after it were rebuilt once, on purpose)
+# [raw, templated, tokenized, packed], since raw 3 and templated 5 (a byte-order mark read as data,
+# a reject's reason: every stage rebuilt once, on purpose; before, since templated 4)
 PINNED_KEYS = {
-    "train": ["748b542bbd5ce0911213", "08072feef18305e80a12", "ac1e47490e78ffd0f16f", "bd65d24079afb839b699"],
-    "eval": ["c4e3328638dc2e582050", "f913c193c509703c5c95", "2335b40610b4b3f8c7c4", "b9dcae30a1702c75d294"],
+    "train": ["1d55e7bab7f16b6e51a6", "f771d9f65a27721c3d10", "e611dd4799cad08d949e", "d1a6aea7f3bcb0e9dbda"],
+    "eval": ["3640ff88803792cfa363", "ac9eee03e279480b227f", "0f36ccb0af2ffbcfa309", "3bf26dafd90ae2f748a2"],
 }
 
 

@@ -70,9 +70,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("tokenizer", "1", keys.tokenizer_params, why="keyed by its identity (content, chat template, versions)"),
     Stage("raw", "3", keys.raw_params, sharded=True,
           why="2: sharded; eval carved per record; 3: a byte-order mark at a file's start is not data"),
-    Stage("templated", "4", keys.templated_params, sharded=True,
+    Stage("templated", "5", keys.templated_params, sharded=True,
           why="2: turns located by the template's own text; end-of-turn text; tool calls; 3: sharded; "
-              "4: held-out rows carry what they asked, their task and source file"),
+              "4: held-out rows carry what they asked, their task and source file; 5: a record of no known "
+              "format's reject names data.fields and data.formatting_func"),
     Stage("tokenized", "3", keys.tokenized_params, sharded=True,
           why="2: no word-start marker at piece boundaries (SentencePiece); 3: sharded"),
     Stage("packed", "2", keys.packed_params, why="2: no row without a trainable token (wrapped)"),

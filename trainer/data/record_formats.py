@@ -90,7 +90,7 @@ def detect_format(record: dict, fields: FieldNames) -> str:
     raise RowError(
         f"no known format: expected '{fields.messages}', '{fields.conversations}', "
         f"'{fields.prompt}'+'{fields.completion}', '{fields.text}' or '{fields.input_ids}' "
-        f"(got keys {keys})"
+        f"(got keys {keys}; data.fields maps other names, data.formatting_func builds text from any record)"
     )
 
 
