@@ -86,7 +86,7 @@ def test_the_event_log_reuses_engines_only_while_dagsters_connect_is_the_one_mir
     import sqlalchemy as db
     from dagster._core.storage.event_log import SqliteEventLogStorage
 
-    from pipelines.cli import _engines_reused, mirrors_connect
+    from pipelines.sqlite_files import _engines_reused, mirrors_connect
 
     assert mirrors_connect(SqliteEventLogStorage)
     instance = dg.DagsterInstance.from_config(str(tmp_path))  # no dagster.yaml: SQLite storages under it
