@@ -84,7 +84,7 @@ def _check_local_directories(exp, through: str) -> None:
 
 def _check_files(exp, through: str) -> None:
     from trainer.core.config import ConfigError
-    from trainer.data.sources import SourceError, resolve_files
+    from trainer.data.sources import SourceError, check_held_out_files, resolve_files
     from trainer.data.tokenizer_loading import resolve_template_source
 
     sources = [exp.data.source, exp.data.eval.source]
@@ -104,6 +104,11 @@ def _check_files(exp, through: str) -> None:
                 open(file, "rb").close()
             except OSError as e:
                 raise ConfigError(f"{source.key}.path: cannot read {file}: {e.strerror}") from e
+    if exp.data.eval.source is not None:
+        try:
+            check_held_out_files(exp.data.source, exp.data.eval.source, exp.base_dir)
+        except SourceError as e:
+            raise ConfigError(str(e)) from e
     try:
         template = resolve_template_source(exp.data.template.source, exp.base_dir)
     except FileNotFoundError as e:

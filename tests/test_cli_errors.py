@@ -41,6 +41,13 @@ BEFORE_RUN = [
      "sftdag: data.source.path: no file matches 'nothere.jsonl' (looked in {tmp}/nothere.jsonl)"),
     ("eval glob matching nothing", lambda c: c["data"].update(eval={"source": {"path": "heldout/*.jsonl"}}), "prepare",
      "sftdag: data.eval.source.path: no file matches 'heldout/*.jsonl' (looked in {tmp}/heldout/*.jsonl)"),
+    ("eval source reading a train file",
+     lambda c: c["data"].update(eval={"source": {"path": "data/train.jsonl"}}), "prepare",
+     "sftdag: data.eval.source.path: {tmp}/data/train.jsonl is also a file of data.source.path: the held-out rows "
+     "would be trained on (data.eval.fraction holds rows of one source out)"),
+    ("a file matched twice", lambda c: c["data"]["source"].update(path=["data/*.jsonl", "data/train.jsonl"]),
+     "prepare", "sftdag: data.source.path: {tmp}/data/train.jsonl is matched by both 'data/*.jsonl' and "
+                "'data/train.jsonl': its rows would be read twice; list each file once"),
     ("unknown key", lambda c: c["data"].update(sorce={"path": "x.jsonl"}), "prepare",
      "sftdag: {yaml}: data: unknown key(s) ['sorce']; allowed: " + str(DATA_KEYS)),
     ("template file missing", lambda c: c["data"].update(template={"source": "templates/mine.jinja"}), "prepare",

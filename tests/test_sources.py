@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from trainer.core.config import EvalConfig, SourceConfig
-from trainer.data.sources import SourceError, build_raw_table, source_fingerprint
+from trainer.data.sources import SourceError, build_raw_table, check_held_out_files, source_fingerprint
 
 ROWS = [{"prompt": f"What is {i} + 1?\nAnswer:", "completion": f" {i + 1}"} for i in range(6)]
 
@@ -55,6 +56,45 @@ def test_a_byte_order_mark_at_the_start_of_a_file_is_not_data(tmp_path, fmt):
     assert tables[1].column("error").null_count == len(ROWS)
     assert source_fingerprint(SourceConfig(path=f"rows.{fmt}"), marked) != \
         source_fingerprint(SourceConfig(path=f"rows.{fmt}"), plain)
+
+
+@pytest.mark.parametrize("patterns, first, second", [
+    (["a.jsonl", "*.jsonl"], "a.jsonl", "*.jsonl"),
+    (["a.jsonl", "a.jsonl"], "a.jsonl", "a.jsonl"),
+    (["a.jsonl", "./sub/../a.jsonl"], "a.jsonl", "./sub/../a.jsonl"),
+    (["a.jsonl", "link.jsonl"], "a.jsonl", "link.jsonl"),  # another name of the same file
+], ids=["glob", "twice", "another path", "link"])
+def test_a_file_two_patterns_match_is_an_error_not_its_rows_twice(tmp_path, patterns, first, second):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (tmp_path / "link.jsonl").symlink_to(tmp_path / "a.jsonl")
+    with pytest.raises(SourceError, match=f"data.source.path: .* is matched by both '{re.escape(first)}' and "
+                                          f"'{re.escape(second)}': its rows would be read twice"):
+        build_raw_table(SourceConfig(path=patterns), tmp_path)
+    table, _ = build_raw_table(SourceConfig(path=["a.jsonl"]), tmp_path)
+    assert records(table) == ROWS
+
+
+def test_a_held_out_source_sharing_a_file_with_the_train_source_is_an_error(tmp_path):
+    for name in ("train.jsonl", "more.jsonl", "held.jsonl"):
+        (tmp_path / name).write_text(json.dumps(ROWS[0]) + "\n")
+    train = SourceConfig(path=["train.jsonl", "more.jsonl"])
+    held_out = SourceConfig(path=["held.jsonl", "./more.jsonl"])
+    held_out.key = "data.eval.source"
+    with pytest.raises(SourceError, match=r"data.eval.source.path: .*more.jsonl is also a file of data.source.path"):
+        check_held_out_files(train, held_out, tmp_path)
+    check_held_out_files(train, SourceConfig(path="held.jsonl"), tmp_path)  # disjoint: fine
+    check_held_out_files(SourceConfig(builtin="default"), held_out, tmp_path)  # no files to share
+
+    # A preparation without the command (a library user, a Dagster step) checks it too.
+    from trainer.core.config import experiment_from_dict
+    from trainer.data.prepare import DataPipeline
+
+    exp = experiment_from_dict({"name": "x", "store": "store", "data": {
+        "source": {"path": ["train.jsonl", "more.jsonl"]}, "eval": {"source": {"path": "more.jsonl"}}}},
+        base_dir=tmp_path)
+    with pytest.raises(SourceError, match="data.eval.source.path: .*more.jsonl is also a file of data.source.path"):
+        DataPipeline(exp, progress=False).shards("eval")
 
 
 def test_malformed_lines_are_kept_as_errors_with_their_line(tmp_path):

@@ -29,7 +29,7 @@ from trainer.core.store import StageOutput, Store, file_digest, write_durably
 from trainer.data.formatting_func import formatting_func_identity, refresh_formatting_func
 from trainer.data.parallel import ShardBuilder, ShardTask, refuse_in_a_starting_worker
 from trainer.data.shards import SourceShard
-from trainer.data.sources import plan_shards, shards_fingerprint
+from trainer.data.sources import check_held_out_files, plan_shards, shards_fingerprint
 from trainer.core.graph import DATA_STAGES, STAGES, data_stage_inputs
 from trainer.data.stages import (IdentityStage, Inputs, Stage, build_derived, build_packed, build_raw,
                                  held_tokenizer, hold_tokenizer, raw_tasks, source_for,
@@ -272,6 +272,8 @@ class DataPipeline:
         """The split's source cut into shards; train and a carved eval split share one source: planned once."""
         source, _ = source_for(self.data, split)
         if id(source) not in self._plans:
+            if source is self.data.eval.source:
+                check_held_out_files(self.data.source, source, self.exp.base_dir)
             self._plans[id(source)] = plan_shards(source, self.exp.base_dir, self.data.source_rows_per_shard)
         return self._plans[id(source)]
 

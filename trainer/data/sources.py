@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import io
 import json
+import os
 import re
 from pathlib import Path
 from dataclasses import dataclass
@@ -47,16 +48,37 @@ class RawJson(NamedTuple):
 
 
 def resolve_files(source: SourceConfig, base_dir: str | Path) -> list[Path]:
+    """The files the source's patterns match, in order; each file once (two patterns that match
+    the same file would read its rows twice: an error naming both)."""
     patterns = [source.path] if isinstance(source.path, str) else list(source.path or [])
     files: list[Path] = []
+    matched_by: dict[str, str] = {}  # the file's real path -> the pattern that matched it first
     for pattern in patterns:
         full = Path(pattern).expanduser()
         full = full if full.is_absolute() else Path(base_dir) / full
         matched = sorted(Path(p) for p in glob.glob(str(full), recursive=True) if Path(p).is_file())
         if not matched:
             raise SourceError(f"{source.key}.path: no file matches {pattern!r} (looked in {full})")
+        for path in matched:
+            real = os.path.realpath(path)
+            if real in matched_by:
+                raise SourceError(f"{source.key}.path: {path} is matched by both {matched_by[real]!r} and {pattern!r}: "
+                                  "its rows would be read twice; list each file once")
+            matched_by[real] = pattern
         files.extend(matched)
     return files
+
+
+def check_held_out_files(train: SourceConfig, held_out: SourceConfig, base_dir: str | Path) -> None:
+    """A held-out source must not read a file the train source reads: its scores would be of rows
+    the model was trained on."""
+    if not (train.path and held_out.path):
+        return
+    trained = {os.path.realpath(p) for p in resolve_files(train, base_dir)}
+    for path in resolve_files(held_out, base_dir):
+        if os.path.realpath(path) in trained:
+            raise SourceError(f"{held_out.key}.path: {path} is also a file of {train.key}.path: the held-out rows "
+                              f"would be trained on (data.eval.fraction holds rows of one source out)")
 
 
 def _file_format(path: Path, source: SourceConfig) -> str:
