@@ -95,6 +95,8 @@ def test_a_held_out_source_sharing_a_file_with_the_train_source_is_an_error(tmp_
         base_dir=tmp_path)
     with pytest.raises(SourceError, match="data.eval.source.path: .*more.jsonl is also a file of data.source.path"):
         DataPipeline(exp, progress=False).shards("eval")
+    # The loop's prompts come through the eval split, and may be the train prompts: not held out.
+    assert len(DataPipeline(exp, progress=False, eval_held_out=False).shards("eval")) == 1
 
 
 def test_malformed_lines_are_kept_as_errors_with_their_line(tmp_path):

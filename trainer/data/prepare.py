@@ -180,9 +180,13 @@ class DataPipeline:
     # the tokenizer is another step's, in another process.
     stages_in_one_process = False
 
-    def __init__(self, experiment: Experiment, store: Store | None = None, progress: bool = True):
+    def __init__(self, experiment: Experiment, store: Store | None = None, progress: bool = True,
+                 eval_held_out: bool = True):
+        """eval_held_out=False: the eval split is not scored as held out (the loop's prompts, which
+        may well be the train prompts, come through it), so it may read the train source's files."""
         refuse_in_a_starting_worker()
         self.exp = experiment
+        self.eval_held_out = eval_held_out
         self.data = experiment.data
         self.store = store or Store(experiment.store_root)
         self.progress = progress
@@ -272,7 +276,7 @@ class DataPipeline:
         """The split's source cut into shards; train and a carved eval split share one source: planned once."""
         source, _ = source_for(self.data, split)
         if id(source) not in self._plans:
-            if source is self.data.eval.source:
+            if self.eval_held_out and source is self.data.eval.source:
                 check_held_out_files(self.data.source, source, self.exp.base_dir)
             self._plans[id(source)] = plan_shards(source, self.exp.base_dir, self.data.source_rows_per_shard)
         return self._plans[id(source)]

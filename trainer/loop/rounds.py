@@ -55,7 +55,7 @@ def prompt_pipeline(exp: Experiment, cfg: LoopConfig, store: Store) -> DataPipel
     """The data stages over the loop's prompts: the prompt source is the eval split, so its
     templated output holds each row's generation prompt (`held_out.jsonl`)."""
     data = dataclasses.replace(exp.data, eval=EvalConfig(source=cfg.prompts.source, fraction=0.0, pack=False))
-    return DataPipeline(dataclasses.replace(exp, data=data), store=store, progress=False)
+    return DataPipeline(dataclasses.replace(exp, data=data), store=store, progress=False, eval_held_out=False)
 
 
 def build_prompts(exp: Experiment, cfg: LoopConfig, tokenizer: StageOutput) -> dict[str, StageOutput]:
