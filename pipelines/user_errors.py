@@ -105,8 +105,10 @@ def _check_files(exp, through: str) -> None:
             except OSError as e:
                 raise ConfigError(f"{source.key}.path: cannot read {file}: {e.strerror}") from e
     if exp.data.eval.source is not None:
+        trained = sources[:1] + sources[2:]  # the train source, and a loop's prompts (trained on their samples)
         try:
-            check_held_out_files(exp.data.source, exp.data.eval.source, exp.base_dir)
+            for source in trained:
+                check_held_out_files(source, exp.data.eval.source, exp.base_dir)
         except SourceError as e:
             raise ConfigError(str(e)) from e
     try:

@@ -106,6 +106,28 @@ def test_yaml_that_is_not_utf8_names_the_byte(tmp_path):
     assert_one_line(proc, f"sftdag: {experiment}: invalid UTF-8 at byte 25")
 
 
+def test_loop_prompts_from_a_held_out_file_are_refused_before_the_loop(tmp_path):
+    """The rounds train on their prompts' accepted samples: prompts read from the held-out source's
+    file would train on what the rounds are scored on."""
+    from trainer.core.config import load_experiment
+    from trainer.data.sources import SourceError
+    from trainer.loop.rounds import build_prompts
+    from trainer.loop.settings import loop_config
+
+    (tmp_path / "heldout").mkdir()
+    (tmp_path / "heldout" / "eval.jsonl").write_text(json.dumps({"prompt": "1+1=", "completion": "2"}) + "\n")
+    experiment = edit(write_experiment(tmp_path), lambda c: (
+        c["data"].update(eval={"source": {"path": "heldout/eval.jsonl"}}),
+        c.update(loop={"prompts": {"source": {"path": "heldout/*.jsonl"}}})))
+    proc = run_cli(["loop", str(experiment)], tmp_path)
+    assert_one_line(proc, f"sftdag: data.eval.source.path: {tmp_path}/heldout/eval.jsonl is also a file of "
+                          "loop.prompts.source.path: the held-out rows would be trained on")
+    assert not (tmp_path / "dagster_home").exists()
+    exp = load_experiment(str(experiment))  # and where the round's prompts are prepared (a Dagster step)
+    with pytest.raises(SourceError, match="is also a file of loop.prompts.source.path"):
+        build_prompts(exp, loop_config(exp), tokenizer=None)
+
+
 def test_a_folder_given_as_the_experiment(tmp_path):
     (tmp_path / "exp.yaml").mkdir()
     proc = run_cli(["prepare", "exp.yaml"], tmp_path)

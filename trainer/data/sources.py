@@ -75,10 +75,11 @@ def check_held_out_files(train: SourceConfig, held_out: SourceConfig, base_dir: 
     if not (train.path and held_out.path):
         return
     trained = {os.path.realpath(p) for p in resolve_files(train, base_dir)}
+    hint = " (data.eval.fraction holds rows of one source out)" if train.key == "data.source" else ""
     for path in resolve_files(held_out, base_dir):
         if os.path.realpath(path) in trained:
             raise SourceError(f"{held_out.key}.path: {path} is also a file of {train.key}.path: the held-out rows "
-                              f"would be trained on (data.eval.fraction holds rows of one source out)")
+                              f"would be trained on{hint}")
 
 
 def _file_format(path: Path, source: SourceConfig) -> str:

@@ -35,6 +35,7 @@ from trainer.core.template_setup import load_template_setup
 from trainer.data.record_formats import Example, RowError, asked_of, load_formatting_func, normalize
 from trainer.data.prepare import DataPipeline
 from trainer.data.stages import read_rows
+from trainer.data.sources import check_held_out_files
 from trainer.core.user_code import resolve_function
 from trainer.loop.filters import CORRECTNESS_FILTERS, FilterResult, build_pipeline
 from trainer.training.generate import SamplingSettings, read_samples
@@ -59,7 +60,10 @@ def prompt_pipeline(exp: Experiment, cfg: LoopConfig, store: Store) -> DataPipel
 
 
 def build_prompts(exp: Experiment, cfg: LoopConfig, tokenizer: StageOutput) -> dict[str, StageOutput]:
-    """{"raw": …, "templated": …} of the loop's prompts (cache hits once built)."""
+    """{"raw": …, "templated": …} of the loop's prompts (cache hits once built). Prompts read from a
+    file of the held-out source would train the rounds on what they are scored on: refused."""
+    if exp.data.eval.source is not None:
+        check_held_out_files(cfg.prompts.source, exp.data.eval.source, exp.base_dir)
     pipeline = prompt_pipeline(exp, cfg, Store(exp.store_root))
     raw = pipeline.raw("eval")
     return {"raw": raw, "templated": pipeline.templated("eval", raw, tokenizer)}
