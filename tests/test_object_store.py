@@ -198,3 +198,39 @@ def test_two_machines_publishing_the_same_keys_at_once_both_succeed_with_identic
                 assert json.loads(remote)["created"] in (x[name]["created"], y[name]["created"])
             else:
                 assert remote == local.read_bytes() == (Path(y[name]["path"]) / relative).read_bytes()
+
+
+@pytest.mark.parametrize("dropped", [["tokenized", "packed"], ["templated", "tokenized", "packed"]])
+def test_a_stage_built_from_shards_another_machine_published_downloads_them_first(
+        experiment_yaml, tmp_path, monkeypatch, dropped):
+    # Machine a publishes every stage; the later stages then go from the bucket (as when another
+    # machine is still building them). Machine b finds the split indexes before them in the bucket
+    # (downloading an index, not its shards) and builds the rest from those shards.
+    exp = load_experiment(experiment_yaml)
+    built = DataPipeline(exp, progress=False).run()
+    fs, base = fsspec.url_to_fs(exp.store, use_listings_cache=False)
+    for stage in dropped:
+        fs.rm(f"{base}/{stage}", recursive=True)
+    other = finish(start_machine(experiment_yaml, tmp_path / "cache-b"))
+    for name, out in built.items():
+        assert other[name]["key"] == out.key
+        assert other[name]["cache_hit"] == (out.stage not in dropped)
+    monkeypatch.setenv("SFTDAG_CACHE", str(tmp_path / "cache-b"))
+    rows = {name: o.path for name, o in DataPipeline(load_experiment(experiment_yaml), progress=False).run().items()}
+    for split in ("train", "eval"):
+        from trainer.core.arrow_io import read_shards
+
+        assert read_shards(rows[f"packed/{split}"]).equals(read_shards(built[f"packed/{split}"].path))
+
+
+def test_keys_planned_on_a_machine_that_has_only_the_bucket_match_the_builders(experiment_yaml, tmp_path, monkeypatch):
+    from trainer.training.launch import planned_keys
+
+    exp = load_experiment(experiment_yaml)
+    pipeline = DataPipeline(exp, progress=False)
+    pipeline.run()
+    planned = planned_keys(exp, pipeline)
+    assert planned["score"] is not None  # keyed by the held-out prompts, which exist now
+    monkeypatch.setenv("SFTDAG_CACHE", str(tmp_path / "cache-b"))  # nothing in b's cache: the bucket only
+    exp_b = load_experiment(experiment_yaml)
+    assert planned_keys(exp_b, DataPipeline(exp_b, progress=False)) == planned

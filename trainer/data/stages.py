@@ -368,9 +368,17 @@ def _derived_tasks(stage: str, index: StageOutput, tokenizer: StageOutput, param
                    build: Callable[..., dict[str, Any]]) -> list[ShardTask]:
     """A stage built shard by shard from its input's shards and the tokenizer: each shard's key is
     its input shard's key, the tokenizer's and the stage's parameters."""
-    store = Store(index.path.parents[1])
+    location = Store(index.path.parents[1]).location
     return [(content_key(stage, inputs=[entry["key"], tokenizer.key], params=params),
-             functools.partial(build, store.path(index.stage, entry["key"]))) for entry in index.manifest["shards"]]
+             functools.partial(_from_input_shard, build, location, index.stage, entry["key"]))
+            for entry in index.manifest["shards"]]
+
+
+def _from_input_shard(build: Callable[..., dict[str, Any]], location: str, stage: str, key: str,
+                      out_dir: Path) -> dict[str, Any]:
+    """`build(input shard's directory, out_dir)`, the input shard made local first: a split's index
+    found in a remote store (another machine built it) comes down without its shards."""
+    return build(Store(location).get(stage, key).path, out_dir)
 
 
 def templated_tasks(exp: Experiment, split: str, formatting_identity: str | None, inputs: Inputs) -> list[ShardTask]:

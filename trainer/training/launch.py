@@ -155,7 +155,8 @@ def planned_keys(exp: Experiment, pipeline: DataPipeline) -> dict[str, str | Non
     held_out = None
     if pipeline.has_eval:
         templated = pipeline.key("templated", "eval")
-        held_out = store.path("templated", templated) / HELD_OUT if store.has("templated", templated) else None
+        # get, not path: the templated index may be only in the remote store (built by another machine)
+        held_out = store.get("templated", templated).path / HELD_OUT if store.has("templated", templated) else None
     score = score_key(exp, store, merged, held_out) if held_out is not None or not pipeline.has_eval else None
     return {"adapter": adapter, "merged": merged, "score": score}
 
