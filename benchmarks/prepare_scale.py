@@ -15,7 +15,8 @@ shared between processes count once per process) is sampled every 0.1 s.
      rows (data.num_proc left out: the cores): targets peak(large)/peak(small) <= 1.5, peak(large)
      < 4 GB, time growing linearly with rows.
   b. on the --small rows: the Llama-3 tokenizer's batch call over the rendered conversations (the
-     baseline; rendering not timed, batches of 10,000) against `sftdag prepare` with data.num_proc
+     baseline; rendering not timed, batches of 10,000; beside it, for reference, the tiktoken twin
+     that the preparation encodes with, on one thread, over the same texts) against `sftdag prepare` with data.num_proc
      1 and 2 (--b-num-proc), each into an empty store, and the same preparation without Dagster
      (`DataPipeline(exp).run()` in a fresh process, num_proc 2: the whole process, and its run() alone:
      the Python start-up, the imports and the experiment's loading excluded), which says what the
@@ -199,13 +200,17 @@ def prepare_in_process(exp_yaml: Path, label: str) -> dict:
     return result
 
 
-def raw_baseline(pairs, rows: int, batch: int = 10_000) -> tuple[float, int]:
-    """Seconds and tokens of the Llama-3 tokenizer's batch call over the rendered conversations."""
+def raw_baseline(pairs, rows: int, batch: int = 10_000) -> tuple[float, int, float]:
+    """Seconds and tokens of the Llama-3 tokenizer's batch call over the rendered conversations, and
+    the seconds of its tiktoken twin (what the preparation encodes with) over the same texts, one
+    thread, checked to give the same ids."""
     from trainer.core.config import TokenizerConfig
+    from trainer.data.tiktoken_twin import tiktoken_twin
     from trainer.data.tokenizer_loading import load_tokenizer
 
     tok = load_tokenizer(TokenizerConfig(path="builtin:llama3"))
-    seconds, tokens = 0.0, 0
+    twin = tiktoken_twin(tok)
+    seconds, tokens, twin_seconds = 0.0, 0, 0.0
     for start in range(0, rows, batch):
         texts = [tok.apply_chat_template(conversation(pairs, i)["messages"], tokenize=False)
                  for i in range(start, min(rows, start + batch))]
@@ -213,7 +218,11 @@ def raw_baseline(pairs, rows: int, batch: int = 10_000) -> tuple[float, int]:
         ids = tok(texts, add_special_tokens=False)["input_ids"]  # the rendering already has <|begin_of_text|>
         seconds += time.perf_counter() - t
         tokens += sum(map(len, ids))
-    return seconds, tokens
+        t = time.perf_counter()
+        twin_ids = twin.encode_batch(texts)
+        twin_seconds += time.perf_counter() - t
+        assert twin_ids == ids
+    return seconds, tokens, twin_seconds
 
 
 def main() -> None:
@@ -265,10 +274,12 @@ def main() -> None:
         if "b" in parts:
             data_file = rows_file(args.small)
             log(f"b: raw batch tokenization of {args.small} rendered conversations")
-            raw_s, raw_tokens = raw_baseline(pairs, args.small)
-            log(f"b: raw {raw_s:.1f} s, {raw_tokens} tokens")
+            raw_s, raw_tokens, twin_s = raw_baseline(pairs, args.small)
+            log(f"b: raw {raw_s:.1f} s, {raw_tokens} tokens; the tiktoken twin {twin_s:.1f} s")
             table.append(("b", "raw batch tokenization (baseline)", args.small, raw_s, None, None,
                           raw_tokens / raw_s, 1.0))
+            table.append(("b", "the same, tiktoken twin, 1 thread", args.small, twin_s, None, None,
+                          raw_tokens / twin_s, raw_s / twin_s))
             runs = {n: prepare(experiment(work / f"b-proc{n}", data_file, n), f"b: num_proc {n}", limit)
                     for n in map(int, args.b_num_proc.split(","))}
             for n, r in runs.items():

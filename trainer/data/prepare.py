@@ -127,13 +127,16 @@ def _library_version(name: str) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _setup_code_digest() -> str:
-    """The tokenizer set-up code, the ChatML template it adds, and the transformers and tokenizers
-    versions (they change what a tokenizer does with the same files). Taken once per process:
+    """The tokenizer set-up code, the ChatML template it adds, and the transformers, tokenizers and
+    tiktoken versions (they change what a tokenizer does with the same files). Taken once per process:
     code edited after it was imported is not the code that runs."""
+    from trainer.data.tokenizer_loading import installed_version
+
     here = Path(__file__).resolve().parent
     files = [here / "templating.py", here / "tokenizer_loading.py", here.parent / "resources" / "templates" / "chatml.jinja"]
     payload = {"files": [[p.name, file_digest(p)] for p in files],
-               "transformers": _library_version("transformers"), "tokenizers": _library_version("tokenizers")}
+               "transformers": _library_version("transformers"), "tokenizers": _library_version("tokenizers"),
+               "tiktoken": installed_version("tiktoken")}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from trainer.core.schemas import IGNORE_INDEX
+from trainer.data.tiktoken_twin import tiktoken_twin
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
@@ -122,13 +123,20 @@ def _batch_encoder(backend: Any) -> Any:
 
 
 def _encode_all(tok: Any, pieces: list[str], progress: bool) -> list[list[int]]:
-    enc = _batch_encoder(tok._tokenizer)
+    twin = tiktoken_twin(tok)  # the same ids, several times faster, where the tokenizer has one
+    if twin is not None:
+        encode = twin.encode_batch
+    else:
+        backend_encode = _batch_encoder(tok._tokenizer)
+
+        def encode(batch: list[str]) -> list[list[int]]:
+            return [e.ids for e in backend_encode(batch, add_special_tokens=False)]
     out: list[list[int]] = []
     n = len(pieces)
     chunks = range(0, n, BATCH_PIECES)
     bar = tqdm(total=n, disable=not progress or n <= BATCH_PIECES, desc="tokenize", unit="piece")
     for i in chunks:
-        out.extend([e.ids for e in enc(pieces[i:i + BATCH_PIECES], add_special_tokens=False)])
+        out.extend(encode(pieces[i:i + BATCH_PIECES]))
         bar.update(min(BATCH_PIECES, n - i))
     bar.close()
     return out

@@ -155,11 +155,21 @@ def _token_str(v: Any) -> Any:
     return str(v)
 
 
+def installed_version(name: str) -> str | None:
+    """The installed distribution's version, read without importing it; None when not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def tokenizer_identity(tok: "PreTrainedTokenizerFast") -> str:
     """sha256 of the tokenizer's content: backend (vocab, merges, normalizer, pre/post-processors,
     added tokens), special tokens, chat template and padding side, and the transformers and
-    tokenizers versions that run it (they change what the same content produces). Not its class
-    or name."""
+    tokenizers versions that run it, and tiktoken's (they change what the same content produces).
+    Not its class or name."""
     import tokenizers
     import transformers
 
@@ -185,7 +195,9 @@ def tokenizer_identity(tok: "PreTrainedTokenizerFast") -> str:
         "chat_template": tok.chat_template,
         "padding_side": tok.padding_side,
         "split_special_tokens": bool(getattr(tok, "split_special_tokens", False)),
-        "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__},
+        # tiktoken encodes for the tokenizers it twins (trainer/data/tiktoken_twin.py)
+        "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
+                     "tiktoken": installed_version("tiktoken")},
     }
     h = hashlib.sha256()
     h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode("utf-8"))
