@@ -14,7 +14,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import fsspec
 
 CACHE_ENV = "SFTDAG_CACHE"
 # Written into a cache directory: the URL whose cache it is, so a store opened on the directory
@@ -56,6 +55,8 @@ class ObjectStore:
     """Stage outputs under `url` (`<url>/<stage>/<key>/…`)."""
 
     def __init__(self, url: str):
+        import fsspec  # here: a local store (most runs, every cached prepare) never needs it
+
         self.url = url.rstrip("/")
         # No listings cache: whether a marker exists must be asked of the server each time, since
         # other machines publish meanwhile.
