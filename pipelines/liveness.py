@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping
 import dagster as dg
 import psutil
 # Not exported by dagster; the only way to know that the storage is SQLite.
+from dagster._core.storage.event_log.base import EventLogStorage
 from dagster._core.storage.runs import SqliteRunStorage
 
 # Tags of runs started by earlier sftdag versions (never written now: re-executions inherit tags).
@@ -103,6 +104,23 @@ def _release(instance: dg.DagsterInstance, run_id: str) -> None:
     instance.run_storage.set_cursor_values({_lease_key(run_id): ""})
 
 
+def _set_slots(storage: "EventLogStorage", pool: str, limit: int, attempts: int = 5) -> None:
+    """`set_concurrency_slots`, tried again when another process created the pool at the same moment:
+    on SQLite Dagster reads the pool's limit row, then inserts it, unlocked, so of two runs starting
+    at once the later insert fails on the unique key (or finds the database locked); by then the row
+    is there, and setting it again updates it."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            storage.set_concurrency_slots(pool, limit)
+            return
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.05, 0.3))
+
+
 class RunLease:
     """The lease of run `run_id`, executed by this process: renewed from a daemon thread while
     entered; on exit released, with the run's concurrency slots."""
@@ -146,7 +164,7 @@ class RunLease:
         for pool, (tag, limit) in pools.items():
             said = None
             if storage.get_concurrency_info(pool).slot_count != limit:
-                storage.set_concurrency_slots(pool, limit)
+                _set_slots(storage, pool, limit)
             checked = 0.0
             while True:
                 if storage.claim_concurrency_slot(pool, self.run_id, _SLOT_STEP).is_claimed:

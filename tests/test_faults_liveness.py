@@ -234,3 +234,30 @@ def test_leases_and_slots_on_postgres(postgres_home, tmp_path):
         test_b_a_fresh_lease_from_another_pid_namespace_is_alive(instance)
     finally:
         instance.dispose()
+
+
+def test_a_pool_another_run_creates_at_the_same_moment_is_joined_not_a_crash(instance, monkeypatch):
+    # On SQLite, Dagster reads a pool's limit row and then inserts it, unlocked: of two runs starting
+    # at once, the later insert fails on the unique key (seen in CI: one `sftdag run` of two ended
+    # with sqlite3.IntegrityError). Here the other run's row lands between the read and the insert.
+    from dagster._core.storage.event_log.schema import ConcurrencyLimitsTable
+
+    storage = instance.event_log_storage
+    set_slots = storage.set_concurrency_slots
+    raced = []
+
+    def the_other_run_first(pool, limit):
+        if not raced:
+            raced.append(pool)
+            set_slots(pool, limit)  # the other run's
+            with storage.index_transaction() as conn:  # this run's insert, which read no row
+                conn.execute(ConcurrencyLimitsTable.insert().values(concurrency_key=pool, limit=limit))
+        set_slots(pool, limit)
+
+    monkeypatch.setattr(storage, "set_concurrency_slots", the_other_run_first)
+    run_id = str(uuid.uuid4())
+    with RunLease(instance, run_id) as lease:
+        lease.claim_slots(GPU, log=lambda message: None, poll_s=0.1)
+        assert {s.run_id for s in storage.get_concurrency_info(GPU_POOL).claimed_slots} == {run_id}
+    assert raced == [GPU_POOL]
+    assert storage.get_concurrency_info(GPU_POOL).slot_count == 1
