@@ -168,3 +168,15 @@ def test_the_tiktoken_version_is_part_of_the_tokenizer_identity(llama3, monkeypa
     monkeypatch.setattr(tokenizer_loading, "installed_version",
                         lambda name: "0.0+other" if name == "tiktoken" else real(name))
     assert tokenizer_identity(llama3) != base
+
+
+def test_a_twin_whose_build_fails_leaves_the_tokenizer_to_encode(llama3, monkeypatch, caplog):
+    def unreadable(model):
+        raise KeyError("vocab")
+
+    monkeypatch.setattr(twin_module, "_ranks", unreadable)
+    tok = load_tokenizer(TokenizerConfig(path="builtin:llama3"))
+    assert tiktoken_twin(tok) is None
+    assert "no tiktoken twin for this tokenizer (KeyError" in caplog.text
+    table = templated_table([("<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>", [(45, 50)])])
+    assert tokenize_rows(table, tok, progress=False)[0].num_rows == 1

@@ -167,5 +167,11 @@ def tiktoken_twin(tok: Any) -> Optional[TiktokenTwin]:
         return _TWINS[tok]
     except KeyError:
         pass
-    twin = _TWINS[tok] = _build(tok)
+    try:
+        twin = _build(tok)
+    except Exception as e:  # a tokenizer.json shaped unlike any seen: the backend encodes, as before
+        log.warning("no tiktoken twin for this tokenizer (%s: %s); encoding with the tokenizer itself",
+                    type(e).__name__, e)
+        twin = None
+    _TWINS[tok] = twin
     return twin
