@@ -1,7 +1,7 @@
 """The same ids as a tokenizer's `tokenizers` backend, from tiktoken, for the byte-level BPE
 tokenizers that came from a tiktoken vocabulary (Llama-3 and its family).
 
-Encoding is most of preparing a dataset, and tiktoken on one thread encodes such text 2.5× as
+Encoding is most of preparing a dataset, and tiktoken on one thread encodes such text 2.4–2.6× as
 fast as the `tokenizers` library's batch call on two (BENCHMARKS.md). It stands in only where the
 tokenizer.json says both compute the same function, and after agreeing with the backend on probe
 texts:
